@@ -1,0 +1,5 @@
+import sys
+
+from cqd_mpi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Plain-text tables of a run's results: the final test-split table and the time breakdown."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def _row(label: str, entry: Mapping | None, tasks: list[str]) -> str:
+    if entry is None:
+        return f"{label:<22}" + "".join(f"{'-':>9}" for _ in tasks) + f"{'-':>9}"
+    cells = "".join(
+        f"{entry['test_scores'][t]:>9.3f}" if entry["test_scores"][t] is not None else f"{'-':>9}"
+        for t in tasks)
+    mean = entry.get("mean")
+    return f"{label:<22}{cells}{(f'{mean:>9.3f}' if mean is not None else f'{chr(45):>9}')}"
+
+
+def format_report(report: Mapping) -> str:
+    """The final table: test-split scores of base, experts, naive average, elites, aggregate."""
+    tasks = list(report["tasks"])
+    lines = [f"Test-split scores after {report['generations']} generations",
+             f"{'model':<22}" + "".join(f"{t[:8]:>9}" for t in tasks) + f"{'mean':>9}"]
+    lines.append(_row("base", report["base"], tasks))
+    for task, entry in report["experts"].items():
+        lines.append(_row(f"expert {task}", entry, tasks))
+    lines.append(_row("naive average", report.get("naive_average"), tasks))
+    for task, entry in report.get("elites", {}).items():
+        lines.append(_row(f"elite {task} (#{entry['id']})", entry, tasks))
+    lines.append(_row("CycleQD aggregate", report.get("aggregate"), tasks))
+    aggregate = report.get("aggregate")
+    if aggregate and aggregate.get("mean") is not None:
+        rivals = [("naive average", report.get("naive_average"))] + [
+            (f"expert {t}", e) for t, e in report["experts"].items()]
+        beaten = [name for name, e in rivals if e and e.get("mean") is not None and aggregate["mean"] > e["mean"]]
+        lines.append(f"aggregate mean beats {len(beaten)}/{len(rivals)}: "
+                     f"{', '.join(beaten) if beaten else 'none'}")
+    return "\n".join(lines)
+
+
+def format_times(phase_seconds: Mapping[str, float], wall: float) -> str:
+    parts = " ".join(f"{k}={v:.1f}s" for k, v in phase_seconds.items())
+    overhead = wall - sum(phase_seconds.values())
+    return f"time: wall={wall:.1f}s {parts} other={overhead:.1f}s"

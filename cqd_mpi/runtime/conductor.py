@@ -1,0 +1,199 @@
+"""Rank 0: drives the CycleQD core, builds every model on CPU, hands it to evaluation groups,
+tells the results back in order, saves archive members and checkpoints after every job.
+
+The order of work on disk makes every crash resumable: a model entering an archive is
+written (atomically) before the checkpoint that refers to it; models that left every
+archive are deleted only after the checkpoint that forgets them; on restart, model dirs the
+checkpoint does not know are swept away and unfinished jobs are issued again.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cqd_mpi import __version__
+from cqd_mpi.core import CycleQD, Job
+from cqd_mpi.evaluation import combine, make_chunks
+from cqd_mpi.recipes import ModelBuilder
+from cqd_mpi.rundir import RunDir
+from cqd_mpi.runtime.groups import EvalGroup, ModelSource, Outcome, TimedStream
+from cqd_mpi.runtime.signals import StopFlag
+from cqd_mpi.state import StateBackend
+from cqd_mpi.tasks import Task
+from cqd_mpi.weights import ModelDir
+
+log = logging.getLogger("cqd_mpi.conductor")
+
+
+class Conductor:
+    def __init__(self, *, core: CycleQD, tasks: Mapping[str, Task], builder: ModelBuilder,
+                 groups: Sequence[EvalGroup], rundir: RunDir, backend: StateBackend,
+                 stop: StopFlag, config_text: str, world_size: int = 1,
+                 staging_dir: Path | None = None, prebuild: bool = False, echo=print):
+        self.core = core
+        self.tasks = tasks
+        self.builder = builder
+        self.groups = list(groups)
+        self.rundir = rundir
+        self.backend = backend
+        self.stop = stop
+        self.config_text = config_text
+        self.world_size = world_size
+        self.echo = echo
+        self.staging_dir = Path(staging_dir) if staging_dir else rundir.path / "staging"
+        self.prebuild = prebuild
+        self.ready: deque[Job] = deque()
+        self.staged: dict[int, tuple[Path, float]] = {}
+        self.batch_sizes = {name: task.batch_size for name, task in tasks.items()}
+        self.phase_seconds = {"merge": 0.0, "transfer": 0.0, "eval": 0.0, "save": 0.0, "checkpoint": 0.0}
+        self._started = time.perf_counter()
+
+    def run(self) -> str:
+        """Run until the core is done ("done") or a stop was requested ("stopped")."""
+        self.core.redispatch()
+        self.rundir.sweep({r.id for r in self.core.models if r.saved and r.kind == "child"})
+        if not self.rundir.state_path.exists():
+            self.checkpoint()
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
+        buffered: dict[int, Outcome] = {}
+        while True:
+            if not self.stop:
+                self._dispatch()
+            busy = [g for g in self.groups if g.busy]
+            if not busy:
+                if self.core.done:
+                    self._finish()
+                    return "done"
+                if self.stop:
+                    log.warning("stopping (%s) after generation %d; the state in %s resumes",
+                                self.stop.signal_name, self.core.generations_done, self.rundir.path)
+                    self.checkpoint()
+                    return "stopped"
+                raise RuntimeError("the core has no job to give and none is in flight")
+            outcome = self._wait_any(busy)
+            if outcome.stop_requested:
+                self.stop.set("a worker received a stop signal")
+            buffered[outcome.job.model_id] = outcome
+            while self.core.pending and self.core.pending[0].model_id in buffered:
+                self._tell(buffered.pop(self.core.pending[0].model_id))
+
+    def _dispatch(self) -> None:
+        """Give every idle group a job; with pipelining, build one more while all are busy."""
+        for group in self.groups:
+            if group.busy:
+                continue
+            job = self.ready.popleft() if self.ready else self.core.ask()
+            if job is None:
+                break
+            if group.agree_stop():
+                self.stop.set("a worker received a stop signal")
+                self.ready.appendleft(job)
+                return
+            self._submit(group, job)
+        if self.prebuild and not self.ready and all(g.busy for g in self.groups):
+            job = self.core.ask()
+            if job is not None:
+                if job.recipe.kind != "dir":
+                    self._stage(job)
+                self.ready.append(job)
+
+    def _stage(self, job: Job) -> None:
+        start = time.perf_counter()
+        path = self.builder.write(job.recipe, self.staging_dir / str(job.model_id))
+        self.staged[job.model_id] = (path, time.perf_counter() - start)
+
+    def _submit(self, group: EvalGroup, job: Job) -> None:
+        chunks = make_chunks(self.core.splits, job.split, self.batch_sizes)
+        if group.needs_path and job.recipe.kind != "dir" and job.model_id not in self.staged:
+            self._stage(job)
+        group.submit(job, chunks, self._source(job))
+
+    def _source(self, job: Job) -> ModelSource:
+        path, staged_s = self.staged.get(job.model_id, (None, 0.0))
+        if path is None and job.recipe.kind == "dir":
+            path = self.builder.resolve(job.recipe.path)
+        if path is None:
+            return ModelSource(TimedStream(self.builder.stream(job.recipe)), _specs(self.builder.base))
+        stored = ModelDir(path)
+        return ModelSource(TimedStream(stored.tensors()), _specs(stored), path=path, staged_s=staged_s)
+
+    def _wait_any(self, busy: Sequence[EvalGroup]) -> Outcome:
+        delay = 0.0005
+        while True:
+            for group in busy:
+                outcome = group.poll()
+                if outcome is not None:
+                    return outcome
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _tell(self, outcome: Outcome) -> None:
+        job = outcome.job
+        scores = combine(self.tasks, self.core.task_names, outcome.chunks, outcome.results)
+        told = self.core.tell(job.model_id, scores.metrics, item_scores=scores.item_scores,
+                              n_errors=scores.n_errors)
+        start = time.perf_counter()
+        staged, _ = self.staged.pop(job.model_id, (None, 0.0))
+        if told.save:
+            target = self.rundir.model_dir(job.model_id)
+            if staged is not None:
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.move(staged, target)
+            else:
+                self.builder.write(job.recipe, target)
+        elif staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+        if self.core.models[job.model_id].kind == "aggregate":
+            self.builder.write(job.recipe, self.rundir.final_dir)
+        saved = time.perf_counter()
+        total = saved - outcome.started
+        if job.phase == "search":
+            self.core.record_timings(job.generation, {
+                "merge": outcome.merge_s, "transfer": outcome.transfer_s, "eval": outcome.eval_s,
+                "total": total})
+        self.checkpoint()
+        done = time.perf_counter()
+        for model_id in told.dead:
+            shutil.rmtree(self.rundir.model_dir(model_id), ignore_errors=True)
+        for key, value in (("merge", outcome.merge_s), ("transfer", outcome.transfer_s),
+                           ("eval", outcome.eval_s), ("save", saved - start), ("checkpoint", done - saved)):
+            self.phase_seconds[key] += value
+        self.echo(self._progress_line(job, scores.metrics, told.entered, scores.n_errors))
+
+    def checkpoint(self) -> None:
+        self.backend.save(self.core.state_dict(), attrs={
+            "config": self.config_text, "world_size": self.world_size, "package_version": __version__})
+
+    def _progress_line(self, job: Job, metrics: np.ndarray, entered: Sequence[str], n_errors: int) -> str:
+        names = self.core.task_names
+        record = self.core.models[job.model_id]
+        scores = " ".join(f"{n}={s:.3f}" for n, s in zip(names, metrics))
+        elapsed = time.perf_counter() - self._started
+        errors = f" errors={n_errors}" if n_errors else ""
+        if job.phase == "search":
+            return (f"gen {job.generation:>4}/{self.core.generations} active={names[job.recipe.active_task]:<8} "
+                    f"child={job.model_id:<5} {scores} entered=[{','.join(entered)}]{errors} {elapsed:7.1f}s")
+        label = record.kind if record.kind in ("base", "average", "aggregate") else f"{record.kind} {job.model_id}"
+        if record.kind == "expert":
+            label = f"expert {names[self.core.expert_ids.index(job.model_id)]}"
+        return f"{job.phase:<6} {label:<16} {job.split:<6} {scores}{errors} {elapsed:7.1f}s"
+
+    def _finish(self) -> None:
+        from cqd_mpi.reporting import format_report, format_times
+
+        report = self.core.report()
+        report["phase_seconds"] = dict(self.phase_seconds)
+        self.rundir.write_json(self.rundir.final_dir / "report.json", report)
+        self.echo(format_times(self.phase_seconds, time.perf_counter() - self._started))
+        self.echo(format_report(report))
+
+
+def _specs(model: ModelDir) -> list:
+    return [(name, tuple(model.spec(name).shape), model.spec(name).dtype) for name in model.names]

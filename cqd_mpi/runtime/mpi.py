@@ -1,0 +1,323 @@
+"""MPI runtime: rank 0 conducts, every other rank is a worker with one device and one live model.
+
+Workers are split into `eval_groups` groups; each group has a communicator with rank 0 and
+evaluates one model at a time, so G groups have G models in flight. Per model, in a group:
+
+1. stop agreement: allreduce(LOR) of every member's stop flag (SIGTERM/SIGUSR1/SIGUSR2);
+2. rank 0 broadcasts a header: the job, the chunks of items, and either the tensor specs
+   (transport `mpi`) or the path of a staged HF dir (transport `file`);
+3. transport `mpi`: every tensor is broadcast in base order, in chunks of at most
+   `CHUNK_BYTES` bytes (so counts never exceed 2^31), straight from the merge stream;
+   each worker receives into its live model's parameter (or through a bounded buffer when
+   the parameter lives on a GPU or has another dtype); nobody holds a whole second model;
+4. each worker scores its share of the chunks and sends the per-item results to rank 0.
+
+mpi4py is imported only when the process runs under an MPI launcher (see `under_mpi`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cqd_mpi.config import Config
+from cqd_mpi.errors import ConfigError, require
+from cqd_mpi.evaluation import shard
+from cqd_mpi.runtime.groups import EvalGroup, Outcome
+from cqd_mpi.runtime.signals import StopFlag
+from cqd_mpi.runtime.worker import Worker
+
+log = logging.getLogger("cqd_mpi.mpi")
+
+CHUNK_BYTES = 64 * 2**20
+TAG_RESULT = 17
+_LAUNCHER_VARIABLES = ("PMI_SIZE", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
+                       "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE", "I_MPI_HYDRA_HOST_FILE")
+
+
+def under_mpi() -> bool:
+    """True when started by mpiexec/srun with several tasks (CQD_MPI=0/1 overrides)."""
+    forced = os.environ.get("CQD_MPI")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if any(v in os.environ for v in _LAUNCHER_VARIABLES):
+        return True
+    return "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+
+
+def world():
+    """MPI.COMM_WORLD under an MPI launcher, else None (mpi4py is not imported)."""
+    if not under_mpi():
+        return None
+    mpi4py = require("mpi4py", extra="mpi", feature="running under mpiexec/srun")
+    mpi4py.rc.threads = True
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def abort(comm, status: int = 1) -> None:
+    """End every rank of the job now (an exception on one rank must not hang the others)."""
+    try:
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        comm.Abort(status)
+
+
+def group_members(world_size: int, eval_groups: int) -> list[list[int]]:
+    """Worker ranks of each group: contiguous blocks, so a group stays on few nodes."""
+    workers = list(range(1, world_size))
+    if eval_groups > len(workers):
+        raise ConfigError(f"runtime.eval_groups: {eval_groups} groups need at least {eval_groups} "
+                          f"worker ranks, but the job has {len(workers)} (world size {world_size})")
+    return [list(block) for block in np.array_split(workers, eval_groups)]
+
+
+def group_comms(comm, eval_groups: int):
+    """Create one communicator per group (rank 0 + the group's workers); collective on all ranks."""
+    members = group_members(comm.Get_size(), eval_groups)
+    world_group = comm.Get_group()
+    comms = []
+    for ranks in members:
+        sub = world_group.Incl([0, *[int(r) for r in ranks]])
+        comms.append(comm.Create(sub))
+        sub.Free()
+    world_group.Free()
+    return comms, members
+
+
+def _tensor_specs(names_shapes_dtypes) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(n, tuple(s), str(d).removeprefix("torch.")) for n, s, d in names_shapes_dtypes]
+
+
+def _byte_view(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _bcast_bytes(comm, buffer: np.ndarray) -> None:
+    from mpi4py import MPI
+
+    for start in range(0, buffer.size, CHUNK_BYTES):
+        comm.Bcast([buffer[start:start + CHUNK_BYTES], MPI.BYTE], root=0)
+
+
+def _prefetched(stream: Iterator, depth: int = 2) -> Iterator:
+    """Produce the stream in a background thread so merging overlaps the broadcast."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    cancelled = threading.Event()
+
+    def produce():
+        try:
+            for item in stream:
+                while not cancelled.is_set():
+                    try:
+                        items.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if cancelled.is_set():
+                    return
+            items.put(done)
+        except BaseException as exc:
+            items.put(exc)
+
+    thread = threading.Thread(target=produce, name="merge-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
+        thread.join()
+
+
+class MPIGroup(EvalGroup):
+    """Rank 0's end of one group of worker ranks."""
+
+    def __init__(self, comm, *, index: int, transport: str, stop: StopFlag):
+        self.comm = comm
+        self.index = index
+        self.name = f"group {index}"
+        self.transport = transport
+        self.needs_path = transport == "file"
+        self.stop = stop
+        self._job = None
+        self._waiting: set[int] = set()
+        self._results: dict[int, list] = {}
+        self._eval_s = 0.0
+        self._worker_stop = False
+        self._closed = False
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    def agree_stop(self) -> bool:
+        from mpi4py import MPI
+
+        return bool(self.comm.allreduce(bool(self.stop), op=MPI.LOR))
+
+    def submit(self, job, chunks, source):
+        started = time.perf_counter()
+        header = {"op": "eval", "job": job, "chunks": list(chunks), "path": None, "specs": None}
+        if self.transport == "file":
+            header["path"] = str(source.path)
+            self.comm.bcast(header, root=0)
+            merge_s = source.stream.seconds
+        else:
+            header["specs"] = _tensor_specs(source.specs)
+            self.comm.bcast(header, root=0)
+            for _name, tensor in _prefetched(source.stream):
+                _bcast_bytes(self.comm, _byte_view(tensor.contiguous()))
+            merge_s = source.stream.seconds
+        self._job = (job, list(chunks), merge_s + source.staged_s,
+                     time.perf_counter() - started - merge_s, started)
+        self._waiting = set(range(1, self.comm.Get_size()))
+        self._results = {}
+        self._eval_s = 0.0
+        self._worker_stop = False
+
+    def poll(self):
+        from mpi4py import MPI
+
+        status = MPI.Status()
+        while self._waiting and self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status):
+            message = self.comm.recv(source=status.Get_source(), tag=TAG_RESULT)
+            self._waiting.discard(status.Get_source())
+            self._results.update(message["results"])
+            self._eval_s = max(self._eval_s, message["eval_s"])
+            self._worker_stop |= message["stop"]
+        if self._waiting or self._job is None:
+            return None
+        job, chunks, merge_s, transfer_s, started = self._job
+        self._job = None
+        return Outcome(job=job, chunks=chunks, results=self._results, merge_s=merge_s,
+                       transfer_s=transfer_s, eval_s=self._eval_s, started=started,
+                       stop_requested=self._worker_stop)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        self.agree_stop()
+        self.comm.bcast({"op": "stop"}, root=0)
+
+
+def _receive_into_model(comm, live, specs: Sequence[tuple[str, tuple[int, ...], str]]) -> None:
+    """Receive broadcast tensors straight into the live model's parameters."""
+    from mpi4py import MPI
+
+    staging: torch.Tensor | None = None
+    for name, shape, dtype_name in specs:
+        dtype = getattr(torch, dtype_name)
+        target = live.live_tensor(name)
+        if tuple(target.shape) != tuple(shape):
+            raise RuntimeError(f"tensor {name}: the sender has shape {shape}, the live model {tuple(target.shape)}")
+        numel = int(np.prod(shape, dtype=np.int64))
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
+            _bcast_into(comm, _byte_view(target.data))
+            continue
+        if staging is None:
+            staging = torch.empty(CHUNK_BYTES, dtype=torch.uint8,
+                                  pin_memory=target.device.type == "cuda")
+        flat = target.data.view(-1)
+        itemsize = nbytes // max(numel, 1)
+        for start in range(0, nbytes, CHUNK_BYTES):
+            size = min(CHUNK_BYTES, nbytes - start)
+            buffer = staging[:size]
+            comm.Bcast([buffer.numpy(), MPI.BYTE], root=0)
+            flat[start // itemsize:(start + size) // itemsize].copy_(buffer.view(dtype))
+
+
+def _bcast_into(comm, buffer: np.ndarray) -> None:
+    from mpi4py import MPI
+
+    for start in range(0, buffer.size, CHUNK_BYTES):
+        comm.Bcast([buffer[start:start + CHUNK_BYTES], MPI.BYTE], root=0)
+
+
+def worker_loop(comm, worker: Worker, stop: StopFlag) -> None:
+    """A worker rank: agree on stopping, receive a model, score its chunks, send the results."""
+    from mpi4py import MPI
+
+    my_index = comm.Get_rank() - 1
+    n_workers = comm.Get_size() - 1
+    while True:
+        comm.allreduce(bool(stop), op=MPI.LOR)
+        header = comm.bcast(None, root=0)
+        if header["op"] == "stop":
+            return
+        job = header["job"]
+        start = time.perf_counter()
+        if header["path"] is not None:
+            worker.load_dir(header["path"])
+        else:
+            _receive_into_model(comm, worker.model, header["specs"])
+        loaded = time.perf_counter()
+        mine = shard(header["chunks"], n_workers, my_index)
+        results = worker.evaluate(mine)
+        eval_s = time.perf_counter() - loaded
+        log.info("model %d (%s): loaded in %.2fs, %d chunks scored in %.2fs",
+                 job.model_id, job.phase, loaded - start, len(mine), eval_s)
+        comm.send({"results": results, "eval_s": eval_s, "stop": bool(stop)}, dest=0, tag=TAG_RESULT)
+
+
+def run(comm, config: Config, *, force: bool = False, echo=print) -> int:
+    """Every rank's job under MPI with more than one rank."""
+    from cqd_mpi.runtime.launch import conduct
+
+    rank = comm.Get_rank()
+    comms, members = group_comms(comm, config.runtime.eval_groups)
+    if rank == 0:
+        stop_flag = StopFlag()
+
+        def make_groups(_tasks):
+            return [MPIGroup(c, index=i, transport=config.runtime.transport, stop=stop_flag)
+                    for i, c in enumerate(comms)]
+
+        conduct(config, force=force, world_size=comm.Get_size(), make_groups=make_groups,
+                echo=echo, stop=stop_flag)
+    else:
+        my_group = next(i for i, ranks in enumerate(members) if rank in ranks)
+        stop = StopFlag().install()
+        worker = Worker(config, rank=rank, world_size=comm.Get_size())
+        try:
+            worker_loop(comms[my_group], worker, stop)
+        finally:
+            worker.close()
+    comm.Barrier()
+    return 0
+
+
+def device_report(comm) -> list[dict]:
+    """What each rank would use (for `doctor`): host, local rank, device."""
+    import socket
+
+    from cqd_mpi.engines.hf import resolve_device
+
+    info = {"rank": comm.Get_rank(), "host": socket.gethostname(),
+            "device": str(resolve_device("auto")) if comm.Get_rank() > 0 else "cpu (conductor)",
+            "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    return comm.gather(info, root=0)
+
+
+def staging_path(config: Config) -> Path:
+    return Path(config.runtime.staging_dir or Path(config.runtime.run_dir) / "staging")

@@ -1,0 +1,41 @@
+"""Preemption: SIGTERM, SIGUSR1 or SIGUSR2 asks the run to stop at the next generation boundary.
+
+SLURM sends these before a job's time limit (`--signal`) or on preemption. The handler only
+sets a flag; the conductor stops issuing work, drains what is in flight, checkpoints and
+exits 0 so that a requeued job resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+log = logging.getLogger("cqd_mpi.signals")
+
+
+class StopFlag:
+    def __init__(self):
+        self._event = threading.Event()
+        self.signal_name: str | None = None
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self, reason: str = "requested") -> None:
+        if not self._event.is_set():
+            self.signal_name = reason
+        self._event.set()
+
+    def install(self) -> StopFlag:
+        """Route the stop signals to this flag (main thread only)."""
+
+        def handler(signum, _frame):
+            name = signal.Signals(signum).name
+            log.warning("received %s: stopping at the next generation boundary", name)
+            self.set(name)
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
+        return self

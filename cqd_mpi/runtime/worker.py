@@ -1,0 +1,75 @@
+"""What every evaluating process holds: the task instances and one live model.
+
+The same Worker runs inside rank 0 when there is one rank, and on every worker rank under
+MPI. Each model the conductor sends replaces the live model's weights in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from cqd_mpi.config import Config, task_settings
+from cqd_mpi.evaluation import Chunk, evaluate_chunks
+from cqd_mpi.runtime import faults
+from cqd_mpi.tasks import Task, TaskContext, task_class
+from cqd_mpi.tasks.base import ItemResult
+
+log = logging.getLogger("cqd_mpi.worker")
+
+
+def build_tasks(config: Config, *, rank: int = 0, world_size: int = 1,
+                work_root: Path | None = None) -> dict[str, Task]:
+    """One instance of every configured task for this process, in config order."""
+    tasks = {}
+    work_root = Path(work_root or Path(config.runtime.run_dir) / "work")
+    for i, task_config in enumerate(config.tasks):
+        cls = task_class(task_config.kind, f"tasks[{i}].kind")
+        work_dir = work_root / f"rank-{rank}" / task_config.name
+        work_dir.mkdir(parents=True, exist_ok=True)
+        context = TaskContext(rank=rank, world_size=world_size, work_dir=work_dir,
+                              seed=config.runtime.seed, config_dir=Path(config.runtime.run_dir))
+        task = cls(name=task_config.name, data=task_config.data,
+                   settings=task_settings(task_config, f"tasks[{i}]"), context=context)
+        task.batch_size = task_config.batch_size
+        tasks[task_config.name] = task
+    return tasks
+
+
+class Worker:
+    """Task instances and a lazily built live model (from the base model's directory)."""
+
+    def __init__(self, config: Config, *, rank: int = 0, world_size: int = 1,
+                 tasks: dict[str, Task] | None = None):
+        self.config = config
+        self.rank = rank
+        self.tasks = tasks if tasks is not None else build_tasks(config, rank=rank, world_size=world_size)
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            from cqd_mpi.engines.hf import LiveModel
+
+            engine = self.config.engine
+            self._model = LiveModel(self.config.base, device=engine.device, dtype=engine.dtype,
+                                    chat_template=engine.chat_template, batch_size=engine.batch_size)
+            log.info("rank %d: live model %s", self.rank, self._model)
+        return self._model
+
+    def load(self, stream: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.model.load_weights(stream)
+
+    def load_dir(self, path: str | Path) -> None:
+        self.model.load_dir(path)
+
+    def evaluate(self, chunks: Sequence[Chunk]) -> dict[int, list[ItemResult]]:
+        faults.point("eval")
+        return evaluate_chunks(self.tasks, self.model, chunks)
+
+    def close(self) -> None:
+        for task in self.tasks.values():
+            task.close()

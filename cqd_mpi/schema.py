@@ -1,0 +1,149 @@
+"""Typed loading of nested dicts (from YAML) into dataclasses, with errors that name the key.
+
+Config sections and task settings are plain dataclasses; `build(cls, data, where)` checks
+unknown keys, missing keys and types, and reports e.g. ``qd.mutation.w_max: expected a
+number, got 'high' (str)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+from cqd_mpi.errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _same_shape(tp: Any, value: Any) -> bool:
+    """A mapping given for a dataclass (or a list for a list): its own error is the useful one."""
+    origin = typing.get_origin(tp)
+    if isinstance(value, dict):
+        return dataclasses.is_dataclass(tp) or origin is dict
+    if isinstance(value, list):
+        return origin in (list, tuple)
+    return False
+
+
+def convert(tp: Any, value: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, converting mappings to dataclasses."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return convert(option, value, where)
+            except ConfigError as exc:
+                if _same_shape(option, value):
+                    errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_describe(value)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {_describe(value)}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {_describe(value)}")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_describe(value)}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {_describe(value)}")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {
+            convert(key_tp, k, f"{where}"): convert(val_tp, v, f"{where}.{k}") for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def build(cls: type, data: Any, where: str):
+    """Build dataclass `cls` from mapping `data`; `where` names the mapping in error messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"expected keys: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = convert(hints[name], data[name], key)
+        elif field.default is _MISSING and field.default_factory is _MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate(where)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """The inverse of build: plain dicts and lists, for freezing a config to YAML."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

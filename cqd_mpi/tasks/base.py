@@ -1,0 +1,117 @@
+"""The task protocol: a task lists its items and scores a batch of them with a live model.
+
+A task's metric (pass@1, success rate, exact match, IoU) is the mean of its per-item scores,
+each in [0, 1]. Items are scored independently of one another and of how they are batched
+across workers, so a model's metric does not depend on the number of ranks.
+
+To add a task kind: subclass Task in a new module under cqd_mpi/tasks/, give it a `kind`,
+a `Settings` dataclass (its keys are the `settings:` of the task in the config, checked by
+cqd_mpi.schema), and implement `item_ids` and `evaluate`. Register the module in
+cqd_mpi/tasks/__init__.py, or name it in the config as ``kind: package.module:ClassName``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemResult:
+    """One item's outcome. `error` names the failure class (timeout, sandbox, parse...) or is None."""
+
+    item_id: str
+    score: float
+    error: str | None = None
+    seconds: float = 0.0
+    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    """What `doctor` prints for one back-end a task depends on."""
+
+    name: str
+    ok: bool
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskContext:
+    """Where a task instance lives: its process's rank, a private scratch dir, the run seed."""
+
+    rank: int = 0
+    world_size: int = 1
+    work_dir: Path = Path(".")
+    seed: int = 0
+    config_dir: Path = Path(".")
+
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger("cqd_mpi.tasks")
+
+
+class Generator(Protocol):
+    """What tasks need from a model: greedy batched completion and chat (see engines/hf.py)."""
+
+    def generate(
+        self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = ()
+    ) -> list[str]: ...
+
+    def chat(
+        self, conversations: Sequence[list[dict[str, str]]], *, max_new_tokens: int,
+        stop: Sequence[str] = (),
+    ) -> list[str]: ...
+
+
+@dataclasses.dataclass
+class NoSettings:
+    """For task kinds without settings."""
+
+
+class Task(abc.ABC):
+    """Base class of task kinds. Subclasses set `kind` and `Settings` and implement two methods."""
+
+    kind: ClassVar[str]
+    Settings: ClassVar[type] = NoSettings
+    batch_size: int = 16
+
+    def __init__(self, *, name: str, data: str | None, settings: Any, context: TaskContext):
+        self.name = name
+        self.data = data
+        self.settings = settings
+        self.context = context
+
+    @abc.abstractmethod
+    def item_ids(self) -> list[str]:
+        """All item ids, in a fixed order that every rank reproduces."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: Generator, item_ids: Sequence[str]) -> list[ItemResult]:
+        """Score the given items with the live model; one result per id, in the same order."""
+
+    def reference_results(self, item_ids: Sequence[str]) -> list[ItemResult]:
+        """Score the items' reference solutions through the same harness (check-tasks)."""
+        from cqd_mpi.errors import TaskError
+
+        raise TaskError(f"task kind {self.kind!r} has no reference solutions to check")
+
+    def metric(self, results: Sequence[ItemResult]) -> float:
+        return float(sum(r.score for r in results) / len(results)) if results else 0.0
+
+    def check_backends(self) -> list[BackendStatus]:
+        """Reachability of the task's back-ends, for `doctor`. Must not raise."""
+        return []
+
+    def close(self) -> None:
+        """Release servers, sandboxes and temp dirs."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,80 @@
+"""Shared fixtures: a family of tiny real Llama models (a base and experts) and run configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+torch.set_num_threads(1)
+
+
+def perturbed_copy(base_dir: Path, out_dir: Path, *, seed: int, scale: float) -> Path:
+    """An 'expert': the base plus seeded Gaussian noise on every 2-D matrix, saved by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.ndim == 2:
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict:
+    """A tiny random Llama base and three experts (base + noise), as HF dirs."""
+    from cqd_mpi.engines.tiny import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("family")
+    base = build_tiny_llama(root / "base", seed=0, hidden_size=32, num_layers=2, num_heads=2)
+    experts = {name: perturbed_copy(base, root / f"expert-{name}", seed=i + 1, scale=0.25)
+               for i, name in enumerate(("alpha", "beta", "gamma"))}
+    return {"base": base, "experts": experts}
+
+
+def probe_config(family: dict, run_dir: Path, **overrides) -> dict:
+    """A run config over the tiny family with three probe tasks (tests/runtime/probe_task.py)."""
+    config = {
+        "base": str(family["base"]),
+        "experts": [{"task": name, "path": str(path)} for name, path in family["experts"].items()],
+        "tasks": [{"name": name, "kind": "tests.runtime.probe_task:ProbeTask",
+                   "settings": {"n_items": 24, "salt": name}, "batch_size": 5}
+                  for name in family["experts"]],
+        "qd": {"generations": 6, "n_bins": 4, "mutation": {"kind": "svd", "rank": 4, "w_max": 0.3}},
+        "runtime": {"run_dir": str(run_dir), "seed": 3},
+        "engine": {"device": "cpu", "batch_size": 8},
+    }
+    for key, value in overrides.items():
+        section, _, leaf = key.partition(".")
+        if leaf:
+            config.setdefault(section, {})[leaf] = value
+        else:
+            config[section] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for `python -m cqd_mpi` subprocesses: the repo importable, one thread."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.pop("CQD_MPI_FAULT", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
