@@ -52,7 +52,7 @@ def test_bad_config_names_the_key(good, tmp_path, edit, message):
 def test_errors_name_the_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("qd: [unclosed\n")
-    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
         config_mod.load(path)
     with pytest.raises(ConfigError, match="does not exist"):
         config_mod.load(tmp_path / "nope.yaml")

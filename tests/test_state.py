@@ -100,7 +100,7 @@ def test_other_schema_version_is_refused(tmp_path):
     HDF5Backend(path, keep_backup=False).save(midway_core().state_dict())
     with h5py.File(path, "a") as f:
         f.attrs["schema_version"] = 0
-    with pytest.raises(StateError, match="schema version 0; this cqd_mpi .* reads version 1"):
+    with pytest.raises(StateError, match=r"schema version 0; this cqd_mpi .* reads version 1"):
         read_state(path)
 
 

@@ -299,6 +299,8 @@ def run(comm, config: Config, *, force: bool = False, echo=print) -> int:
         my_group = next(i for i, ranks in enumerate(members) if rank in ranks)
         stop = StopFlag().install()
         worker = Worker(config, rank=rank, world_size=comm.Get_size())
+        log.info("worker rank %d (pid %d) in eval group %d", rank, os.getpid(), my_group)
+        _ = worker.model  # build the live model before the first model arrives
         try:
             worker_loop(comms[my_group], worker, stop)
         finally:

@@ -1,0 +1,47 @@
+"""Comparing run states the way the resume and rank-count invariants are stated."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cqd_mpi.state import read_state
+from tests.conftest import subprocess_env
+from tests.test_core import assert_trees_equal
+
+TIMING_COLUMNS = ("merge_s", "transfer_s", "eval_s", "total_s")
+RUN_ATTRS = ("world_size", "config", "package_version")
+
+
+def comparable_state(run_dir: Path) -> dict:
+    """state.h5 without timings and without attributes that describe the launch, not the result."""
+    tree = read_state(Path(run_dir) / "state.h5")
+    for key in TIMING_COLUMNS:
+        tree["history"].pop(key)
+    for key in RUN_ATTRS:
+        tree["attrs"].pop(key, None)
+    return tree
+
+
+def assert_same_results(run_a: Path, run_b: Path) -> None:
+    assert_trees_equal(comparable_state(run_a), comparable_state(run_b))
+    models_a = sorted(p.name for p in (Path(run_a) / "models").iterdir())
+    models_b = sorted(p.name for p in (Path(run_b) / "models").iterdir())
+    assert models_a == models_b
+
+
+def run_cli(*args, env=None, timeout=300, mpi_ranks: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m cqd_mpi ARGS`, under `mpiexec -n RANKS` when mpi_ranks is given."""
+    command = [sys.executable, "-m", "cqd_mpi", *map(str, args)]
+    if mpi_ranks is not None:
+        command = ["mpiexec", "-n", str(mpi_ranks), *command]
+    return subprocess.run(command, env=env or subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def history_timings(run_dir: Path) -> np.ndarray:
+    tree = read_state(Path(run_dir) / "state.h5")
+    return np.stack([tree["history"][k] for k in TIMING_COLUMNS], axis=1)

@@ -1,0 +1,128 @@
+"""The MPI runtime under mpiexec (pip mpich wheel): invariants over rank counts, eval groups,
+transports, failures and preemption."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cqd_mpi.state import read_state
+from tests.conftest import subprocess_env, write_config
+from tests.runtime.helpers import assert_same_results, run_cli
+from tests.runtime.test_conductor import small_config
+
+pytestmark = pytest.mark.mpi
+
+if shutil.which("mpiexec") is None:
+    pytest.fail("mpiexec is not on PATH: install the test extra (pip install -e '.[test]'), which brings the mpich wheel",
+                pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tiny_family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one-rank")
+    config = write_config(root / "config.yaml", small_config(tiny_family, root / "run"))
+    result = run_cli("run", config, mpi_ranks=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+def mpi_config(tiny_family, tmp_path, **overrides):
+    return write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run", **overrides))
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_same_state_for_any_number_of_ranks(one_rank, tiny_family, tmp_path, ranks):
+    result = run_cli("run", mpi_config(tiny_family, tmp_path), mpi_ranks=ranks)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_state(tmp_path / "run" / "state.h5")["attrs"]["world_size"] == ranks
+    assert_same_results(one_rank, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "logs").iterdir()) == [f"rank-{r}.log" for r in range(ranks)]
+
+
+def test_file_transport_gives_the_same_results(one_rank, tiny_family, tmp_path):
+    config = mpi_config(tiny_family, tmp_path, **{"runtime.transport": "file",
+                                                   "runtime.staging_dir": str(tmp_path / "staging")})
+    result = run_cli("run", config, mpi_ranks=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_results(one_rank, tmp_path / "run")
+    assert not any((tmp_path / "staging").iterdir())
+
+
+def test_eval_groups_change_throughput_not_results(tiny_family, tmp_path):
+    runs = {}
+    for groups in (1, 2):
+        root = tmp_path / f"groups-{groups}"
+        root.mkdir()
+        config = write_config(root / "config.yaml", small_config(
+            tiny_family, root / "run", **{"runtime.eval_groups": groups, "runtime.pipeline_depth": 1}))
+        result = run_cli("run", config, mpi_ranks=3)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[groups] = root / "run"
+    assert_same_results(runs[1], runs[2])
+
+
+def test_too_many_eval_groups_is_a_clear_error(tiny_family, tmp_path):
+    result = run_cli("run", mpi_config(tiny_family, tmp_path, **{"runtime.eval_groups": 3}), mpi_ranks=3)
+    assert result.returncode != 0
+    assert "runtime.eval_groups: 3 groups need at least 3 worker ranks, but the job has 2" in result.stderr
+
+
+def test_exception_in_a_worker_aborts_every_rank_quickly(tiny_family, tmp_path):
+    config = mpi_config(tiny_family, tmp_path)
+    start = time.time()
+    result = run_cli("run", config, mpi_ranks=3, env=subprocess_env(CQD_MPI_FAULT="eval@2:raise:3"), timeout=120)
+    elapsed = time.time() - start
+    assert result.returncode != 0
+    assert "[rank 2] Traceback" in result.stderr
+    assert "InjectedFault: injected fault at eval (hit 3, rank 2)" in result.stderr
+    assert "aborting all 3 ranks" in result.stderr
+    assert elapsed < 60
+    assert read_state(tmp_path / "run" / "state.h5")["attrs"]["phase"] == "init"
+
+
+def test_kill_9_of_the_conductor_then_rerun_resumes_exactly(one_rank, tiny_family, tmp_path):
+    config = mpi_config(tiny_family, tmp_path)
+    killed = run_cli("run", config, mpi_ranks=3, env=subprocess_env(CQD_MPI_FAULT="merge@0:kill:7"), timeout=120)
+    assert killed.returncode != 0
+    assert read_state(tmp_path / "run" / "state.h5")["attrs"]["phase"] == "search"
+    resumed = run_cli("run", config, mpi_ranks=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert_same_results(one_rank, tmp_path / "run")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_signal_to_a_worker_stops_all_ranks_cleanly_for_requeue(one_rank, tiny_family, tmp_path, sig):
+    config = mpi_config(tiny_family, tmp_path)
+    process = subprocess.Popen(["mpiexec", "-n", "3", *run_cli_command(config)], env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "logs" / "rank-2.log"
+    state = tmp_path / "run" / "state.h5"
+    deadline = time.time() + 120
+    pid = None
+    while time.time() < deadline:
+        if pid is None and log.exists():
+            found = re.search(r"\(pid (\d+)\)", log.read_text())
+            pid = int(found.group(1)) if found else None
+        if pid and state.exists() and read_state(state)["attrs"]["generations_done"] >= 1:
+            break
+        time.sleep(0.05)
+    assert pid is not None
+    os.kill(pid, sig)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    assert f"received {sig.name}" in err
+    assert read_state(state)["attrs"]["phase"] != "done"
+    resumed = run_cli("run", config, mpi_ranks=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_results(one_rank, tmp_path / "run")
+
+
+def run_cli_command(config):
+    return [sys.executable, "-m", "cqd_mpi", "run", str(config)]
