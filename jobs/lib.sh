@@ -1,0 +1,62 @@
+# Shared by the sbatch scripts in jobs/: run cqd_mpi under srun, forward SLURM's warning
+# signal, and requeue the job until the run's state says it is done.
+#
+# Usage (from an sbatch script): source jobs/lib.sh; cqd_run CONFIG [ARGS...]
+
+cqd_phase() {
+  # The run's phase from its state file (init, search, final, done), or "none".
+  python - "$1" <<'PY'
+import sys
+from cqd_mpi import config
+from cqd_mpi.rundir import RunDir
+from cqd_mpi.state import HDF5Backend
+run = RunDir(config.load(sys.argv[1], check_files=False).runtime.run_dir)
+tree = HDF5Backend(run.state_path).load() if run.has_state() else None
+print(tree["attrs"]["phase"] if tree else "none")
+PY
+}
+
+cqd_run() {
+  local config=$1
+  shift
+  local restarts=${SLURM_RESTART_COUNT:-0}
+  local max_restarts=${CQD_MAX_RESTARTS:-20}
+  local env_script=${CQD_ENV:-${SLURM_SUBMIT_DIR:-.}/env/cluster.sh}
+  if [ -f "$env_script" ]; then
+    # shellcheck disable=SC1090
+    source "$env_script"
+  fi
+  if (( restarts > max_restarts )); then
+    echo "cqd_mpi: job restarted $restarts times (CQD_MAX_RESTARTS=$max_restarts); not running again" >&2
+    return 1
+  fi
+  echo "cqd_mpi: job ${SLURM_JOB_ID:-?} start $((restarts + 1)) on ${SLURM_JOB_NUM_NODES:-1} node(s), ${SLURM_NTASKS:-1} ranks, $(date -Is)"
+
+  local signalled=0
+  srun --kill-on-bad-exit=1 --cpu-bind=none python -m cqd_mpi run "$config" "$@" &
+  local srun_pid=$!
+  trap 'signalled=1; echo "cqd_mpi: time limit near: asking all ranks to checkpoint and stop"; kill -USR1 "$srun_pid"' USR1 TERM
+  local status=0
+  while true; do
+    wait "$srun_pid"
+    status=$?
+    # wait returns early (status > 128) when a trapped signal arrives; go on waiting for srun.
+    if kill -0 "$srun_pid" 2>/dev/null; then continue; fi
+    break
+  done
+  trap - USR1 TERM
+
+  local phase
+  phase=$(cqd_phase "$config")
+  echo "cqd_mpi: srun exited with $status; run phase: $phase"
+  if [ "$phase" = "done" ]; then
+    return 0
+  fi
+  if [ "$status" -ne 0 ] && [ "$signalled" -eq 0 ]; then
+    echo "cqd_mpi: the run failed (exit $status); not requeueing. Fix the cause and resubmit: it resumes." >&2
+    return "$status"
+  fi
+  echo "cqd_mpi: requeueing job $SLURM_JOB_ID to resume from the checkpoint"
+  scontrol requeue "$SLURM_JOB_ID"
+  return 0
+}

@@ -1,0 +1,94 @@
+"""The sbatch scripts' requeue logic, run by bash with stand-ins for SLURM's srun and scontrol.
+
+srun becomes `mpiexec -n 2` (the real MPI runtime), scontrol records the requeue request.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cqd_mpi.state import read_state
+from tests.conftest import REPO, subprocess_env, write_config
+from tests.runtime.test_conductor import small_config
+
+pytestmark = pytest.mark.mpi
+
+FAKE_SRUN = """#!/bin/bash
+# srun stand-in: drop srun's own options, run the command under mpiexec with 2 ranks.
+while [[ "$1" == --* ]]; do shift; done
+exec mpiexec -n 2 "$@"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "$@" >> "$FAKE_SLURM_LOG"
+"""
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "scontrol.log"
+
+    def env(**extra):
+        return subprocess_env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=log,
+                              SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=REPO, CQD_ENV="/nonexistent", **extra)
+
+    return env, log
+
+
+def start(script, config, env):
+    return subprocess.Popen(["bash", str(REPO / "jobs" / script), str(config)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_warning_signal_checkpoints_and_requeues_then_the_requeued_job_finishes(slurm, tiny_family, tmp_path):
+    env, log = slurm
+    config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run"))
+    job = start("single-node.sbatch", config, env())
+    state = tmp_path / "run" / "state.h5"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if state.exists() and read_state(state)["attrs"]["generations_done"] >= 1:
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=180)
+    assert job.returncode == 0, err[-3000:]
+    assert "asking all ranks to checkpoint" in out
+    assert log.read_text().split() == ["requeue", "4242"]
+    assert read_state(state)["attrs"]["phase"] != "done"
+
+    log.unlink()
+    again = start("single-node.sbatch", config, env(SLURM_RESTART_COUNT="1"))
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert "run phase: done" in out and "start 2" in out
+    assert not log.exists()
+    assert read_state(state)["attrs"]["phase"] == "done"
+
+
+def test_restart_cap_stops_requeueing(slurm, tiny_family, tmp_path):
+    env, log = slurm
+    config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run"))
+    job = start("multi-node.sbatch", config, env(SLURM_RESTART_COUNT="3", CQD_MAX_RESTARTS="2"))
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 1
+    assert "restarted 3 times (CQD_MAX_RESTARTS=2)" in err
+    assert not log.exists() and not Path(tmp_path / "run").exists()
+
+
+def test_a_failing_run_is_not_requeued(slurm, tiny_family, tmp_path):
+    env, log = slurm
+    config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run"))
+    job = start("single-node.sbatch", config, env(CQD_MPI_FAULT="eval@1:raise:2"))
+    out, err = job.communicate(timeout=180)
+    assert job.returncode != 0
+    assert "the run failed" in err and "not requeueing" in err
+    assert not log.exists()
