@@ -1,0 +1,389 @@
+"""The live model a worker generates with: one transformers causal LM whose weights are swapped in place.
+
+A worker builds one `LiveModel` at start-up and, for every child the conductor sends, copies
+the child's tensors into the existing parameters (`load_weights`), so the model is never
+re-created and no second full copy of the weights is held. Generation is greedy and batched
+with left padding (attention masked, positions taken from the mask), so an item's completion
+does not depend on which other prompts share its batch; the tests check this bit for bit on
+the CPU. On a GPU, kernels chosen per batch shape may round differently, which can flip a
+near-tie between two tokens.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from cqd_mpi.engines.templates import (
+    CHAT_TEMPLATES,
+    INSTRUCTION_RESPONSE,
+    TemplateError,
+    render_conversation,
+    resolve_template,
+)
+from cqd_mpi.errors import ConfigError, WeightsError
+
+__all__ = ["CHAT_TEMPLATES", "INSTRUCTION_RESPONSE", "LiveModel", "cut_at_stop", "resolve_device", "resolve_dtype"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+_LOCAL_RANK_VARIABLES = (
+    "LOCAL_RANK",
+    "SLURM_LOCALID",
+    "MPI_LOCALRANKID",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MV2_COMM_WORLD_LOCAL_RANK",
+    "PMI_LOCAL_RANK",
+)
+
+
+def local_rank() -> int:
+    """This process's rank on its node, from the launcher's environment (0 when none is set)."""
+    for variable in _LOCAL_RANK_VARIABLES:
+        value = os.environ.get(variable)
+        if value is not None and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' is cuda:<local rank mod visible GPUs> when CUDA is present, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank() % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"engine device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"engine device: {device!r} was asked for, but CUDA is not available here")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, *, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' keeps the checkpoint's dtype, except half precision on the CPU, which runs in float32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu" and checkpoint_dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return checkpoint_dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"engine dtype: expected 'auto' or one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(value, str):
+        value = _DTYPES.get(value, getattr(torch, value, torch.float32))
+    return value
+
+
+def _placement(device: torch.device) -> dict:
+    """Load straight onto the GPU when accelerate is there; otherwise transformers loads on the CPU first."""
+    if device.type != "cuda":
+        return {}
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return {}
+    return {"device_map": {"": device.index or 0}}
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for marker in stop:
+        if marker:
+            index = text.find(marker)
+            if 0 <= index < cut:
+                cut = index
+    return text[:cut]
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Marks a row finished once its generated text (not its prompt) contains a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_length: int):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        generated = input_ids[:, self.prompt_length :].tolist()
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        done = [any(s in text for s in self.stop) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class LiveModel:
+    """One transformers causal LM and its tokenizer on this process's device, in eval mode.
+
+    `chat_template` is None (the tokenizer's own template), a name from `CHAT_TEMPLATES`,
+    or a Jinja chat template string. `tokens_generated` counts generated (non-padding)
+    tokens over the model's life, for throughput figures.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto",
+        chat_template: str | None = None,
+        batch_size: int = 16,
+    ):
+        self.model_dir = Path(model_dir)
+        if not (self.model_dir / "config.json").is_file():
+            raise WeightsError(
+                f"{self.model_dir}: not a Hugging Face model dir (expected config.json in it)"
+            )
+        if batch_size < 1:
+            raise ConfigError(f"engine batch_size: expected an integer >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        config = AutoConfig.from_pretrained(self.model_dir)
+        self.dtype = resolve_dtype(dtype, checkpoint_dtype=_checkpoint_dtype(config), device=self.device)
+        self.chat_template = resolve_template(chat_template, where="engine chat_template")
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token is None:
+                raise WeightsError(
+                    f"{self.model_dir}: the tokenizer has neither a pad nor an eos token; "
+                    "batched generation needs one of them for padding"
+                )
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype, **_placement(self.device))
+        self.model.to(self.device)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        self.eos_token_ids = self._eos_token_ids()
+        self._targets = self._live_tensors()
+        self.tokens_generated = 0
+
+    def _eos_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            for token_id in source if isinstance(source, (list, tuple)) else [source]:
+                if token_id is not None and int(token_id) not in ids:
+                    ids.append(int(token_id))
+        return ids
+
+    def __repr__(self) -> str:
+        return f"LiveModel({str(self.model_dir)!r}, device={str(self.device)!r}, dtype={self.dtype})"
+
+    # ------------------------------------------------------------------ weights
+
+    def _live_tensors(self) -> dict[str, torch.Tensor]:
+        targets: dict[str, torch.Tensor] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            targets[name] = param
+        for name, buffer in self.model.named_buffers(remove_duplicate=False):
+            targets.setdefault(name, buffer)
+        return targets
+
+    def _resolve_name(self, name: str) -> str:
+        if name in self._targets:
+            return name
+        mapping = getattr(self.model, "_checkpoint_conversion_mapping", None) or {}
+        for pattern, replacement in mapping.items():
+            converted, count = re.subn(pattern, replacement, name)
+            if count and converted in self._targets:
+                return converted
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        if prefix:
+            if f"{prefix}.{name}" in self._targets:
+                return f"{prefix}.{name}"
+            if name.startswith(prefix + ".") and name[len(prefix) + 1 :] in self._targets:
+                return name[len(prefix) + 1 :]
+        close = difflib.get_close_matches(name, list(self._targets), n=3)
+        hint = f"; closest live names: {', '.join(close)}" if close else ""
+        raise WeightsError(f"tensor {name!r} does not exist in the live model {self.model_dir}{hint}")
+
+    def live_tensor(self, name: str) -> torch.Tensor:
+        """The live parameter or buffer a checkpoint tensor `name` is copied into (for transports
+        that receive straight into the model)."""
+        return self._targets[self._resolve_name(name)]
+
+    def required_names(self) -> list[str]:
+        """The state_dict names a complete weight stream must cover (tied aliases count once)."""
+        return list(self.model.state_dict().keys())
+
+    @torch.no_grad()
+    def load_weights(self, stream: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True) -> int:
+        """Copy each (name, tensor) of `stream` into the live parameter of that name, in place.
+
+        Names are accepted as the checkpoint spells them or as in state_dict. Tensors are cast
+        to the live dtype and moved to the live device one at a time. With `strict`, every
+        persistent tensor of the model must be written. Returns the number of tensors copied.
+        """
+        written: dict[int, str] = {}
+        count = 0
+        for name, tensor in stream:
+            target_name = self._resolve_name(name)
+            target = self._targets[target_name]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise WeightsError(
+                    f"tensor {name!r}: expected shape {tuple(target.shape)} (live model {self.model_dir}), "
+                    f"got {tuple(tensor.shape)}"
+                )
+            key = target.data_ptr()
+            if key in written:
+                if not torch.equal(target, tensor.to(device=target.device, dtype=target.dtype)):
+                    raise WeightsError(
+                        f"tensor {name!r} is tied to {written[key]!r} in the live model, "
+                        "but the stream gives them different values"
+                    )
+                continue
+            target.copy_(tensor, non_blocking=False)
+            written[key] = name
+            count += 1
+        if strict:
+            missing = [
+                n for n in self.required_names() if self._targets[n].data_ptr() not in written
+            ]
+            if missing:
+                shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                raise WeightsError(
+                    f"the weight stream left {len(missing)} tensor(s) of the live model unset: {shown}"
+                )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return count
+
+    def load_dir(self, path: str | os.PathLike) -> int:
+        """Copy the weights of the Hugging Face dir `path` into the live model, in place."""
+        from cqd_mpi.weights import ModelDir
+
+        return self.load_weights(ModelDir(path).tensors())
+
+    # --------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        batch_size: int | None = None,
+    ) -> list[str]:
+        """Greedy completions of `prompts` (the tokenizer adds its special tokens, e.g. BOS)."""
+        encoded = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
+        return self._generate(encoded, max_new_tokens, stop, batch_size)
+
+    def chat(
+        self,
+        conversations: Sequence[list[dict[str, str]]],
+        *,
+        max_new_tokens: int,
+        stop: Sequence[str] = (),
+        batch_size: int | None = None,
+    ) -> list[str]:
+        """Greedy replies to `conversations` rendered with the chat template.
+
+        A conversation that ends with an assistant message is continued: its reply is what
+        follows that message's text (a response prefix, as evalplus's codegen prompts do).
+        """
+        prompts = [self.render_chat(conversation) for conversation in conversations]
+        return self._generate([self._encode_rendered(p) for p in prompts], max_new_tokens, stop, batch_size)
+
+    def _encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a rendered chat prompt; BOS is added unless the template already wrote it."""
+        bos = self.tokenizer.bos_token
+        add_special_tokens = not (bos and text.startswith(bos))
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def render_chat(self, conversation: list[dict[str, str]]) -> str:
+        """The prompt text of one conversation, ready for generation."""
+        template = self.chat_template or self.tokenizer.chat_template
+        if template is None:
+            raise ConfigError(
+                f"chat: the tokenizer of {self.model_dir} has no chat template; give one in the "
+                f"config (engine chat_template: {INSTRUCTION_RESPONSE!r} or a Jinja string)"
+            )
+
+        def render(messages, add_generation_prompt):
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+
+        try:
+            return render_conversation(conversation, render)
+        except TemplateError as exc:
+            raise ConfigError(f"chat: {exc}") from exc
+
+    def _generate(
+        self,
+        encoded: list[list[int]],
+        max_new_tokens: int,
+        stop: Sequence[str],
+        batch_size: int | None,
+    ) -> list[str]:
+        if max_new_tokens < 1:
+            raise ConfigError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        batch_size = batch_size or self.batch_size
+        if not encoded:
+            return []
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        completions: list[str] = [""] * len(encoded)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            texts = self._generate_batch([encoded[i] for i in chunk], max_new_tokens, stop)
+            for index, text in zip(chunk, texts):
+                completions[index] = text
+        return completions
+
+    @torch.inference_mode()
+    def _generate_batch(self, token_ids: list[list[int]], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
+        batch = self.tokenizer.pad({"input_ids": token_ids}, padding=True, return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        prompt_length = input_ids.shape[1]
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_token_ids or None,
+        )
+        criteria = StoppingCriteriaList()
+        if any(stop):
+            criteria.append(_StopOnStrings(self.tokenizer, stop, prompt_length))
+        output = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            stopping_criteria=criteria,
+        )
+        new_tokens = output[:, prompt_length:]
+        self.tokens_generated += int((new_tokens != self.tokenizer.pad_token_id).sum())
+        generated = new_tokens.tolist()
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [cut_at_stop(text, stop) for text in texts]

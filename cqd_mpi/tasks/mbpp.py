@@ -1,0 +1,485 @@
+"""MBPP+ (evalplus): pass@1 on the base tests, greedy decoding, generated code run in a sandbox.
+
+Data come from evalplus's MbppPlus jsonl (its release in evalplus's cache dir, the file named
+by MBPP_OVERRIDE_PATH, or `data:` in the task config), read with evalplus's own loader
+functions; nothing is downloaded. Prompts, stop strings and code extraction follow evalplus's
+codegen and sanitize. Each completion runs in a fresh sandbox (cqd_mpi.sandboxes) that never
+sees the expected outputs; evalplus's `untrusted_check` then scores the recorded outputs in a
+second sandbox run, so a completion cannot fake its own verdict. See docs/benchmarks-mbpp.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import pickle
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+from cqd_mpi.errors import ConfigError, TaskError, require
+from cqd_mpi.tasks.base import BackendStatus, Generator, ItemResult, Task
+
+HARNESS = Path(__file__).resolve().parents[1] / "sandboxes" / "evalplus_harness.py"
+
+INSTRUCTION_PREFIX = (
+    "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
+)
+"""evalplus codegen's instruction for chat models (evalplus.codegen.run_codegen)."""
+
+RESPONSE_PREFIX = (
+    "Below is a Python script with a self-contained function that solves the problem and passes "
+    "corresponding tests:"
+)
+"""evalplus codegen's response prefix for chat models (evalplus.codegen.run_codegen)."""
+
+SYSTEM_MESSAGE = (
+    "You are an exceptionally intelligent coding assistant that consistently delivers accurate and "
+    "reliable responses to user instructions."
+)
+"""The system message of the CycleQD authors' MBPP task."""
+
+CHAT_STOP = ("\n```\n",)
+"""Extra stop strings for chat prompts (evalplus's HF decoder), added to evalplus's EOS list."""
+
+INSTRUCTION_RESPONSE_STOP = ("@@ Instruction:", "@@ Response:")
+
+TEXT_EXCERPT_CHARS = 4000
+
+
+@dataclasses.dataclass
+class Settings:
+    """`settings:` of an MBPP+ task in the config.
+
+    prompt_format: 'instruction-response' (the authors' code format, rendered by the task and
+    sent through generate), 'chat' (the engine's chat template) or 'completion' (base models:
+    the raw prompt, evalplus's direct-completion stops).
+    """
+
+    task_ids: list[str] | None = None
+    version: str = "default"
+    prompt_format: Literal["instruction-response", "chat", "completion"] = "instruction-response"
+    system_message: str | None = SYSTEM_MESSAGE
+    instruction_prefix: str = INSTRUCTION_PREFIX
+    response_prefix: str = RESPONSE_PREFIX
+    max_new_tokens: int = 512
+    sandbox: Literal["auto", "bwrap", "unshare"] = "auto"
+    timeout_seconds: float = 20.0
+    startup_seconds: float = 5.0
+    min_time_limit: float = 1.0
+    gt_time_limit_factor: float = 4.0
+    memory_mb: int = 1024
+    max_processes: int = 16
+    parallel: int = 2
+
+    def validate(self, where: str) -> None:
+        positive = ("max_new_tokens", "timeout_seconds", "startup_seconds", "min_time_limit",
+                    "gt_time_limit_factor", "memory_mb", "max_processes", "parallel")
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ConfigError(f"{where}.{name}: expected a number > 0, got {value!r}")
+        if self.memory_mb < 64:
+            raise ConfigError(f"{where}.memory_mb: expected at least 64 (the interpreter needs it), got {self.memory_mb}")
+        if self.task_ids is not None and not self.task_ids:
+            raise ConfigError(f"{where}.task_ids: expected a non-empty list of task ids or null, got []")
+
+
+def default_data_path(version: str = "default") -> tuple[Path, str]:
+    """Where evalplus keeps the MbppPlus release `version` (MBPP_OVERRIDE_PATH wins), and its URL."""
+    override = os.environ.get("MBPP_OVERRIDE_PATH")
+    evalplus_mbpp = require("evalplus.data.mbpp", extra="llm", feature="The MBPP+ task")
+    from evalplus.data.utils import get_dataset_metadata
+
+    release = evalplus_mbpp.MBPP_PLUS_VERSION if version == "default" else version
+    url, cache_path = get_dataset_metadata("MbppPlus", release, False)
+    return (Path(override) if override else Path(cache_path)), url
+
+
+def load_problems(path: Path) -> dict[str, dict[str, Any]]:
+    """The MbppPlus problems in `path` (jsonl or jsonl.gz), inputs deserialized as evalplus does."""
+    require("evalplus.data", extra="llm", feature="The MBPP+ task")
+    from evalplus.data.mbpp import mbpp_deserialize_inputs
+    from evalplus.data.utils import completeness_check, stream_jsonl
+
+    try:
+        problems = {row["task_id"]: row for row in stream_jsonl(str(path))}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TaskError(f"MBPP+ data {path}: cannot read it as MbppPlus jsonl ({type(exc).__name__}: {exc})") from exc
+    if not problems:
+        raise TaskError(f"MBPP+ data {path}: the file holds no problems")
+    for task_id, problem in problems.items():
+        for key in ("entry_point", "prompt", "base_input"):
+            if key not in problem:
+                raise TaskError(f"MBPP+ data {path}: problem {task_id!r} has no {key!r} field")
+        if not str(problem["entry_point"]).isidentifier():
+            raise TaskError(f"MBPP+ data {path}: problem {task_id!r} has entry_point "
+                            f"{problem['entry_point']!r}, expected a Python identifier")
+        try:
+            problem["base_input"] = mbpp_deserialize_inputs(task_id, problem["base_input"])
+            problem["plus_input"] = mbpp_deserialize_inputs(task_id, problem.get("plus_input", []))
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            raise TaskError(f"MBPP+ data {path}: problem {task_id!r} has inputs evalplus cannot deserialize: {exc}") from exc
+    try:
+        completeness_check("MBPP+", problems)
+    except AssertionError as exc:
+        raise TaskError(f"MBPP+ data {path}: {exc}") from exc
+    return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class Groundtruth:
+    outputs: list
+    seconds: list[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What the run-mode harness reported for one solution."""
+
+    error: str | None
+    outputs: list
+    seconds: float
+    message: str = ""
+    stderr: str = ""
+
+
+class MbppPlusTask(Task):
+    """MBPP+ as the paper evaluates it: greedy pass@1 on the base tests (see the module docstring)."""
+
+    kind = "mbpp"
+    Settings = Settings
+
+    def __init__(self, *, name, data, settings, context):
+        super().__init__(name=name, data=data, settings=settings or Settings(), context=context)
+        self._problems: dict[str, dict[str, Any]] | None = None
+        self._groundtruth: dict[str, Groundtruth] = {}
+        self._lock = threading.Lock()
+        self._sandbox = None
+
+    # ------------------------------------------------------------------ data
+
+    def data_path(self) -> Path:
+        if self.data:
+            path = Path(self.data).expanduser()
+            return path if path.is_absolute() else Path(self.context.config_dir) / path
+        return default_data_path(self.settings.version)[0]
+
+    @property
+    def problems(self) -> dict[str, dict[str, Any]]:
+        if self._problems is None:
+            path = self.data_path()
+            if not path.is_file():
+                raise TaskError(self._missing_data_message(path))
+            problems = load_problems(path)
+            wanted = self.settings.task_ids
+            if wanted is not None:
+                unknown = [t for t in wanted if t not in problems]
+                if unknown:
+                    raise TaskError(
+                        f"task {self.name!r}: settings.task_ids names {', '.join(map(repr, unknown))}, "
+                        f"which {path} does not hold (it has {', '.join(list(problems)[:3])}, ...)"
+                    )
+                problems = {t: p for t, p in problems.items() if t in set(wanted)}
+            self._problems = problems
+        return self._problems
+
+    def _missing_data_message(self, path: Path) -> str:
+        how = (
+            f"give `data: /path/to/MbppPlus.jsonl` for task {self.name!r} in the config, set "
+            "MBPP_OVERRIDE_PATH, or fetch evalplus's release once on a machine with internet: "
+            "python -c 'from evalplus.data import get_mbpp_plus; get_mbpp_plus()'"
+        )
+        if not self.data and not os.environ.get("MBPP_OVERRIDE_PATH"):
+            url = default_data_path(self.settings.version)[1]
+            how += f" (it downloads {url} into {path.parent})"
+        return f"MBPP+ data file {path} does not exist; nothing is downloaded at run time. To get it, {how}"
+
+    def item_ids(self) -> list[str]:
+        return list(self.problems)
+
+    def _problem(self, item_id: str) -> dict[str, Any]:
+        try:
+            return self.problems[item_id]
+        except KeyError:
+            raise TaskError(f"task {self.name!r}: unknown item id {item_id!r}") from None
+
+    def groundtruth(self, item_id: str) -> Groundtruth:
+        """Expected base outputs and their reference times, from canonical_solution (evalplus's trusted_exec)."""
+        with self._lock:
+            if item_id in self._groundtruth:
+                return self._groundtruth[item_id]
+        from evalplus.eval._special_oracle import MBPP_OUTPUT_NOT_NONE_TASKS
+        from evalplus.gen.util import trusted_exec
+
+        problem = self._problem(item_id)
+        if "canonical_solution" not in problem:
+            raise TaskError(f"MBPP+ data {self.data_path()}: problem {item_id!r} has no canonical_solution")
+        sink = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                outputs, seconds = trusted_exec(
+                    problem["prompt"] + problem["canonical_solution"],
+                    problem["base_input"],
+                    problem["entry_point"],
+                    record_time=True,
+                    output_not_none=problem["entry_point"] in MBPP_OUTPUT_NOT_NONE_TASKS,
+                )
+        except Exception as exc:
+            raise TaskError(
+                f"MBPP+ data {self.data_path()}: the canonical_solution of {item_id!r} fails on its base "
+                f"inputs ({type(exc).__name__}: {exc})"
+            ) from exc
+        truth = Groundtruth(outputs=list(outputs), seconds=[float(s) for s in seconds])
+        with self._lock:
+            self._groundtruth[item_id] = truth
+        return truth
+
+    # ------------------------------------------------------------- prompting
+
+    def conversation(self, item_id: str) -> list[dict[str, str]]:
+        """The chat turns for one problem: evalplus's instruction and a response prefix to continue."""
+        settings = self.settings
+        prompt = self._problem(item_id)["prompt"].strip()
+        messages = []
+        if settings.system_message:
+            messages.append({"role": "system", "content": settings.system_message})
+        messages.append({"role": "user", "content": f"{settings.instruction_prefix}\n```\n{prompt}\n```\n"})
+        messages.append({"role": "assistant", "content": f"{settings.response_prefix}\n```python\n"})
+        return messages
+
+    def prompt_text(self, item_id: str) -> str:
+        """The text sent to `generate` for the formats that do not use the engine's chat template."""
+        if self.settings.prompt_format == "completion":
+            return self._problem(item_id)["prompt"].strip() + "\n"
+        from cqd_mpi.engines.templates import CHAT_TEMPLATES, INSTRUCTION_RESPONSE, render_jinja
+
+        return render_jinja(CHAT_TEMPLATES[INSTRUCTION_RESPONSE], self.conversation(item_id))
+
+    def stop_strings(self) -> list[str]:
+        from evalplus.provider.utility import EOS, extra_eos_for_direct_completion
+
+        if self.settings.prompt_format == "completion":
+            return [*EOS, *extra_eos_for_direct_completion("mbpp")]
+        extra = INSTRUCTION_RESPONSE_STOP if self.settings.prompt_format == "instruction-response" else ()
+        return [*EOS, *CHAT_STOP, *extra]
+
+    def completions(self, model: Generator, item_ids: Sequence[str]) -> list[str]:
+        """The model's raw completions, one per item (greedy, batched by the engine)."""
+        settings = self.settings
+        stop = self.stop_strings()
+        if settings.prompt_format == "chat":
+            conversations = [self.conversation(i) for i in item_ids]
+            return list(model.chat(conversations, max_new_tokens=settings.max_new_tokens, stop=stop))
+        prompts = [self.prompt_text(i) for i in item_ids]
+        return list(model.generate(prompts, max_new_tokens=settings.max_new_tokens, stop=stop))
+
+    def solution(self, item_id: str, completion: str) -> str:
+        """The code to test, as evalplus's codegen and sanitize extract it from a completion."""
+        from evalplus.sanitize import sanitize
+
+        completion = completion.replace("\t", "    ")
+        if self.settings.prompt_format == "completion":
+            completion = self.prompt_text(item_id) + completion
+        return sanitize(completion, entrypoint=self._problem(item_id)["entry_point"])
+
+    # ------------------------------------------------------------- execution
+
+    @property
+    def sandbox(self):
+        if self._sandbox is None:
+            from cqd_mpi.sandboxes.python_exec import Limits, PythonSandbox
+
+            self._sandbox = PythonSandbox(kind=self.settings.sandbox, limits=Limits())
+        return self._sandbox
+
+    def _limits(self, wall_seconds: float):
+        from cqd_mpi.sandboxes.python_exec import Limits
+
+        settings = self.settings
+        return Limits(
+            wall_seconds=wall_seconds,
+            cpu_seconds=math.ceil(wall_seconds) + 1,
+            memory_bytes=settings.memory_mb << 20,
+            processes=settings.max_processes,
+        )
+
+    def time_limits(self, item_id: str) -> list[float]:
+        """evalplus's per-input limits: max(min_time_limit, factor x reference time)."""
+        settings = self.settings
+        return [max(settings.min_time_limit, settings.gt_time_limit_factor * t)
+                for t in self.groundtruth(item_id).seconds]
+
+    def run_solution(self, item_id: str, code: str) -> RunRecord:
+        """Execute one solution on the item's base inputs in a fresh sandbox; never raises for the code."""
+        problem = self._problem(item_id)
+        limits = self.time_limits(item_id)
+        wall = min(self.settings.timeout_seconds, self.settings.startup_seconds + sum(limits))
+        request = {"mode": "run", "code": code, "entry_point": problem["entry_point"],
+                   "inputs": problem["base_input"], "time_limits": limits}
+        payload = pickle.dumps(request)
+        for _attempt in range(2):
+            result = self.sandbox.run(HARNESS, stdin=payload, limits=self._limits(wall))
+            if result.started:
+                break
+        return _read_run(result, expected_count=len(problem["base_input"]))
+
+    def judge(self, item_ids: Sequence[str], records: Sequence[RunRecord]) -> list[str | None]:
+        """evalplus's verdict ('pass', 'fail', ...) for each complete record, in one sandbox run."""
+        items = []
+        for item_id, record in zip(item_ids, records):
+            problem = self._problem(item_id)
+            items.append({
+                "entry_point": problem["entry_point"],
+                "inputs": problem["base_input"],
+                "expected": self.groundtruth(item_id).outputs,
+                "atol": problem["atol"],
+                "outputs": record.outputs,
+            })
+        if not items:
+            return []
+        request = {"mode": "judge", "dataset": "mbpp", "items": items, "min_time_limit": 30.0}
+        wall = 30.0 + 2.0 * len(items)
+        limits = dataclasses.replace(self._limits(wall), memory_bytes=max(self.settings.memory_mb, 1024) << 20)
+        env = {"EVALPLUS_MAX_MEMORY_BYTES": str(limits.memory_bytes)}
+        verdicts: list[str | None] = [None] * len(items)
+        for _attempt in range(2):
+            result = self.sandbox.run(HARNESS, stdin=pickle.dumps(request), env=env, limits=limits)
+            for line in result.stdout.decode(errors="replace").splitlines():
+                try:
+                    event = json.loads(line)
+                    verdicts[int(event["index"])] = str(event["status"])
+                except (ValueError, KeyError, TypeError, IndexError):
+                    continue
+            if result.started and all(v is not None for v in verdicts):
+                break
+        return verdicts
+
+    def score(self, item_ids: Sequence[str], codes: Sequence[str]) -> list[ItemResult]:
+        """Run and judge each solution; one ItemResult per item, in order."""
+        for item_id in item_ids:
+            self.groundtruth(item_id)
+        self.sandbox.kind  # noqa: B018 (fails loudly here if no sandbox works at all)
+        with ThreadPoolExecutor(max_workers=self.settings.parallel) as pool:
+            records = list(pool.map(self.run_solution, item_ids, codes))
+        complete = [i for i, r in enumerate(records) if r.error is None]
+        verdicts = self.judge([item_ids[i] for i in complete], [records[i] for i in complete])
+        status: dict[int, str | None] = dict(zip(complete, verdicts))
+        results = []
+        for index, (item_id, code, record) in enumerate(zip(item_ids, codes, records)):
+            error = record.error
+            verdict = status.get(index)
+            if error is None:
+                error = None if verdict == "pass" else "wrong-answer" if verdict == "fail" else "sandbox"
+            detail = {"solution": code[:TEXT_EXCERPT_CHARS]}
+            if verdict is not None:
+                detail["status"] = verdict
+            if record.message:
+                detail["message"] = record.message
+            if record.stderr:
+                detail["stderr"] = record.stderr
+            results.append(ItemResult(item_id=item_id, score=1.0 if error is None else 0.0, error=error,
+                                      seconds=record.seconds, detail=detail))
+        return results
+
+    # -------------------------------------------------------------- protocol
+
+    def evaluate(self, model: Generator, item_ids: Sequence[str]) -> list[ItemResult]:
+        item_ids = list(item_ids)
+        for item_id in item_ids:
+            self._problem(item_id)
+        raw = self.completions(model, item_ids)
+        if len(raw) != len(item_ids):
+            raise TaskError(f"task {self.name!r}: the model returned {len(raw)} completions for {len(item_ids)} prompts")
+        codes = [self.solution(i, c) for i, c in zip(item_ids, raw)]
+        results = self.score(item_ids, codes)
+        return [dataclasses.replace(r, detail={**r.detail, "completion": c[:TEXT_EXCERPT_CHARS]})
+                for r, c in zip(results, raw)]
+
+    def reference_results(self, item_ids: Sequence[str]) -> list[ItemResult]:
+        """canonical_solution of each item through the same sandbox and judge (check-tasks)."""
+        item_ids = list(item_ids)
+        codes = [self._problem(i)["prompt"] + self._problem(i)["canonical_solution"] for i in item_ids]
+        return self.score(item_ids, codes)
+
+    def check_backends(self) -> list[BackendStatus]:
+        statuses = []
+        try:
+            require("evalplus.eval", extra="llm", feature="The MBPP+ task")
+            statuses.append(BackendStatus("evalplus", True, "importable"))
+        except Exception as exc:
+            statuses.append(BackendStatus("evalplus", False, str(exc)))
+            return statuses
+        try:
+            path = self.data_path()
+            ok = path.is_file()
+            statuses.append(BackendStatus("mbpp+ data", ok, str(path) if ok else self._missing_data_message(path)))
+        except Exception as exc:
+            statuses.append(BackendStatus("mbpp+ data", False, str(exc)))
+        try:
+            ok, message = self.sandbox.check()
+        except Exception as exc:
+            ok, message = False, str(exc)
+        statuses.append(BackendStatus("python sandbox", ok, message))
+        return statuses
+
+
+_SIGNAL_ERRORS = {"SIGXCPU": "timeout", "SIGKILL": "crash", "SIGSEGV": "crash", "SIGABRT": "crash"}
+
+
+def _read_run(result, *, expected_count: int) -> RunRecord:
+    """Turn the harness's event lines and the sandbox's exit into a RunRecord with an error class."""
+    from cqd_mpi.sandboxes.evalplus_harness import CodecError, decode_value
+
+    stderr = result.stderr.decode(errors="replace")[-500:]
+
+    def record(error, message="", outputs=()):
+        return RunRecord(error=error, outputs=list(outputs), seconds=result.seconds, message=message, stderr=stderr)
+
+    if not result.started:
+        return record("sandbox", "the sandbox did not start")
+    if result.output_exceeded:
+        return record("output-limit", "the program wrote more than the output cap")
+    if result.timed_out:
+        return record("timeout", "the wall-clock limit was reached")
+    outputs = []
+    for line in result.stdout.decode(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+            kind = event["event"]
+        except (ValueError, KeyError, TypeError):
+            return record("crash", "the result stream is malformed")
+        message = str(event.get("message", ""))[:300]
+        exc_type = str(event.get("type", ""))
+        if kind == "syntax":
+            return record("syntax", f"{exc_type}: {message}")
+        if kind == "no-entry-point":
+            return record("no-entry-point", f"the solution defines no function {event.get('name')!r}")
+        if kind in ("load-error", "raised"):
+            error = "memory" if exc_type == "MemoryError" else "runtime"
+            return record(error, f"{exc_type}: {message}", outputs)
+        if kind == "timeout":
+            return record("timeout", f"input {event.get('index')} ran past its time limit", outputs)
+        if kind == "unencodable":
+            return record("wrong-answer", f"output {event.get('index')} is not a plain value: {message}", outputs)
+        if kind == "output":
+            if event.get("index") != len(outputs):
+                return record("crash", "the result stream is out of order")
+            try:
+                outputs.append(decode_value(event["value"]))
+            except (CodecError, KeyError, RecursionError, ValueError, TypeError):
+                return record("crash", "an output could not be decoded")
+        if kind == "done":
+            if len(outputs) != expected_count:
+                return record("crash", f"{len(outputs)} outputs for {expected_count} inputs")
+            return record(None, "", outputs)
+    signal_name = result.killed_by.name if result.killed_by else None
+    error = _SIGNAL_ERRORS.get(signal_name or "", "crash")
+    how = f"killed by {signal_name}" if signal_name else f"exited with status {result.returncode}"
+    return record(error, f"the program {how} before finishing its tests", outputs)

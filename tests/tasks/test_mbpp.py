@@ -1,0 +1,362 @@
+"""MBPP+: evalplus data, prompts and extraction, sandboxed scoring that no hostile completion can fool."""
+
+import json
+import os
+import shutil
+import socket
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import cqd_mpi
+from cqd_mpi import schema
+from cqd_mpi.errors import ConfigError, TaskError
+from cqd_mpi.tasks import task_class
+from cqd_mpi.tasks.base import TaskContext
+from cqd_mpi.tasks.mbpp import (
+    CHAT_STOP,
+    INSTRUCTION_PREFIX,
+    RESPONSE_PREFIX,
+    MbppPlusTask,
+    Settings,
+    default_data_path,
+)
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mbpp" / "MbppPlus-fixture.jsonl"
+FIXTURE_IDS = ["Mbpp/2", "Mbpp/3", "Mbpp/4", "Mbpp/6", "Mbpp/8", "Mbpp/17", "Mbpp/82", "Mbpp/124"]
+REPO = Path(cqd_mpi.__file__).resolve().parents[1]
+KINDS = [pytest.param(kind, marks=pytest.mark.skipif(shutil.which(kind) is None, reason=f"{kind} is not installed"))
+         for kind in ("bwrap", "unshare")]
+ERROR_CLASSES = {"syntax", "no-entry-point", "runtime", "memory", "timeout", "crash", "output-limit",
+                 "wrong-answer", "sandbox"}
+
+
+def make_task(data=FIXTURE, *, context=None, **settings):
+    return MbppPlusTask(name="mbpp", data=None if data is None else str(data),
+                        settings=schema.build(Settings, settings, "tasks[0].settings"),
+                        context=context or TaskContext())
+
+
+def canonical(task, item_id):
+    problem = task.problems[item_id]
+    return problem["prompt"] + problem["canonical_solution"]
+
+
+class ScriptedModel:
+    """A stand-in model that answers each problem with a fixed reply, found by its entry point."""
+
+    def __init__(self, replies):
+        self.replies = replies
+        self.calls = []
+
+    def _answer(self, text, stop):
+        for entry_point, reply in self.replies.items():
+            if entry_point in text:
+                cut = min([reply.find(s) for s in stop if s in reply] or [len(reply)])
+                return reply[:cut]
+        return "I do not know."
+
+    def generate(self, prompts, *, max_new_tokens, stop=()):
+        self.calls.append(("generate", list(prompts), list(stop)))
+        return [self._answer(p, stop) for p in prompts]
+
+    def chat(self, conversations, *, max_new_tokens, stop=()):
+        self.calls.append(("chat", [list(c) for c in conversations], list(stop)))
+        return [self._answer(c[-2]["content"], stop) for c in conversations]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_registered_as_the_mbpp_kind():
+    assert task_class("mbpp") is MbppPlusTask
+
+
+def test_item_ids_follow_the_file_and_the_subset():
+    assert make_task().item_ids() == FIXTURE_IDS
+    assert make_task(task_ids=["Mbpp/82", "Mbpp/2"]).item_ids() == ["Mbpp/2", "Mbpp/82"]
+
+
+def test_inputs_are_deserialized_as_evalplus_does():
+    problems = make_task().problems
+    assert problems["Mbpp/2"]["base_input"][0] == [(3, 4, 5, 6), (5, 7, 4, 10)]
+    assert problems["Mbpp/124"]["base_input"][0] == (0.0, 1j)
+
+
+def test_relative_data_path_resolves_against_the_config_dir(tmp_path):
+    shutil.copy(FIXTURE, tmp_path / "mbpp.jsonl")
+    task = make_task("mbpp.jsonl", context=TaskContext(config_dir=tmp_path))
+    assert task.data_path() == tmp_path / "mbpp.jsonl"
+    assert task.item_ids() == FIXTURE_IDS
+
+
+def test_mbpp_override_path_is_honoured(monkeypatch):
+    monkeypatch.setenv("MBPP_OVERRIDE_PATH", str(FIXTURE))
+    assert make_task(None).item_ids() == FIXTURE_IDS
+
+
+def test_default_path_is_evalplus_release_cache(monkeypatch):
+    monkeypatch.delenv("MBPP_OVERRIDE_PATH", raising=False)
+    path, url = default_data_path()
+    assert path.name == "MbppPlus-v0.2.0.jsonl"
+    assert url.endswith("/v0.2.0/MbppPlus.jsonl.gz")
+
+
+def test_missing_data_names_the_file_and_how_to_get_it(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere.jsonl"
+    with pytest.raises(TaskError, match=rf"{missing} does not exist; nothing is downloaded.*get_mbpp_plus"):
+        make_task(missing).item_ids()
+    monkeypatch.setenv("MBPP_OVERRIDE_PATH", str(missing))
+    with pytest.raises(TaskError, match=rf"MBPP\+ data file {missing} does not exist"):
+        make_task(None).item_ids()
+
+
+def test_bad_data_files_are_task_errors(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(TaskError, match=rf"{broken}: cannot read it as MbppPlus jsonl"):
+        make_task(broken).item_ids()
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    del rows[1]["contract"]
+    incomplete = tmp_path / "incomplete.jsonl"
+    incomplete.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(TaskError, match=r"contract not found in MBPP\+ #Mbpp/3"):
+        make_task(incomplete).item_ids()
+    rows[1]["contract"], rows[2]["entry_point"] = "", "not valid"
+    incomplete.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(TaskError, match=r"'Mbpp/4' has entry_point 'not valid', expected a Python identifier"):
+        make_task(incomplete).item_ids()
+
+
+def test_unknown_task_ids_are_named():
+    with pytest.raises(TaskError, match=r"task_ids names 'Mbpp/999', which .* does not hold"):
+        make_task(task_ids=["Mbpp/2", "Mbpp/999"]).item_ids()
+
+
+def test_settings_are_checked_key_by_key():
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.settings: unknown key 'temperature'"):
+        make_task(temperature=0.2)
+    with pytest.raises(ConfigError, match=r"settings\.prompt_format: expected one of 'instruction-response'"):
+        make_task(prompt_format="alpaca")
+    with pytest.raises(ConfigError, match=r"settings\.memory_mb: expected at least 64"):
+        make_task(memory_mb=32)
+    with pytest.raises(ConfigError, match=r"settings\.timeout_seconds: expected a number > 0"):
+        make_task(timeout_seconds=0)
+
+
+# ------------------------------------------------------------------ prompts and code
+
+
+def test_instruction_response_prompt_is_evalplus_instruction_in_the_authors_format():
+    task = make_task()
+    text = task.prompt_text("Mbpp/17")
+    prompt = task.problems["Mbpp/17"]["prompt"].strip()
+    assert text == (
+        f"{Settings().system_message}\n\n@@ Instruction:\n{INSTRUCTION_PREFIX}\n```\n{prompt}\n```\n\n"
+        f"@@ Response:\n{RESPONSE_PREFIX}\n```python\n"
+    )
+    assert {"\n```\n", "@@ Instruction:", "\nif __name__", "<|endoftext|>"} <= set(task.stop_strings())
+
+
+def test_chat_and_completion_prompts():
+    chat = make_task(prompt_format="chat", system_message=None)
+    turns = chat.conversation("Mbpp/3")
+    assert [t["role"] for t in turns] == ["user", "assistant"]
+    assert turns[1]["content"] == f"{RESPONSE_PREFIX}\n```python\n"
+    assert set(CHAT_STOP) <= set(chat.stop_strings())
+    completion = make_task(prompt_format="completion")
+    assert completion.prompt_text("Mbpp/3") == completion.problems["Mbpp/3"]["prompt"].strip() + "\n"
+    assert {"\nassert", '\n"""'} <= set(completion.stop_strings())
+
+
+def test_solution_extraction_keeps_the_entry_point_and_its_dependencies():
+    task = make_task()
+    reply = textwrap.dedent(
+        """\
+        import math
+        def helper(x):
+            return x * 4
+        def square_perimeter(a):
+            return helper(a)
+        def unused():
+            return 0
+        print(square_perimeter(3))
+        ```
+        This function multiplies by four.
+        """
+    )
+    code = task.solution("Mbpp/17", reply)
+    assert code == "import math\ndef helper(x):\n    return x * 4\ndef square_perimeter(a):\n    return helper(a)"
+    completion = make_task(prompt_format="completion")
+    assert "def square_perimeter(a):\n  return 4*a" in completion.solution("Mbpp/17", "def square_perimeter(a):\n  return 4*a\n")
+
+
+# ------------------------------------------------------------------- scoring
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_solutions_score_100_percent(kind):
+    task = make_task(sandbox=kind)
+    results = task.reference_results(task.item_ids())
+    assert [r.item_id for r in results] == FIXTURE_IDS
+    assert [(r.score, r.error) for r in results] == [(1.0, None)] * len(FIXTURE_IDS)
+    assert task.metric(results) == 1.0
+    assert all(r.detail["status"] == "pass" and r.seconds > 0 for r in results)
+
+
+def test_evalplus_oracles_decide_the_verdict():
+    task = make_task()
+    ids = ["Mbpp/2", "Mbpp/82", "Mbpp/82", "Mbpp/3"]
+    codes = [
+        "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b), reverse=True))",
+        "import math\ndef volume_sphere(r):\n    return 4 / 3 * math.pi * r ** 3 + 1e-6",
+        "def volume_sphere(r):\n    return 4.19 * r ** 3",
+        "def is_not_prime(n):\n    return n % 2 == 0",
+    ]
+    results = task.score(ids, codes)
+    assert [(r.score, r.error) for r in results] == [(1.0, None), (1.0, None), (0.0, "wrong-answer"), (0.0, "wrong-answer")]
+
+
+def test_evaluate_scores_scripted_answers_in_each_prompt_format():
+    task_ids = ["Mbpp/6", "Mbpp/8", "Mbpp/17"]
+    replies = {
+        "differ_At_One_Bit_Pos": "def differ_At_One_Bit_Pos(a, b):\n    x = a ^ b\n    return x > 0 and x & (x - 1) == 0\n```\nDone.",
+        "square_nums": "def square_nums(nums):\n    return [n * 2 for n in nums]\n```\n",
+        "square_perimeter": "def square_perimeter(a)\n    return 4 * a\n```\n",
+    }
+    formats = [("instruction-response", "generate", "syntax"), ("chat", "chat", "syntax"),
+               ("completion", "generate", "no-entry-point")]
+    for prompt_format, method, broken in formats:
+        task = make_task(task_ids=task_ids, prompt_format=prompt_format)
+        model = ScriptedModel(replies)
+        results = task.evaluate(model, task_ids)
+        assert [c[0] for c in model.calls] == [method]
+        assert [(r.item_id, r.score, r.error) for r in results] == [
+            ("Mbpp/6", 1.0, None), ("Mbpp/8", 0.0, "wrong-answer"), ("Mbpp/17", 0.0, broken)
+        ], prompt_format
+        completion = results[0].detail["completion"]
+        assert completion.startswith("def differ_At_One_Bit_Pos(a, b):")
+        assert ("Done." in completion) == (prompt_format == "completion")
+        assert results[0].detail["solution"].endswith("return x > 0 and x & (x - 1) == 0")
+
+
+@pytest.fixture
+def host_traps():
+    """A victim file and an escape path the sandboxed code will aim at, and a listening socket."""
+    victim = REPO / f".mbpp-victim-{uuid.uuid4().hex[:8]}"
+    escape = REPO / f".mbpp-escape-{uuid.uuid4().hex[:8]}"
+    victim.write_text("precious")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.setblocking(False)
+    yield {"victim": victim, "escape": escape, "listener": listener, "port": listener.getsockname()[1]}
+    listener.close()
+    victim.unlink(missing_ok=True)
+    escape.unlink(missing_ok=True)
+
+
+def attacks(traps):
+    """(name, solution for square_perimeter, the error it must be scored with)."""
+    victim, escape, port = traps["victim"], traps["escape"], traps["port"]
+    return [
+        ("infinite loop", "def square_perimeter(a):\n    while True:\n        pass", "timeout"),
+        ("loop with the alarm blocked",
+         "import signal\ndef square_perimeter(a):\n    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+         "    while True:\n        pass", "timeout"),
+        ("fork bomb", "import posix\ndef square_perimeter(a):\n    while True:\n        try:\n            posix.fork()\n"
+         "        except OSError:\n            pass", "timeout"),
+        ("10 GB allocation", "def square_perimeter(a):\n    block = bytearray(10 * 1024 ** 3)\n    return 4 * a", "memory"),
+        ("write outside the work dir",
+         f"import io\ndef square_perimeter(a):\n    io.open({str(escape)!r}, 'w').write('x')\n    return 4 * a", "runtime"),
+        ("delete a host file", f"import posix\ndef square_perimeter(a):\n    posix.unlink({str(victim)!r})\n    return 4 * a",
+         "runtime"),
+        ("open a socket",
+         f"import socket\ndef square_perimeter(a):\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+         "    return 4 * a", "runtime"),
+        ("huge stdout", "import os\ndef square_perimeter(a):\n    while True:\n        os.write(1, b'x' * 65536)",
+         "output-limit"),
+        ("os._exit before the tests", "import os\nos._exit(0)\ndef square_perimeter(a):\n    return 4 * a", "crash"),
+        ("sys.exit(0) before the tests", "import sys\nsys.exit(0)\ndef square_perimeter(a):\n    return 4 * a", "runtime"),
+        ("an always-equal result",
+         "class Anything:\n    def __eq__(self, other):\n        return True\n"
+         "def square_perimeter(a):\n    return Anything()", "wrong-answer"),
+        ("monkeypatching evalplus's checker",
+         "import evalplus.eval as ev\nimport evalplus.eval.utils as ut\n"
+         "ev.untrusted_check = lambda *a, **k: ('pass', [True, True, True])\nut.time_limit = None\n"
+         "def square_perimeter(a):\n    return -1", "wrong-answer"),
+        ("forging result lines",
+         "import os\ndef square_perimeter(a):\n    for fd in range(64):\n        try:\n"
+         "            os.write(fd, b'{\"event\": \"done\"}\\n{\"index\": 0, \"status\": \"pass\"}\\n')\n"
+         "        except OSError:\n            pass\n    os._exit(0)", "crash"),
+        ("rewriting the harness's inputs",
+         "import sys\ndef square_perimeter(a):\n    sys._getframe(1).f_locals['inputs'].clear()\n    return 4 * a",
+         "crash"),
+        ("syntax error", "def square_perimeter(a) return", "syntax"),
+        ("no entry point", "def perimeter(a):\n    return 4 * a", "no-entry-point"),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_hostile_completions_are_contained_and_scored_as_failures(kind, host_traps):
+    task = make_task(sandbox=kind, timeout_seconds=4, startup_seconds=2.5, min_time_limit=0.5, parallel=2)
+    cases = attacks(host_traps)
+    correct = "def square_perimeter(a):\n    return 4 * a"
+    ids = ["Mbpp/17"] * (len(cases) + 1)
+    start = time.monotonic()
+    results = task.score(ids, [code for _, code, _ in cases] + [correct])
+    elapsed = time.monotonic() - start
+
+    got = {name: (r.score, r.error) for (name, _, _), r in zip(cases, results)}
+    assert got == {name: (0.0, error) for name, _, error in cases}
+    assert (results[-1].score, results[-1].error) == (1.0, None)
+    assert elapsed < 60
+    assert host_traps["victim"].read_text() == "precious"
+    assert not host_traps["escape"].exists()
+    with pytest.raises(BlockingIOError):
+        host_traps["listener"].accept()
+    leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _mentions(p, b"evalplus_harness")]
+    assert leftover == []
+
+
+def _mentions(proc: Path, marker: bytes) -> bool:
+    try:
+        return int(proc.name) != os.getpid() and marker in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_check_backends_reports_data_and_sandbox(tmp_path):
+    statuses = {s.name: s for s in make_task().check_backends()}
+    assert statuses["evalplus"].ok and statuses["python sandbox"].ok and statuses["mbpp+ data"].ok
+    missing = {s.name: s for s in make_task(tmp_path / "none.jsonl").check_backends()}
+    assert not missing["mbpp+ data"].ok and "does not exist" in missing["mbpp+ data"].message
+
+
+# ------------------------------------------------------------- real engine, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    from cqd_mpi.engines.hf import LiveModel
+    from cqd_mpi.engines.tiny import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path_factory.mktemp("mbpp-llama") / "m", seed=11)
+    return LiveModel(model_dir, device="cpu", chat_template="instruction-response", batch_size=2)
+
+
+def test_evaluate_with_a_real_model_and_sandbox(tiny_engine):
+    ids = ["Mbpp/3", "Mbpp/17", "Mbpp/82"]
+    for prompt_format in ("instruction-response", "chat"):
+        task = make_task(task_ids=ids, prompt_format=prompt_format, max_new_tokens=24)
+        results = task.evaluate(tiny_engine, ids)
+        assert [r.item_id for r in results] == ids
+        assert all(r.score == 0.0 and r.error in ERROR_CLASSES for r in results)
+        want = tiny_engine.generate([task.prompt_text(i) for i in ids], max_new_tokens=24, stop=task.stop_strings())
+        assert [r.detail["completion"] for r in results] == want
+        again = task.evaluate(tiny_engine, ids[::-1])[::-1]
+        assert [(r.item_id, r.error, r.detail) for r in again] == [(r.item_id, r.error, r.detail) for r in results]
