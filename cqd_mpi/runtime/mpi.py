@@ -112,40 +112,48 @@ def _bcast_bytes(comm, buffer: np.ndarray) -> None:
         comm.Bcast([buffer[start:start + CHUNK_BYTES], MPI.BYTE], root=0)
 
 
-def _prefetched(stream: Iterator, depth: int = 2) -> Iterator:
-    """Produce the stream in a background thread so merging overlaps the broadcast."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    cancelled = threading.Event()
+class Prefetched:
+    """Produces a stream in a background thread so that merging overlaps the broadcast;
+    `waited` is the time the consumer spent waiting for the producer."""
 
-    def produce():
+    def __init__(self, stream: Iterator, depth: int = 2):
+        self._stream = stream
+        self._items: queue.Queue = queue.Queue(maxsize=depth)
+        self._cancelled = threading.Event()
+        self.waited = 0.0
+
+    def _produce(self, done) -> None:
         try:
-            for item in stream:
-                while not cancelled.is_set():
+            for item in self._stream:
+                while not self._cancelled.is_set():
                     try:
-                        items.put(item, timeout=0.1)
+                        self._items.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if cancelled.is_set():
+                if self._cancelled.is_set():
                     return
-            items.put(done)
+            self._items.put(done)
         except BaseException as exc:
-            items.put(exc)
+            self._items.put(exc)
 
-    thread = threading.Thread(target=produce, name="merge-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        cancelled.set()
-        thread.join()
+    def __iter__(self):
+        done = object()
+        thread = threading.Thread(target=self._produce, args=(done,), name="merge-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                start = time.perf_counter()
+                item = self._items.get()
+                self.waited += time.perf_counter() - start
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._cancelled.set()
+            thread.join()
 
 
 class MPIGroup(EvalGroup):
@@ -177,18 +185,20 @@ class MPIGroup(EvalGroup):
     def submit(self, job, chunks, source):
         started = time.perf_counter()
         header = {"op": "eval", "job": job, "chunks": list(chunks), "path": None, "specs": None}
+        waited = 0.0
         if self.transport == "file":
             header["path"] = str(source.path)
             self.comm.bcast(header, root=0)
-            merge_s = source.stream.seconds
         else:
             header["specs"] = _tensor_specs(source.specs)
             self.comm.bcast(header, root=0)
-            for _name, tensor in _prefetched(source.stream):
+            tensors = Prefetched(source.stream)
+            for _name, tensor in tensors:
                 _bcast_bytes(self.comm, _byte_view(tensor.contiguous()))
-            merge_s = source.stream.seconds
-        self._job = (job, list(chunks), merge_s + source.staged_s,
-                     time.perf_counter() - started - merge_s, started)
+            waited = tensors.waited
+        transfer_s = time.perf_counter() - started - waited
+        self._job = (job, list(chunks), source.stream.seconds + source.staged_s, transfer_s,
+                     started - source.staged_s)
         self._waiting = set(range(1, self.comm.Get_size()))
         self._results = {}
         self._eval_s = 0.0
