@@ -59,3 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except CqdError as exc:
         print(f"cqd_mpi: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1

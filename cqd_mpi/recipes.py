@@ -62,9 +62,10 @@ class ModelBuilder:
             from cqd_mpi import basis
 
             cache = self.basis_cache or Path.home() / ".cache" / "cqd_mpi" / "svd-basis"
-            self._bases[task] = basis.load_expert_basis(
+            path = basis.ensure_expert_basis(
                 base=self.base, expert=ModelDir(self.expert_paths[task]), rank=self.mutation.rank,
-                cache_dir=cache)
+                cache_dir=cache, exclude=list(self.mutation.exclude))
+            self._bases[task] = basis.ExpertBasis(path)
         return self._bases[task]
 
     def stream(self, recipe: Recipe) -> TensorStream:

@@ -79,7 +79,7 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
         if tree is None:
             builder.check()
         groups = make_groups(tasks) if make_groups else [InProcessGroup(Worker(config, tasks=tasks))]
-        stop = (stop or StopFlag()).install()
+        stop = (stop if stop is not None else StopFlag()).install()
         conductor = Conductor(core=core, tasks=tasks, builder=builder, groups=groups, rundir=rundir,
                               backend=backend, stop=stop, config_text=config.to_yaml(),
                               world_size=world_size, staging_dir=config.runtime.staging_dir,

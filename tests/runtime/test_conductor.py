@@ -119,3 +119,18 @@ def test_a_second_process_on_the_same_run_dir_is_refused(tiny_family, tmp_path):
     run.prepare(config)
     with run.lock(), pytest.raises(StateError, match="in use by another cqd_mpi process"):
         conduct(config, echo=lambda _line: None)
+
+
+def test_expert_basis_mutation_builds_each_basis_once_and_reuses_it(tiny_family, tmp_path):
+    cache = tmp_path / "bases"
+    config = small_config(tiny_family, tmp_path / "run", **{"runtime.basis_cache": str(cache)})
+    config["qd"]["mutation"].update(basis="expert", rank=3, w_max=0.1)
+    config["qd"]["generations"] = 4
+    loaded = config_mod.load(write_config(tmp_path / "c.yaml", config))
+    assert conduct(loaded, echo=lambda _line: None) == "done"
+    bases = sorted(p.name for p in cache.iterdir())
+    assert len(bases) == 3 and all("-r3-" in name for name in bases)
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    config["runtime"]["run_dir"] = str(tmp_path / "run2")
+    assert conduct(config_mod.load(write_config(tmp_path / "c2.yaml", config)), echo=lambda _line: None) == "done"
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps

@@ -1,0 +1,71 @@
+"""`python -m cqd_mpi export RUN_DIR ...`: a model of a run as a Hugging Face dir.
+
+--aggregate OUT merges the archives' elites (by default with the run's betas, reproducing
+RUN_DIR/final), --model ID OUT writes any model of the run, --elite TASK OUT an archive's elite.
+A model whose weights were deleted is rebuilt from its recipe while its parents are available.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cqd_mpi.errors import ConfigError
+
+HELP = "write a model of a run (the aggregate, an archive's elite, or any model id) as an HF dir"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("run_dir", help="the run directory (holding state.h5)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--aggregate", metavar="OUT",
+                      help="theta_base + sum_k beta_k tau_k of the archives' elites, beta = softmax(f_k / T)")
+    what.add_argument("--model", nargs=2, metavar=("ID", "OUT"), help="the model with this id (see `analyze`)")
+    what.add_argument("--elite", nargs=2, metavar=("TASK", "OUT"), help="the elite of TASK's archive")
+    beta = parser.add_mutually_exclusive_group()
+    beta.add_argument("--temperature", type=float, default=None, metavar="T",
+                      help="with --aggregate: softmax temperature (default 1, the run's own betas)")
+    beta.add_argument("--weights", nargs="+", type=float, default=None, metavar="B",
+                      help="with --aggregate: explicit betas, one per task in config order")
+    parser.add_argument("--force", action="store_true", help="replace OUT if it is an existing model dir")
+    parser.add_argument("--max-shard-size", default=None,
+                        help="largest output shard, e.g. 5GB (default: the run's runtime.max_shard_size)")
+
+
+def _model_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--model: expected an integer model id, got {text!r}") from None
+
+
+def run(args) -> int:
+    from cqd_mpi.analysis import RunState
+    from cqd_mpi.exporting import Exporter, check_output
+
+    if args.aggregate is None and (args.temperature is not None or args.weights is not None):
+        raise ConfigError("--temperature and --weights apply to --aggregate only")
+    state = RunState.load(args.run_dir)
+    exporter = Exporter(state, max_shard_size=args.max_shard_size)
+    started = time.perf_counter()
+    if args.aggregate is not None:
+        out = check_output(args.aggregate, state, force=args.force)
+        temperature = 1.0 if args.temperature is None else args.temperature
+        members, betas, path = exporter.aggregate(out, temperature=temperature, weights=args.weights)
+        for name, member, beta in zip(state.task_names, members, betas):
+            print(f"{name:<16} elite {state.describe(member):<24} beta {beta:.6g}")
+    elif args.model is not None:
+        model_id = state.check_model(_model_id(args.model[0]))
+        out = check_output(args.model[1], state, force=args.force)
+        how = "copied" if exporter.stored_path(model_id) is not None else "rebuilt from its recipe"
+        path = exporter.model(model_id, out)
+        print(f"{state.describe(model_id)}: {how}")
+    else:
+        task, target = args.elite
+        elite = exporter.elite_id(task)
+        out = check_output(target, state, force=args.force)
+        _, path = exporter.elite(task, out)
+        print(f"elite of {task}: {state.describe(elite)} {state.format_scores(state.scores[elite])}")
+    if state.in_progress:
+        print(f"note: the run is in progress (phase {state.phase}); this is as of generation {state.generations_done}")
+    print(f"wrote {path} in {time.perf_counter() - started:.2f} s")
+    return 0
