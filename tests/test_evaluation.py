@@ -59,7 +59,7 @@ def test_combine_counts_errors_by_class(setup):
 
 
 def test_a_task_that_returns_the_wrong_items_is_caught(setup):
-    tasks, splits, model = setup
+    _, splits, model = setup
 
     class Shuffled(ProbeTask):
         def evaluate(self, model, item_ids):

@@ -6,13 +6,13 @@ srun becomes `mpiexec -n 2` (the real MPI runtime), scontrol records the requeue
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from cqd_mpi.state import read_state
 from tests.conftest import REPO, subprocess_env, write_config
+from tests.runtime.helpers import wait_for_generation
 from tests.runtime.test_conductor import small_config
 
 pytestmark = pytest.mark.mpi
@@ -53,11 +53,7 @@ def test_warning_signal_checkpoints_and_requeues_then_the_requeued_job_finishes(
     config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run"))
     job = start("single-node.sbatch", config, env())
     state = tmp_path / "run" / "state.h5"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if state.exists() and read_state(state)["attrs"]["generations_done"] >= 1:
-            break
-        time.sleep(0.05)
+    wait_for_generation(tmp_path / "run", 1)
     job.send_signal(signal.SIGUSR1)
     out, err = job.communicate(timeout=180)
     assert job.returncode == 0, err[-3000:]
@@ -88,7 +84,7 @@ def test_a_failing_run_is_not_requeued(slurm, tiny_family, tmp_path):
     env, log = slurm
     config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run"))
     job = start("single-node.sbatch", config, env(CQD_MPI_FAULT="eval@1:raise:2"))
-    out, err = job.communicate(timeout=180)
+    _, err = job.communicate(timeout=180)
     assert job.returncode != 0
     assert "the run failed" in err and "not requeueing" in err
     assert not log.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,14 @@ def run_cli(*args, env=None, timeout=300, mpi_ranks: int | None = None) -> subpr
 def history_timings(run_dir: Path) -> np.ndarray:
     tree = read_state(Path(run_dir) / "state.h5")
     return np.stack([tree["history"][k] for k in TIMING_COLUMNS], axis=1)
+
+
+def wait_for_generation(run_dir: Path, generation: int, *, timeout: float = 120, also=lambda: True) -> None:
+    """Poll RUN_DIR/state.h5 until it records `generation` generations (and `also()` holds)."""
+    state = Path(run_dir) / "state.h5"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if also() and state.exists() and read_state(state)["attrs"]["generations_done"] >= generation:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{state} did not reach generation {generation} within {timeout} s")

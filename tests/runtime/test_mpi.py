@@ -13,7 +13,7 @@ import pytest
 
 from cqd_mpi.state import read_state
 from tests.conftest import subprocess_env, write_config
-from tests.runtime.helpers import assert_same_results, run_cli
+from tests.runtime.helpers import assert_same_results, run_cli, wait_for_generation
 from tests.runtime.test_conductor import small_config
 
 pytestmark = pytest.mark.mpi
@@ -104,16 +104,16 @@ def test_signal_to_a_worker_stops_all_ranks_cleanly_for_requeue(one_rank, tiny_f
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "logs" / "rank-2.log"
     state = tmp_path / "run" / "state.h5"
-    deadline = time.time() + 120
-    pid = None
-    while time.time() < deadline:
-        if pid is None and log.exists():
+    pids = []
+
+    def worker_pid_known():
+        if not pids and log.exists():
             found = re.search(r"\(pid (\d+)\)", log.read_text())
-            pid = int(found.group(1)) if found else None
-        if pid and state.exists() and read_state(state)["attrs"]["generations_done"] >= 1:
-            break
-        time.sleep(0.05)
-    assert pid is not None
+            pids.extend([int(found.group(1))] if found else [])
+        return bool(pids)
+
+    wait_for_generation(tmp_path / "run", 1, also=worker_pid_known)
+    pid = pids[0]
     os.kill(pid, sig)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]

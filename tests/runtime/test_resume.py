@@ -3,13 +3,12 @@
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from cqd_mpi.state import read_state
 from tests.conftest import subprocess_env, write_config
-from tests.runtime.helpers import assert_same_results, run_cli
+from tests.runtime.helpers import assert_same_results, run_cli, wait_for_generation
 from tests.runtime.test_conductor import small_config
 
 
@@ -59,11 +58,7 @@ def test_sigterm_stops_at_a_generation_boundary_and_resumes(baseline, tiny_famil
     process = subprocess.Popen([sys.executable, "-m", "cqd_mpi", "run", str(config)], env=subprocess_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "run" / "state.h5"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if state.exists() and read_state(state)["attrs"]["generations_done"] >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_generation(tmp_path / "run", 2)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]
