@@ -1,0 +1,550 @@
+"""AgentBench's DB task (dbbench): multi-turn SQL against a real MySQL-compatible server.
+
+The protocol follows AgentBench v0.2 (THUDM/AgentBench at 41e6807,
+src/server/tasks/dbbench/__init__.py), the version the CycleQD paper evaluates with (0-shot,
+up to 5 rounds):
+- the conversation opens with its instruction prompt as a user turn, "Ok." as the agent's
+  turn, then the item's `description` and `add_description`;
+- a reply whose `Action: ` line says `Operation` must hold a ```sql block; its first block is
+  executed (newlines made spaces) and the raw result, cut at 800 characters, is the next user
+  turn. After `max_rounds` executions, or on any other action, the reply must hold a line
+  `Final Answer: ...`; a reply that fits neither pattern ends the item (validation failure);
+- SELECT-style items compare that answer with the label (AgentBench's calculate_overall:
+  float equality for single values, set equality otherwise); INSERT/UPDATE/DELETE items ignore
+  the answer and compare AgentBench's row-hash MD5 of the table with `answer_md5`;
+- the metric is AgentBench's `overall_cat_accuracy`: the mean of the SELECT, INSERT and UPDATE
+  categories' accuracies (SELECT holds every type other than INSERT and UPDATE).
+
+Deliberate differences, for isolation: AgentBench runs every item as root in a database named
+after its table and lets a statement string hold several statements; here each item has its
+own database and user (cqd_mpi.sandboxes.mysql), several statements are refused, and
+statements have a time limit. AgentBench eval()s the answer text; here it is read with
+ast.literal_eval, which accepts the same literals and never runs model output.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from cqd_mpi.errors import BackendUnavailable, ConfigError, TaskError, require
+from cqd_mpi.sandboxes.mysql import (
+    RESULT_CHARS,
+    Address,
+    ExternalServer,
+    ItemDatabase,
+    Limits,
+    MySQLServer,
+    ServerSettings,
+    Table,
+    find_server_binary,
+    open_server,
+    parse_dsn,
+    pymysql_module,
+    unique_name,
+)
+from cqd_mpi.tasks.base import BackendStatus, Generator, ItemResult, Task
+
+log = logging.getLogger("cqd_mpi.tasks.dbbench")
+
+INSTRUCTION = """
+I will ask you a question, then you should help me operate a MySQL database with SQL to answer the question.
+You have to explain the problem and your solution to me and write down your thoughts.
+After thinking and explaining thoroughly, every round you can choose to operate or to answer.
+your operation should be like this:
+Action: Operation
+```sql
+SELECT * FROM table WHERE condition;
+```
+You MUST put SQL in markdown format without any other comments. Your SQL should be in one line.
+Every time you can only execute one SQL statement. I will only execute the statement in the first SQL code block. Every time you write a SQL, I will execute it for you and give you the output.
+If you are done operating, and you want to commit your final answer, then write down:
+Action: Answer
+Final Answer: ["ANSWER1", "ANSWER2", ...]
+DO NOT write this pattern unless you are sure about your answer. I expect an accurate and correct answer.
+Your answer should be accurate. Your answer must be exactly the same as the correct answer.
+If the question is about modifying the database, then after done operation, your answer field can be anything.
+If your response cannot match any pattern I mentioned earlier, you will be judged as FAIL immediately.
+Your input will be raw MySQL response, you have to deal with it by yourself.
+"""
+"""AgentBench v0.2's `big_prompt`, verbatim (leading and trailing newline included)."""
+
+ACKNOWLEDGEMENT = "Ok."
+
+ACTION = re.compile(r"Action: (.*?)\n")
+SQL_BLOCK = re.compile(r"```sql\n([\s\S]*?)\n```")
+FINAL_ANSWER = re.compile(r"\nFinal Answer:(.*)")
+
+MODIFYING_TYPES = ("INSERT", "DELETE", "UPDATE")
+CATEGORIES = ("SELECT", "INSERT", "UPDATE")
+
+STATUS_ERRORS = {"completed": "wrong-answer", "validation-failed": "parse", "round-limit": "round-limit"}
+
+EXCERPT_CHARS = 2000
+
+
+@dataclasses.dataclass
+class Settings:
+    """`settings:` of a dbbench task in the config.
+
+    max_rounds: SQL executions allowed before the final answer (AgentBench v0.2's default, 5).
+    max_new_tokens: per reply (AgentBench's agents use 512, greedy).
+    statement_seconds: time limit of one statement. parallel: threads that set up databases
+    and run one round's statements of a batch. item_ids: a subset of the file's items.
+    """
+
+    server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
+    max_rounds: int = 5
+    max_new_tokens: int = 512
+    stop: list[str] = dataclasses.field(default_factory=list)
+    statement_seconds: float = 10.0
+    result_chars: int = RESULT_CHARS
+    parallel: int = 4
+    item_ids: list[str] | None = None
+
+    def validate(self, where: str) -> None:
+        for name in ("max_rounds", "max_new_tokens", "result_chars", "parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if not self.statement_seconds > 0:
+            raise ConfigError(f"{where}.statement_seconds: expected a number > 0, got {self.statement_seconds!r}")
+        if self.item_ids is not None and not self.item_ids:
+            raise ConfigError(f"{where}.item_ids: expected a non-empty list of item ids or null, got []")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One dbbench entry: its question, its table, and what a correct run produces."""
+
+    item_id: str
+    type: str
+    description: str
+    add_description: str
+    table: Table
+    label: tuple[Any, ...] | None
+    answer_md5: str | None
+
+    @property
+    def modifies(self) -> bool:
+        return self.type in MODIFYING_TYPES
+
+    @property
+    def category(self) -> str:
+        """AgentBench's category: INSERT, UPDATE, or SELECT for every other type (DELETE included)."""
+        return self.type if self.type in ("INSERT", "UPDATE") else "SELECT"
+
+    @property
+    def question(self) -> str:
+        return self.description + "\n" + self.add_description
+
+
+def _cell(value: Any, where: str) -> Any:
+    """A table cell bound as AgentBench's client binds it (numbers as their Python text, None as NULL)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    raise TaskError(f"{where}: expected a string, number or null, got {type(value).__name__} {value!r:.60}")
+
+
+def parse_item(entry: Any, *, item_id: str, where: str) -> Item:
+    """Check one jsonl entry and build its Item; errors name the entry and the key."""
+
+    def need(mapping: Any, key: str, kind: type | tuple[type, ...], path: str) -> Any:
+        if not isinstance(mapping, dict) or key not in mapping:
+            raise TaskError(f"{where}: missing key {path!r}")
+        value = mapping[key]
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise TaskError(f"{where}: key {path!r} should be {names}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+    if not isinstance(entry, dict):
+        raise TaskError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+    types = need(entry, "type", list, "type")
+    if not types or not isinstance(types[0], str):
+        raise TaskError(f"{where}: key 'type' should be a list starting with a type name, got {types!r:.60}")
+    table = need(entry, "table", dict, "table")
+    info = need(table, "table_info", dict, "table.table_info")
+    columns = need(info, "columns", list, "table.table_info.columns")
+    names = []
+    for index, column in enumerate(columns):
+        names.append(need(column, "name", str, f"table.table_info.columns[{index}].name"))
+    if not names:
+        raise TaskError(f"{where}: key 'table.table_info.columns' is empty")
+    rows = []
+    for index, row in enumerate(need(info, "rows", list, "table.table_info.rows")):
+        if not isinstance(row, list) or len(row) != len(names):
+            raise TaskError(f"{where}: table.table_info.rows[{index}] should be a list of {len(names)} cells "
+                            f"(one per column), got {row!r:.60}")
+        rows.append(tuple(_cell(v, f"{where}: table.table_info.rows[{index}]") for v in row))
+    kind = types[0]
+    label = entry.get("label")
+    if label is not None and not isinstance(label, list):
+        raise TaskError(f"{where}: key 'label' should be list, got {type(label).__name__} {label!r:.60}")
+    answer_md5 = None
+    if kind in MODIFYING_TYPES:
+        answer_md5 = need(entry, "answer_md5", str, "answer_md5")
+    elif label is None:
+        raise TaskError(f"{where}: missing key 'label' (the answer list of a {kind} item)")
+    return Item(
+        item_id=item_id,
+        type=kind,
+        description=need(entry, "description", str, "description"),
+        add_description=need(entry, "add_description", str, "add_description"),
+        table=Table(name=need(table, "table_name", str, "table.table_name"), columns=tuple(names), rows=tuple(rows)),
+        label=None if label is None else tuple(label),
+        answer_md5=answer_md5,
+    )
+
+
+def load_items(path: Path) -> list[Item]:
+    """The items of an AgentBench dbbench file (jsonl, or a JSON list), ids '0', '1', ... in file order."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TaskError(f"dbbench data {path}: cannot read it ({exc})") from exc
+    if path.suffix == ".json":
+        try:
+            entries = json.loads(text)
+        except ValueError as exc:
+            raise TaskError(f"dbbench data {path}: not valid JSON ({exc})") from exc
+        if not isinstance(entries, list):
+            raise TaskError(f"dbbench data {path}: expected a JSON list of entries, got {type(entries).__name__}")
+        located = [(f"dbbench data {path} entry {i}", e) for i, e in enumerate(entries)]
+    else:
+        located = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"dbbench data {path} line {number}", json.loads(line)))
+            except ValueError as exc:
+                raise TaskError(f"dbbench data {path} line {number}: not valid JSON ({exc})") from exc
+    if not located:
+        raise TaskError(f"dbbench data {path}: the file holds no entries")
+    return [parse_item(entry, item_id=str(i), where=where) for i, (where, entry) in enumerate(located)]
+
+
+def _literal(text: str) -> Any:
+    return ast.literal_eval(text)
+
+
+def answer_matches(answer: str, label: Sequence[Any]) -> bool:
+    """AgentBench v0.2's check of a SELECT-style answer against its label (calculate_overall)."""
+    try:
+        values = list(_literal(answer))
+    except Exception:
+        values = [answer]
+    if len(values) == 1 and len(label) == 1:
+        try:
+            return float(values[0]) == float(label[0])
+        except (ValueError, TypeError, OverflowError):
+            return values[0] == label[0]
+    try:
+        return set(label) == set(values)
+    except TypeError:
+        return False
+
+
+def is_correct(item: Item, answer: str) -> bool:
+    """Whether a run's answer (the table hash for modifying items) is right, as AgentBench scores it."""
+    if item.modifies:
+        return answer == item.answer_md5
+    return answer_matches(answer, item.label or ())
+
+
+@dataclasses.dataclass
+class Episode:
+    """One item's conversation, following AgentBench v0.2's start_sample loop."""
+
+    item: Item
+    max_rounds: int
+    history: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    rounds: int = 0
+    status: str | None = None
+    answer: str = ""
+    statements: list[str] = dataclasses.field(default_factory=list)
+    database: ItemDatabase | None = None
+    message: str = ""
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    seconds: float = 0.0
+
+    def __post_init__(self):
+        if not self.history:
+            self.history = [
+                {"role": "user", "content": INSTRUCTION},
+                {"role": "assistant", "content": ACKNOWLEDGEMENT},
+                {"role": "user", "content": self.item.question},
+            ]
+
+    @property
+    def running(self) -> bool:
+        return self.status is None
+
+    def take_reply(self, reply: str) -> str | None:
+        """Record the agent's reply; the SQL to execute, or None when the episode has ended."""
+        self.history.append({"role": "assistant", "content": reply})
+        action = ACTION.search(reply)
+        if action and action.group(1) == "Operation" and self.rounds < self.max_rounds:
+            block = SQL_BLOCK.search(reply)
+            if not block:
+                self.status = "validation-failed"
+                return None
+            sql = block.group(1).strip().replace("\n", " ")
+            self.statements.append(sql)
+            return sql
+        final = FINAL_ANSWER.search(reply)
+        if final:
+            self.answer = final.group(1)
+            self.status = "completed"
+        else:
+            self.status = "validation-failed"
+        if self.rounds >= self.max_rounds and not self.answer:
+            self.status = "round-limit"
+        return None
+
+    def take_observation(self, text: str) -> None:
+        self.history.append({"role": "user", "content": text})
+        self.rounds += 1
+
+    def result(self) -> ItemResult:
+        item = self.item
+        correct = is_correct(item, self.answer)
+        detail: dict[str, Any] = {
+            "type": item.type, "category": item.category, "status": self.status, "rounds": self.rounds,
+            "answer": self.answer[:EXCERPT_CHARS], "sql": [s[:EXCERPT_CHARS] for s in self.statements],
+            "last_reply": self.history[-1]["content"][:EXCERPT_CHARS] if len(self.history) > 3 else "",
+        }
+        if self.message:
+            detail["message"] = self.message[:EXCERPT_CHARS]
+        return ItemResult(item_id=item.item_id, score=1.0 if correct else 0.0,
+                          error=None if correct else STATUS_ERRORS[self.status or "completed"],
+                          seconds=self.seconds, detail=detail)
+
+
+Respond = Callable[[Sequence[Episode]], Sequence[str]]
+
+
+def reference_reply(episode: Episode) -> str:
+    """The oracle's next reply: execute the label's statements one per round, or answer the label."""
+    item = episode.item
+    if item.modifies:
+        statements = [str(s) for s in item.label or ()]
+        if episode.rounds < min(len(statements), episode.max_rounds):
+            return f"Action: Operation\n```sql\n{statements[episode.rounds]}\n```"
+        return "Action: Answer\nFinal Answer: []"
+    return "Action: Answer\nFinal Answer: " + json.dumps(list(item.label or ()), ensure_ascii=False)
+
+
+class DBBenchTask(Task):
+    """AgentBench's DB task; see the module docstring for the protocol and its sources."""
+
+    kind = "dbbench"
+    Settings = Settings
+
+    def __init__(self, *, name, data, settings, context):
+        super().__init__(name=name, data=data, settings=settings or Settings(), context=context)
+        self._items: dict[str, Item] | None = None
+        self._server: MySQLServer | None = None
+        self._server_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ data
+
+    def data_path(self) -> Path:
+        if not self.data:
+            raise TaskError(
+                f"task {self.name!r}: give `data:` the path of an AgentBench dbbench jsonl "
+                "(e.g. AgentBench's data/dbbench/dev.jsonl)"
+            )
+        path = Path(self.data).expanduser()
+        return path if path.is_absolute() else Path(self.context.config_dir) / path
+
+    @property
+    def items(self) -> dict[str, Item]:
+        if self._items is None:
+            path = self.data_path()
+            if not path.is_file():
+                raise TaskError(f"task {self.name!r}: dbbench data file {path} does not exist")
+            items = {item.item_id: item for item in load_items(path)}
+            wanted = self.settings.item_ids
+            if wanted is not None:
+                unknown = [i for i in wanted if i not in items]
+                if unknown:
+                    raise TaskError(f"task {self.name!r}: settings.item_ids names {', '.join(map(repr, unknown))}, "
+                                    f"but {path} has ids 0..{len(items) - 1}")
+                items = {i: items[i] for i in sorted(set(wanted), key=int)}
+            self._items = items
+        return self._items
+
+    def item_ids(self) -> list[str]:
+        return list(self.items)
+
+    def _item(self, item_id: str) -> Item:
+        try:
+            return self.items[item_id]
+        except KeyError:
+            raise TaskError(f"task {self.name!r}: unknown item id {item_id!r}") from None
+
+    # ---------------------------------------------------------------- server
+
+    @property
+    def server(self) -> MySQLServer:
+        """The task's server, reached or started on first use and kept until close()."""
+        with self._server_lock:
+            if self._server is None:
+                self._server = open_server(self.settings.server)
+            return self._server
+
+    def _limits(self) -> Limits:
+        return Limits(statement_seconds=self.settings.statement_seconds, result_chars=self.settings.result_chars)
+
+    def _set_up(self, episode: Episode) -> None:
+        item = episode.item
+        episode.database = ItemDatabase.create(
+            self.server, name=unique_name(rank=self.context.rank, item=item.item_id), limits=self._limits())
+        try:
+            episode.database.load(item.table)
+        except pymysql_module().MySQLError as exc:
+            episode.message = f"the server refused the item's table ({exc}); the item goes on without it, as in AgentBench"
+
+    def _execute(self, job: tuple[Episode, str]) -> str:
+        episode, sql = job
+        return episode.database.execute(sql)
+
+    def _finish(self, episode: Episode) -> None:
+        if episode.item.modifies and episode.database is not None:
+            episode.answer = episode.database.table_hash(episode.item.table)
+        episode.seconds = time.monotonic() - episode.started
+
+    def _tear_down(self, episode: Episode, server_down: threading.Event) -> None:
+        if episode.database is None or server_down.is_set():
+            return
+        try:
+            episode.database.drop()
+        except Exception as exc:
+            if isinstance(exc, BackendUnavailable):
+                server_down.set()
+            log.warning("task %s: could not drop database %s: %s", self.name, episode.database.name, exc)
+
+    def run_episodes(self, item_ids: Sequence[str], respond: Respond) -> list[ItemResult]:
+        """Play the items round by round: one `respond` call per round for every running item,
+        then that round's statements on the items' databases in parallel."""
+        episodes = [Episode(item=self._item(i), max_rounds=self.settings.max_rounds) for i in item_ids]
+        if not episodes:
+            return []
+        self.server  # noqa: B018 (reach or start it here, not in a pool thread, and fail before any item)
+        with ThreadPoolExecutor(max_workers=self.settings.parallel) as pool:
+            try:
+                list(pool.map(self._set_up, episodes))
+                running = [e for e in episodes if e.running]
+                while running:
+                    replies = list(respond(running))
+                    if len(replies) != len(running):
+                        raise TaskError(f"task {self.name!r}: the model returned {len(replies)} replies "
+                                        f"for {len(running)} conversations")
+                    jobs = []
+                    for episode, reply in zip(running, replies):
+                        sql = episode.take_reply(str(reply))
+                        if sql is not None:
+                            jobs.append((episode, sql))
+                    for (episode, _), text in zip(jobs, pool.map(self._execute, jobs)):
+                        episode.take_observation(text)
+                    running = [episode for episode, _ in jobs]
+                list(pool.map(self._finish, episodes))
+            finally:
+                server_down = threading.Event()
+                list(pool.map(lambda e: self._tear_down(e, server_down), episodes))
+        return [e.result() for e in episodes]
+
+    # -------------------------------------------------------------- protocol
+
+    def evaluate(self, model: Generator, item_ids: Sequence[str]) -> list[ItemResult]:
+        settings = self.settings
+
+        def respond(episodes: Sequence[Episode]) -> list[str]:
+            return list(model.chat([e.history for e in episodes], max_new_tokens=settings.max_new_tokens,
+                                   stop=list(settings.stop)))
+
+        return self.run_episodes(item_ids, respond)
+
+    def reference_results(self, item_ids: Sequence[str]) -> list[ItemResult]:
+        """The harness ceiling (check-tasks): modifying items execute their label statements and
+        must reproduce answer_md5; the others answer with their label."""
+        for item_id in item_ids:
+            item = self._item(item_id)
+            if item.modifies and not item.label:
+                raise TaskError(f"task {self.name!r}: item {item_id} ({item.type}) has no label statements to replay")
+        return self.run_episodes(item_ids, lambda episodes: [reference_reply(e) for e in episodes])
+
+    def metric(self, results: Sequence[ItemResult]) -> float:
+        """AgentBench's overall_cat_accuracy: the mean over SELECT, INSERT and UPDATE of each
+        category's accuracy; a category with no items counts 0, as in AgentBench."""
+        return category_accuracy([(self._item(r.item_id).category, r.score) for r in results])["overall"]
+
+    def check_backends(self) -> list[BackendStatus]:
+        statuses = []
+        try:
+            path = self.data_path()
+            count = len(load_items(path))
+            statuses.append(BackendStatus("dbbench data", True, f"{path}: {count} items"))
+        except Exception as exc:
+            statuses.append(BackendStatus("dbbench data", False, str(exc)))
+        statuses.append(server_status(self.settings.server))
+        return statuses
+
+    def close(self) -> None:
+        with self._server_lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()
+
+
+def category_accuracy(scored: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """Per-category accuracy of (category, score) pairs and their AgentBench 'overall' mean."""
+    accuracy = {}
+    for category in CATEGORIES:
+        scores = [s for c, s in scored if c == category]
+        if not scores and scored:
+            log.warning("dbbench: no %s items among the %d scored; the category counts 0 (as in AgentBench)",
+                        category, len(scored))
+        accuracy[category] = sum(scores) / len(scores) if scores else 0.0
+    accuracy["overall"] = sum(accuracy[c] for c in CATEGORIES) / len(CATEGORIES) if scored else 0.0
+    return accuracy
+
+
+def server_status(settings: ServerSettings) -> BackendStatus:
+    """Whether the configured MySQL back-end can be used, without starting anything. Never raises."""
+    name = f"mysql ({settings.backend})"
+    try:
+        if settings.backend == "external":
+            address = (parse_dsn(settings.dsn) if settings.dsn else
+                       Address(host=settings.host, port=settings.port, user=settings.user, password=settings.password))
+            with ExternalServer(address=address, attempts=1) as server:
+                return BackendStatus(name, True, f"{server.version} at {address}")
+        if settings.backend == "local":
+            return BackendStatus(name, True, f"will start {find_server_binary(settings.binary)}")
+        docker = require("docker", extra="docker", feature="The dbbench 'docker' MySQL back-end")
+        base_url = settings.docker_host or os.environ.get("DOCKER_HOST")
+        client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+        with contextlib.closing(client):
+            client.ping()
+            client.images.get(settings.image)
+        return BackendStatus(name, True, f"image {settings.image} at {base_url or 'the default docker socket'}")
+    except BackendUnavailable as exc:
+        return BackendStatus(name, False, str(exc))
+    except Exception as exc:
+        return BackendStatus(name, False, f"{type(exc).__name__}: {exc}")
