@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import logging
-import sys
-import traceback
 from pathlib import Path
-
-from cqd_mpi.errors import CqdError
 
 HELP = "run CycleQD from a config, or resume the run in its run_dir (under mpiexec/srun: on every rank)"
 
@@ -42,18 +38,10 @@ def run(args) -> int:
         config = config_mod.load(args.config)
         log_to_files(config.runtime.run_dir, 0, 1)
         return launch.run(config, force=args.force)
-    rank = comm.Get_rank()
-    try:
+
+    def job() -> int:
         config = config_mod.load(args.config)
-        log_to_files(config.runtime.run_dir, rank, comm.Get_size())
+        log_to_files(config.runtime.run_dir, comm.Get_rank(), comm.Get_size())
         return mpi.run(comm, config, force=args.force)
-    except CqdError as exc:
-        if rank == 0:
-            print(f"cqd_mpi: error: {exc}", file=sys.stderr)
-        mpi.abort(comm, 2)
-    except BaseException:
-        lines = traceback.format_exc().rstrip().splitlines()
-        print("\n".join(f"[rank {rank}] {line}" for line in lines), file=sys.stderr)
-        print(f"[rank {rank}] cqd_mpi: aborting all {comm.Get_size()} ranks", file=sys.stderr)
-        mpi.abort(comm, 1)
-    return 1
+
+    return mpi.guarded(comm, job)

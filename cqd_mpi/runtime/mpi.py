@@ -75,6 +75,29 @@ def abort(comm, status: int = 1) -> None:
         comm.Abort(status)
 
 
+def guarded(comm, job):
+    """Run `job()` on this rank; any exception aborts every rank of the job instead of hanging
+    them: a CqdError is printed once (by rank 0), anything else with this rank's traceback."""
+    import sys
+    import traceback
+
+    from cqd_mpi.errors import CqdError
+
+    rank = comm.Get_rank()
+    try:
+        return job()
+    except CqdError as exc:
+        if rank == 0:
+            print(f"cqd_mpi: error: {exc}", file=sys.stderr)
+        abort(comm, 2)
+    except BaseException:
+        lines = traceback.format_exc().rstrip().splitlines()
+        print("\n".join(f"[rank {rank}] {line}" for line in lines), file=sys.stderr)
+        print(f"[rank {rank}] cqd_mpi: aborting all {comm.Get_size()} ranks", file=sys.stderr)
+        abort(comm, 1)
+    return 1
+
+
 def group_members(world_size: int, eval_groups: int) -> list[list[int]]:
     """Worker ranks of each group: contiguous blocks, so a group stays on few nodes."""
     workers = list(range(1, world_size))

@@ -46,26 +46,66 @@ def files(directory) -> dict[str, bytes]:
 
 def test_crossover_writes_the_seeded_child(models, tmp_path, capsys):
     out = tmp_path / "child"
-    code, stdout, _ = merge(capsys, "--base", models["base"], "--parents", models["p1"], models["p2"],
-                            "--seed", 3, "--rank", 3, "--exclude", "lm_head", "--out", out)
+    code, stdout, _ = merge(
+        capsys,
+        "--base",
+        models["base"],
+        "--parents",
+        models["p1"],
+        models["p2"],
+        "--seed",
+        3,
+        "--rank",
+        3,
+        "--exclude",
+        "lm_head",
+        "--out",
+        out,
+    )
     assert code == 0
     assert f"wrote {out}" in stdout
     w1, w2 = sample_crossover_weights(seeding.numpy_rng(3, 0, "crossover"), 1.0, 0.03)
     assert printed_weights(stdout) == pytest.approx((w1, w2), abs=1e-6)
     base = ModelDir(models["base"])
     expected = write_hf_dir(
-        crossover_stream(base=base, parent1=ModelDir(models["p1"]), parent2=ModelDir(models["p2"]), w1=w1, w2=w2,
-                         mutation=MutationSpec(kind="svd", rank=3, exclude=("lm_head",)),
-                         seed=seeding.derive_seed(3, 0, "mutation")),
-        tmp_path / "expected", like=base)
+        crossover_stream(
+            base=base,
+            parent1=ModelDir(models["p1"]),
+            parent2=ModelDir(models["p2"]),
+            w1=w1,
+            w2=w2,
+            mutation=MutationSpec(kind="svd", rank=3, exclude=("lm_head",)),
+            seed=seeding.derive_seed(3, 0, "mutation"),
+        ),
+        tmp_path / "expected",
+        like=base,
+    )
     assert files(out) == files(expected)
-    assert sorted(files(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(files(out)) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
 
 
 def test_same_command_gives_identical_files_and_another_seed_differs(models, tmp_path, capsys):
     def run(seed, name):
-        merge(capsys, "--base", models["base"], "--parents", models["p1"], models["p2"], "--seed", seed,
-              "--mutation", "gaussian", "--out", tmp_path / name)
+        merge(
+            capsys,
+            "--base",
+            models["base"],
+            "--parents",
+            models["p1"],
+            models["p2"],
+            "--seed",
+            seed,
+            "--mutation",
+            "gaussian",
+            "--out",
+            tmp_path / name,
+        )
         return files(tmp_path / name)
 
     assert run(1, "a") == run(1, "b")
@@ -74,8 +114,24 @@ def test_same_command_gives_identical_files_and_another_seed_differs(models, tmp
 
 def test_explicit_weights_and_no_mutation(models, tmp_path, capsys):
     out = tmp_path / "child"
-    code, stdout, _ = merge(capsys, "--base", models["base"], "--parents", models["p1"], models["p2"], "--seed", 0,
-                            "--w1", 0.5, "--w2", 1.5, "--mutation", "none", "--out", out)
+    code, stdout, _ = merge(
+        capsys,
+        "--base",
+        models["base"],
+        "--parents",
+        models["p1"],
+        models["p2"],
+        "--seed",
+        0,
+        "--w1",
+        0.5,
+        "--w2",
+        1.5,
+        "--mutation",
+        "none",
+        "--out",
+        out,
+    )
     assert code == 0 and printed_weights(stdout) == (0.5, 1.5)
     theta = {k: state_dict(models[k]) for k in ("p1", "p2")}
     for name, tensor in state_dict(out).items():
@@ -85,36 +141,85 @@ def test_explicit_weights_and_no_mutation(models, tmp_path, capsys):
 
 def test_expert_basis_is_built_in_the_cache_dir(models, tmp_path, capsys):
     cache = tmp_path / "cache"
-    code, stdout, _ = merge(capsys, "--base", models["base"], "--parents", models["p1"], models["p2"], "--seed", 2,
-                            "--basis", "expert", "--expert", models["p3"], "--rank", 4, "--cache-dir", cache,
-                            "--out", tmp_path / "child")
+    code, stdout, _ = merge(
+        capsys,
+        "--base",
+        models["base"],
+        "--parents",
+        models["p1"],
+        models["p2"],
+        "--seed",
+        2,
+        "--basis",
+        "expert",
+        "--expert",
+        models["p3"],
+        "--rank",
+        4,
+        "--cache-dir",
+        cache,
+        "--out",
+        tmp_path / "child",
+    )
     assert code == 0
     (basis,) = cache.iterdir()
     assert f"expert basis {basis}" in stdout and basis.suffix == ".safetensors"
-    assert not torch.equal(state_dict(tmp_path / "child")["model.layers.0.mlp.up_proj.weight"],
-                           state_dict(models["p1"])["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        state_dict(tmp_path / "child")["model.layers.0.mlp.up_proj.weight"],
+        state_dict(models["p1"])["model.layers.0.mlp.up_proj.weight"],
+    )
 
 
 def test_aggregation_with_scores_and_with_explicit_weights(models, tmp_path, capsys):
     members = [models[k] for k in ("p1", "p2", "p3")]
-    code, stdout, _ = merge(capsys, "--base", models["base"], "--aggregate", *members,
-                            "--scores", 0.2, 0.5, 0.4, "--temperature", 0.1, "--out", tmp_path / "agg")
+    code, stdout, _ = merge(
+        capsys,
+        "--base",
+        models["base"],
+        "--aggregate",
+        *members,
+        "--scores",
+        0.2,
+        0.5,
+        0.4,
+        "--temperature",
+        0.1,
+        "--out",
+        tmp_path / "agg",
+    )
     assert code == 0
     betas = softmax([0.2, 0.5, 0.4], temperature=0.1)
     assert stdout.startswith("betas " + " ".join(f"{b:.6g}" for b in betas))
     base = ModelDir(models["base"])
-    expected = write_hf_dir(aggregate_stream(base=base, members=[ModelDir(m) for m in members], betas=betas),
-                            tmp_path / "expected", like=base)
+    expected = write_hf_dir(
+        aggregate_stream(base=base, members=[ModelDir(m) for m in members], betas=betas),
+        tmp_path / "expected",
+        like=base,
+    )
     assert files(tmp_path / "agg") == files(expected)
 
-    code, stdout, _ = merge(capsys, "--base", models["base"], "--aggregate", *members[:2],
-                            "--weights", 0.3, 0.7, "--out", tmp_path / "weighted")
+    code, stdout, _ = merge(
+        capsys,
+        "--base",
+        models["base"],
+        "--aggregate",
+        *members[:2],
+        "--weights",
+        0.3,
+        0.7,
+        "--out",
+        tmp_path / "weighted",
+    )
     assert code == 0 and stdout.startswith("betas 0.3 0.7")
-    code, stdout, _ = merge(capsys, "--base", models["base"], "--aggregate", *members[:2], "--out", tmp_path / "mean")
+    code, stdout, _ = merge(
+        capsys, "--base", models["base"], "--aggregate", *members[:2], "--out", tmp_path / "mean"
+    )
     assert code == 0 and stdout.startswith("betas 0.5 0.5")
     mean = state_dict(tmp_path / "mean")
     name = "model.layers.1.mlp.gate_proj.weight"
-    expected_mean = (state_dict(members[0])[name].float() + state_dict(members[1])[name].float()) / 2
+    expected_mean = (
+        state_dict(members[0])[name].float() + state_dict(members[1])[name].float()
+    ) / 2
     torch.testing.assert_close(mean[name].float(), expected_mean, rtol=2.0**-7, atol=1e-7)
 
 
@@ -125,50 +230,138 @@ def test_aggregation_with_scores_and_with_explicit_weights(models, tmp_path, cap
         (["--seed", "1", "--w1", "1.0"], "give both --w1 and --w2, or neither"),
         (["--seed", "1", "--w1", "1.0", "--w2", "-1.0"], "--w1 + --w2 must not be ~0"),
         (["--seed", "1", "--basis", "expert"], "--basis expert needs --expert"),
-        (["--seed", "1", "--mutation", "none", "--expert", "x"], "--expert is used only with --mutation svd --basis expert"),
+        (
+            ["--seed", "1", "--mutation", "none", "--expert", "x"],
+            "--expert is used only with --mutation svd --basis expert",
+        ),
         (["--seed", "1", "--scores", "1", "2"], "--scores and --weights apply to --aggregate"),
         (["--seed", "1", "--w-max", "-1"], "mutation.w_max: expected a number >= 0, got -1.0"),
         (["--seed", "1", "--exclude", "("], "mutation.exclude: '(' is not a valid regex"),
-        (["--seed", "1", "--max-shard-size", "huge"], "shard size 'huge': expected bytes or a number"),
+        (
+            ["--seed", "1", "--max-shard-size", "huge"],
+            "shard size 'huge': expected bytes or a number",
+        ),
     ],
 )
 def test_crossover_user_errors(models, tmp_path, capsys, extra, message):
-    code, _, stderr = merge(capsys, "--base", models["base"], "--parents", models["p1"], models["p2"], *extra,
-                            "--out", tmp_path / "child")
+    code, _, stderr = merge(
+        capsys,
+        "--base",
+        models["base"],
+        "--parents",
+        models["p1"],
+        models["p2"],
+        *extra,
+        "--out",
+        tmp_path / "child",
+    )
     assert code == 2
     assert message in stderr
     assert not (tmp_path / "child").exists()
 
 
 def test_aggregation_user_errors(models, tmp_path, capsys):
-    code, _, stderr = merge(capsys, "--base", models["base"], "--aggregate", models["p1"], models["p2"],
-                            "--scores", 0.1, "--out", tmp_path / "agg")
+    code, _, stderr = merge(
+        capsys,
+        "--base",
+        models["base"],
+        "--aggregate",
+        models["p1"],
+        models["p2"],
+        "--scores",
+        0.1,
+        "--out",
+        tmp_path / "agg",
+    )
     assert code == 2 and "--scores: expected one value per --aggregate model (2), got 1" in stderr
-    code, _, stderr = merge(capsys, "--base", models["base"], "--aggregate", models["p1"], "--seed", 1,
-                            "--out", tmp_path / "agg")
+    code, _, stderr = merge(
+        capsys,
+        "--base",
+        models["base"],
+        "--aggregate",
+        models["p1"],
+        "--seed",
+        1,
+        "--out",
+        tmp_path / "agg",
+    )
     assert code == 2 and "--seed, --w1 and --w2 apply to --parents" in stderr
     with pytest.raises(SystemExit):
-        main(["merge", "--base", str(models["base"]), "--parents", str(models["p1"]), "--out", str(tmp_path / "x")])
+        main(
+            [
+                "merge",
+                "--base",
+                str(models["base"]),
+                "--parents",
+                str(models["p1"]),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
 
 
 def test_incompatible_or_missing_models_are_named(models, tmp_path, capsys):
     wider = save_tiny_llama(tmp_path / "wider", seed=1, dtype=torch.bfloat16, intermediate_size=64)
-    code, _, stderr = merge(capsys, "--base", models["base"], "--parents", models["p1"], wider, "--seed", 1,
-                            "--out", tmp_path / "child")
+    code, _, stderr = merge(
+        capsys,
+        "--base",
+        models["base"],
+        "--parents",
+        models["p1"],
+        wider,
+        "--seed",
+        1,
+        "--out",
+        tmp_path / "child",
+    )
     assert code == 2
-    assert re.search(r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \[32, 48\] BF16 in .*base/model.safetensors but shape \[32, 64\] BF16 in .*wider", stderr)
-    code, _, stderr = merge(capsys, "--base", tmp_path / "nowhere", "--parents", models["p1"], models["p2"],
-                            "--seed", 1, "--out", tmp_path / "child")
+    assert re.search(
+        r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \[32, 48\] BF16 in .*base/model.safetensors but shape \[32, 64\] BF16 in .*wider",
+        stderr,
+    )
+    code, _, stderr = merge(
+        capsys,
+        "--base",
+        tmp_path / "nowhere",
+        "--parents",
+        models["p1"],
+        models["p2"],
+        "--seed",
+        1,
+        "--out",
+        tmp_path / "child",
+    )
     assert code == 2 and "nowhere does not exist" in stderr
 
 
 def test_entry_point_writes_shards_that_transformers_loads(models, tmp_path):
     out = tmp_path / "child"
     result = subprocess.run(
-        [sys.executable, "-m", "cqd_mpi", "merge", "--base", str(models["base"]), "--parents", str(models["p1"]),
-         str(models["p2"]), "--seed", "5", "--mutation", "svd", "--rank", "full", "--max-shard-size", "20KB",
-         "--out", str(out)],
-        env=subprocess_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cqd_mpi",
+            "merge",
+            "--base",
+            str(models["base"]),
+            "--parents",
+            str(models["p1"]),
+            str(models["p2"]),
+            "--seed",
+            "5",
+            "--mutation",
+            "svd",
+            "--rank",
+            "full",
+            "--max-shard-size",
+            "20KB",
+            "--out",
+            str(out),
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert re.search(r"^w1 [\d.]+ w2 [\d.]+$", result.stdout, flags=re.MULTILINE)

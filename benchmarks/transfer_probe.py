@@ -1,0 +1,41 @@
+"""Times one model's transfer with cqd_mpi's `mpi` transport, nothing else (run under mpiexec).
+
+    mpiexec -n 3 python benchmarks/transfer_probe.py MODEL_DIR [REPEATS]
+
+Rank 0 streams the model from its memory-mapped safetensors and broadcasts it tensor by
+tensor; every other rank receives it straight into a live transformers model. Prints one
+line `RESULT {json}` on rank 0 with the bytes and the seconds of each repeat.
+"""
+
+import json
+import sys
+import time
+
+from mpi4py import MPI
+
+from cqd_mpi.runtime.mpi import _bcast_bytes, _byte_view, _receive_into_model, _tensor_specs
+from cqd_mpi.weights import ModelDir
+
+comm = MPI.COMM_WORLD
+model_dir = sys.argv[1]
+repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+source = ModelDir(model_dir)
+specs = _tensor_specs([(n, source.spec(n).shape, source.spec(n).dtype) for n in source.names])
+live = None
+if comm.rank > 0:
+    from cqd_mpi.engines.hf import LiveModel
+
+    live = LiveModel(model_dir, device="cpu")
+seconds = []
+for _ in range(repeats):
+    comm.Barrier()
+    start = time.perf_counter()
+    if comm.rank == 0:
+        for _name, tensor in ModelDir(model_dir).tensors():
+            _bcast_bytes(comm, _byte_view(tensor))
+    else:
+        _receive_into_model(comm, live, specs)
+    comm.Barrier()
+    seconds.append(time.perf_counter() - start)
+if comm.rank == 0:
+    print("RESULT " + json.dumps({"bytes": source.nbytes, "seconds": seconds, "ranks": comm.size}))
