@@ -87,6 +87,7 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
         try:
             return conductor.run()
         finally:
+            stop.uninstall()
             for group in groups:
                 group.close()
             for task in tasks.values():

@@ -77,7 +77,9 @@ def abort(comm, status: int = 1) -> None:
 
 def guarded(comm, job):
     """Run `job()` on this rank; any exception aborts every rank of the job instead of hanging
-    them: a CqdError is printed once (by rank 0), anything else with this rank's traceback."""
+    them. A CqdError (usually the same on every rank, e.g. a config error) is printed by rank 0
+    at once; other ranks wait a moment, so the message appears once unless only they failed.
+    Anything else is printed with this rank's traceback."""
     import sys
     import traceback
 
@@ -87,8 +89,10 @@ def guarded(comm, job):
     try:
         return job()
     except CqdError as exc:
-        if rank == 0:
-            print(f"cqd_mpi: error: {exc}", file=sys.stderr)
+        if rank != 0:
+            time.sleep(2.0)
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        print(f"{prefix}cqd_mpi: error: {exc}", file=sys.stderr)
         abort(comm, 2)
     except BaseException:
         lines = traceback.format_exc().rstrip().splitlines()
@@ -337,6 +341,7 @@ def run(comm, config: Config, *, force: bool = False, echo=print) -> int:
         try:
             worker_loop(comms[my_group], worker, stop)
         finally:
+            stop.uninstall()
             worker.close()
     comm.Barrier()
     return 0

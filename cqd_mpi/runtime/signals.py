@@ -29,13 +29,18 @@ class StopFlag:
         self._event.set()
 
     def install(self) -> StopFlag:
-        """Route the stop signals to this flag (main thread only)."""
+        """Route the stop signals to this flag (main thread only) until `uninstall()`."""
 
         def handler(signum, _frame):
             name = signal.Signals(signum).name
             log.warning("received %s: stopping at the next generation boundary", name)
             self.set(name)
 
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, handler)
+        self._previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
         return self
+
+    def uninstall(self) -> None:
+        """Give the stop signals back to the handlers they had before `install()`."""
+        for sig, previous in getattr(self, "_previous", {}).items():
+            signal.signal(sig, previous)
+        self._previous = {}

@@ -134,3 +134,12 @@ def test_expert_basis_mutation_builds_each_basis_once_and_reuses_it(tiny_family,
     config["runtime"]["run_dir"] = str(tmp_path / "run2")
     assert conduct(config_mod.load(write_config(tmp_path / "c2.yaml", config)), echo=lambda _line: None) == "done"
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
+
+
+def test_stop_signals_get_their_previous_handlers_back_after_a_run(finished_run):
+    import signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    frozen = config_mod.load(finished_run["run"] / "config.yaml")
+    assert conduct(frozen, echo=lambda _line: None) == "done"
+    assert {sig: signal.getsignal(sig) for sig in before} == before
