@@ -117,6 +117,7 @@ class RuntimeConfig:
     max_shard_size: str = "5GB"
     basis_cache: str | None = None
     keep_backup: bool = True
+    threads: int | None = None
 
     def validate(self, where: str) -> None:
         if self.seed < 0:
@@ -125,6 +126,8 @@ class RuntimeConfig:
             raise ConfigError(f"{where}.pipeline_depth: expected an integer >= 0, got {self.pipeline_depth}")
         if self.eval_groups < 1:
             raise ConfigError(f"{where}.eval_groups: expected an integer >= 1, got {self.eval_groups}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"{where}.threads: expected an integer >= 1 or null, got {self.threads}")
         parse_size(self.max_shard_size, f"{where}.max_shard_size")
 
 

@@ -100,6 +100,10 @@ def run(config: Config, *, force: bool = False, echo=print) -> int:
     """Entry point on every rank: exit status 0 when done or cleanly stopped for requeue."""
     from cqd_mpi.runtime import mpi
 
+    if config.runtime.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.runtime.threads)
     comm = mpi.world()
     if comm is not None and comm.Get_size() > 1:
         return mpi.run(comm, config, force=force, echo=echo)
