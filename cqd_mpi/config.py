@@ -118,6 +118,7 @@ class RuntimeConfig:
     basis_cache: str | None = None
     keep_backup: bool = True
     threads: int | None = None
+    retain_child_bytes: str = "2GB"
 
     def validate(self, where: str) -> None:
         if self.seed < 0:
@@ -129,6 +130,7 @@ class RuntimeConfig:
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"{where}.threads: expected an integer >= 1 or null, got {self.threads}")
         parse_size(self.max_shard_size, f"{where}.max_shard_size")
+        parse_size(self.retain_child_bytes, f"{where}.retain_child_bytes")
 
 
 @dataclasses.dataclass
@@ -266,7 +268,8 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
 
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
-    ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("engine", "device"),
+    ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
+    ("engine", "device"),
 })
 
 

@@ -27,7 +27,7 @@ from cqd_mpi.runtime.groups import EvalGroup, ModelSource, Outcome, TimedStream
 from cqd_mpi.runtime.signals import StopFlag
 from cqd_mpi.state import StateBackend
 from cqd_mpi.tasks import Task
-from cqd_mpi.weights import ModelDir
+from cqd_mpi.weights import ModelDir, TensorStream, write_hf_dir
 
 log = logging.getLogger("cqd_mpi.conductor")
 
@@ -36,7 +36,8 @@ class Conductor:
     def __init__(self, *, core: CycleQD, tasks: Mapping[str, Task], builder: ModelBuilder,
                  groups: Sequence[EvalGroup], rundir: RunDir, backend: StateBackend,
                  stop: StopFlag, config_text: str, world_size: int = 1,
-                 staging_dir: Path | None = None, prebuild: bool = False, echo=print):
+                 staging_dir: Path | None = None, prebuild: bool = False,
+                 retain_bytes: int = 0, echo=print):
         self.core = core
         self.tasks = tasks
         self.builder = builder
@@ -51,6 +52,8 @@ class Conductor:
         self.prebuild = prebuild
         self.ready: deque[Job] = deque()
         self.staged: dict[int, tuple[Path, float]] = {}
+        self.retain = builder.base.nbytes <= retain_bytes
+        self.built: dict[int, TimedStream] = {}
         self.batch_sizes = {name: task.batch_size for name, task in tasks.items()}
         self.phase_seconds = {"merge": 0.0, "transfer": 0.0, "eval": 0.0, "save": 0.0, "checkpoint": 0.0}
         self._started = time.perf_counter()
@@ -120,7 +123,9 @@ class Conductor:
         if path is None and job.recipe.kind == "dir":
             path = self.builder.resolve(job.recipe.path)
         if path is None:
-            return ModelSource(TimedStream(self.builder.stream(job.recipe)), _specs(self.builder.base))
+            stream = TimedStream(self.builder.stream(job.recipe), retain=self.retain)
+            self.built[job.model_id] = stream
+            return ModelSource(stream, _specs(self.builder.base))
         stored = ModelDir(path)
         return ModelSource(TimedStream(stored.tensors()), _specs(stored), path=path, staged_s=staged_s)
 
@@ -141,17 +146,18 @@ class Conductor:
                               n_errors=scores.n_errors)
         start = time.perf_counter()
         staged, _ = self.staged.pop(job.model_id, (None, 0.0))
+        built = self.built.pop(job.model_id, None)
         if told.save:
             target = self.rundir.model_dir(job.model_id)
             if staged is not None:
                 shutil.rmtree(target, ignore_errors=True)
                 shutil.move(staged, target)
             else:
-                self.builder.write(job.recipe, target)
+                self._write(job, built, target)
         elif staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
         if self.core.models[job.model_id].kind == "aggregate":
-            self.builder.write(job.recipe, self.rundir.final_dir)
+            self._write(job, built, self.rundir.final_dir)
         saved = time.perf_counter()
         total = saved - outcome.started
         if job.phase == "search":
@@ -166,6 +172,14 @@ class Conductor:
                            ("eval", outcome.eval_s), ("save", saved - start), ("checkpoint", done - saved)):
             self.phase_seconds[key] += value
         self.echo(self._progress_line(job, scores.metrics, told.entered, scores.n_errors))
+
+    def _write(self, job: Job, built: TimedStream | None, out_dir: Path) -> None:
+        """Save a model: from the tensors kept while it was sent, or by building it again."""
+        if built is not None and built.retained is not None and built.count == len(self.builder.base.names):
+            write_hf_dir(retained_stream(self.builder.base, built.retained), out_dir, like=self.builder.base,
+                         max_shard_size=self.builder.max_shard_size)
+        else:
+            self.builder.write(job.recipe, out_dir)
 
     def checkpoint(self) -> None:
         self.backend.save(self.core.state_dict(), attrs={
@@ -197,3 +211,9 @@ class Conductor:
 
 def _specs(model: ModelDir) -> list:
     return [(name, tuple(model.spec(name).shape), model.spec(name).dtype) for name in model.names]
+
+
+def retained_stream(base: ModelDir, tensors: list) -> TensorStream:
+    """A stream over tensors already in memory, in the base's layout."""
+    layout = {name: (base.spec(name).shape, base.spec(name).dtype) for name in base.names}
+    return TensorStream(layout=layout, chunks=((name, 0, t.reshape(-1)) for name, t in tensors))

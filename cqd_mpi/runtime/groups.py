@@ -23,13 +23,19 @@ from cqd_mpi.tasks.base import ItemResult
 
 
 class TimedStream:
-    """Wraps a tensor stream and accounts the time spent producing it (the merge)."""
+    """Wraps a tensor stream and accounts the time spent producing it (the merge).
 
-    def __init__(self, stream: Iterator[tuple[str, torch.Tensor]]):
+    With `retain`, the tensors are also kept (`retained`), so that a child that enters an
+    archive can be saved without merging it again; the stream must then yield a new tensor
+    per name, as merge streams do.
+    """
+
+    def __init__(self, stream: Iterator[tuple[str, torch.Tensor]], *, retain: bool = False):
         self._stream = iter(stream)
         self.seconds = 0.0
         self.nbytes = 0
         self.count = 0
+        self.retained: list[tuple[str, torch.Tensor]] | None = [] if retain else None
 
     def __iter__(self):
         return self
@@ -42,6 +48,8 @@ class TimedStream:
             self.seconds += time.perf_counter() - start
         self.nbytes += tensor.numel() * tensor.element_size()
         self.count += 1
+        if self.retained is not None:
+            self.retained.append((name, tensor))
         if self.count == 2:
             faults.point("merge")
         return name, tensor
@@ -104,6 +112,7 @@ class InProcessGroup(EvalGroup):
     def __init__(self, worker: Worker):
         self.worker = worker
         self._outcome: Outcome | None = None
+        _ = worker.model  # built now, so that start-up is not billed to the first model
 
     @property
     def busy(self) -> bool:

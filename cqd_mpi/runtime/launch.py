@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 from cqd_mpi.archive import Bins
-from cqd_mpi.config import BinsConfig, Config
+from cqd_mpi.config import BinsConfig, Config, parse_size
 from cqd_mpi.core import CycleQD, make_splits
 from cqd_mpi.errors import StateError
 from cqd_mpi.recipes import ModelBuilder
@@ -83,7 +83,8 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
         conductor = Conductor(core=core, tasks=tasks, builder=builder, groups=groups, rundir=rundir,
                               backend=backend, stop=stop, config_text=config.to_yaml(),
                               world_size=world_size, staging_dir=config.runtime.staging_dir,
-                              prebuild=config.runtime.pipeline_depth > 0, echo=echo)
+                              prebuild=config.runtime.pipeline_depth > 0,
+                              retain_bytes=parse_size(config.runtime.retain_child_bytes), echo=echo)
         try:
             return conductor.run()
         finally:
