@@ -2,8 +2,8 @@
 
     mpiexec -n 3 python benchmarks/transfer_probe.py MODEL_DIR [REPEATS]
 
-Rank 0 streams the model from its memory-mapped safetensors and broadcasts it tensor by
-tensor; every other rank receives it straight into a live transformers model. Prints one
+Rank 0 streams the model from its memory-mapped safetensors; every other rank receives it
+straight into a live transformers model (cqd_mpi.runtime.transport.ModelBroadcast). Prints one
 line `RESULT {json}` on rank 0 with the bytes and the seconds of each repeat.
 """
 
@@ -13,7 +13,8 @@ import time
 
 from mpi4py import MPI
 
-from cqd_mpi.runtime.mpi import _bcast_bytes, _byte_view, _receive_into_model, _tensor_specs
+from cqd_mpi.runtime.mpi import _tensor_specs
+from cqd_mpi.runtime.transport import ModelBroadcast
 from cqd_mpi.weights import ModelDir
 
 comm = MPI.COMM_WORLD
@@ -26,16 +27,17 @@ if comm.rank > 0:
     from cqd_mpi.engines.hf import LiveModel
 
     live = LiveModel(model_dir, device="cpu")
+broadcast = ModelBroadcast(comm)
 seconds = []
 for _ in range(repeats):
     comm.Barrier()
     start = time.perf_counter()
     if comm.rank == 0:
-        for _name, tensor in ModelDir(model_dir).tensors():
-            _bcast_bytes(comm, _byte_view(tensor))
+        broadcast.send(ModelDir(model_dir).tensors())
     else:
-        _receive_into_model(comm, live, specs)
+        broadcast.receive(live, specs)
     comm.Barrier()
     seconds.append(time.perf_counter() - start)
+broadcast.close()
 if comm.rank == 0:
     print("RESULT " + json.dumps({"bytes": source.nbytes, "seconds": seconds, "ranks": comm.size}))

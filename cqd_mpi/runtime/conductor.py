@@ -137,7 +137,7 @@ class Conductor:
                 if outcome is not None:
                     return outcome
             time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, 0.005)
 
     def _tell(self, outcome: Outcome) -> None:
         job = outcome.job

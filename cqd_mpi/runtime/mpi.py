@@ -6,10 +6,9 @@ evaluates one model at a time, so G groups have G models in flight. Per model, i
 1. stop agreement: allreduce(LOR) of every member's stop flag (SIGTERM/SIGUSR1/SIGUSR2);
 2. rank 0 broadcasts a header: the job, the chunks of items, and either the tensor specs
    (transport `mpi`) or the path of a staged HF dir (transport `file`);
-3. transport `mpi`: every tensor is broadcast in base order, in chunks of at most
-   `CHUNK_BYTES` bytes (so counts never exceed 2^31), straight from the merge stream;
-   each worker receives into its live model's parameter (or through a bounded buffer when
-   the parameter lives on a GPU or has another dtype); nobody holds a whole second model;
+3. transport `mpi`: the tensors go, straight from the merge stream, into every worker's
+   live model through runtime/transport.py (shared memory within a node, MPI_Bcast of
+   bounded chunks between nodes);
 4. each worker scores its share of the chunks and sends the per-item results to rank 0.
 
 mpi4py is imported only when the process runs under an MPI launcher (see `under_mpi`).
@@ -22,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +32,11 @@ from cqd_mpi.errors import ConfigError, require
 from cqd_mpi.evaluation import shard
 from cqd_mpi.runtime.groups import EvalGroup, Outcome
 from cqd_mpi.runtime.signals import StopFlag
+from cqd_mpi.runtime.transport import ModelBroadcast
 from cqd_mpi.runtime.worker import Worker
 
 log = logging.getLogger("cqd_mpi.mpi")
 
-CHUNK_BYTES = 64 * 2**20
 TAG_RESULT = 17
 _LAUNCHER_VARIABLES = ("PMI_SIZE", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                        "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE", "I_MPI_HYDRA_HOST_FILE")
@@ -128,17 +127,6 @@ def _tensor_specs(names_shapes_dtypes) -> list[tuple[str, tuple[int, ...], str]]
     return [(n, tuple(s), str(d).removeprefix("torch.")) for n, s, d in names_shapes_dtypes]
 
 
-def _byte_view(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.reshape(-1).view(torch.uint8).numpy()
-
-
-def _bcast_bytes(comm, buffer: np.ndarray) -> None:
-    from mpi4py import MPI
-
-    for start in range(0, buffer.size, CHUNK_BYTES):
-        comm.Bcast([buffer[start:start + CHUNK_BYTES], MPI.BYTE], root=0)
-
-
 class Prefetched:
     """Produces a stream in a background thread so that merging overlaps the broadcast;
     `waited` is the time the consumer spent waiting for the producer."""
@@ -199,6 +187,7 @@ class MPIGroup(EvalGroup):
         self._eval_s = 0.0
         self._worker_stop = False
         self._closed = False
+        self.broadcast = ModelBroadcast(comm)
 
     @property
     def busy(self) -> bool:
@@ -220,8 +209,7 @@ class MPIGroup(EvalGroup):
             header["specs"] = _tensor_specs(source.specs)
             self.comm.bcast(header, root=0)
             tensors = Prefetched(source.stream)
-            for _name, tensor in tensors:
-                _bcast_bytes(self.comm, _byte_view(tensor.contiguous()))
+            self.broadcast.send(tensors)
             waited = tensors.waited
         transfer_s = time.perf_counter() - started - waited
         self._job = (job, list(chunks), source.stream.seconds + source.staged_s, transfer_s,
@@ -255,40 +243,7 @@ class MPIGroup(EvalGroup):
         self._closed = True
         self.agree_stop()
         self.comm.bcast({"op": "stop"}, root=0)
-
-
-def _receive_into_model(comm, live, specs: Sequence[tuple[str, tuple[int, ...], str]]) -> None:
-    """Receive broadcast tensors straight into the live model's parameters."""
-    from mpi4py import MPI
-
-    staging: torch.Tensor | None = None
-    for name, shape, dtype_name in specs:
-        dtype = getattr(torch, dtype_name)
-        target = live.live_tensor(name)
-        if tuple(target.shape) != tuple(shape):
-            raise RuntimeError(f"tensor {name}: the sender has shape {shape}, the live model {tuple(target.shape)}")
-        numel = int(np.prod(shape, dtype=np.int64))
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous():
-            _bcast_into(comm, _byte_view(target.data))
-            continue
-        if staging is None:
-            staging = torch.empty(CHUNK_BYTES, dtype=torch.uint8,
-                                  pin_memory=target.device.type == "cuda")
-        flat = target.data.view(-1)
-        itemsize = nbytes // max(numel, 1)
-        for start in range(0, nbytes, CHUNK_BYTES):
-            size = min(CHUNK_BYTES, nbytes - start)
-            buffer = staging[:size]
-            comm.Bcast([buffer.numpy(), MPI.BYTE], root=0)
-            flat[start // itemsize:(start + size) // itemsize].copy_(buffer.view(dtype))
-
-
-def _bcast_into(comm, buffer: np.ndarray) -> None:
-    from mpi4py import MPI
-
-    for start in range(0, buffer.size, CHUNK_BYTES):
-        comm.Bcast([buffer[start:start + CHUNK_BYTES], MPI.BYTE], root=0)
+        self.broadcast.close()
 
 
 def worker_loop(comm, worker: Worker, stop: StopFlag) -> None:
@@ -297,17 +252,19 @@ def worker_loop(comm, worker: Worker, stop: StopFlag) -> None:
 
     my_index = comm.Get_rank() - 1
     n_workers = comm.Get_size() - 1
+    broadcast = ModelBroadcast(comm)
     while True:
         comm.allreduce(bool(stop), op=MPI.LOR)
         header = comm.bcast(None, root=0)
         if header["op"] == "stop":
+            broadcast.close()
             return
         job = header["job"]
         start = time.perf_counter()
         if header["path"] is not None:
             worker.load_dir(header["path"])
         else:
-            _receive_into_model(comm, worker.model, header["specs"])
+            broadcast.receive(worker.model, header["specs"])
         loaded = time.perf_counter()
         mine = shard(header["chunks"], n_workers, my_index)
         results = worker.evaluate(mine)

@@ -7,8 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from cqd_mpi.state import read_state
 from tests.conftest import subprocess_env
 from tests.test_core import assert_trees_equal
@@ -43,9 +41,9 @@ def run_cli(*args, env=None, timeout=300, mpi_ranks: int | None = None) -> subpr
                           timeout=timeout)
 
 
-def history_timings(run_dir: Path) -> np.ndarray:
-    tree = read_state(Path(run_dir) / "state.h5")
-    return np.stack([tree["history"][k] for k in TIMING_COLUMNS], axis=1)
+def run_command(command: list[str], *, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env or subprocess_env(), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def wait_for_generation(run_dir: Path, generation: int, *, timeout: float = 120, also=lambda: True) -> None:

@@ -45,6 +45,17 @@ def test_same_state_for_any_number_of_ranks(one_rank, tiny_family, tmp_path, ran
     assert sorted(p.name for p in (tmp_path / "run" / "logs").iterdir()) == [f"rank-{r}.log" for r in range(ranks)]
 
 
+@pytest.mark.parametrize("ranks_per_node", ["1", "2"])
+def test_the_inter_node_path_of_the_mpi_transport_gives_the_same_results(one_rank, tiny_family, tmp_path,
+                                                                         ranks_per_node):
+    """With CQD_MPI_RANKS_PER_NODE the ranks of this machine act as several nodes: node leaders
+    receive chunks by MPI_Bcast, their node's workers through the shared-memory window."""
+    result = run_cli("run", mpi_config(tiny_family, tmp_path), mpi_ranks=3,
+                     env=subprocess_env(CQD_MPI_RANKS_PER_NODE=ranks_per_node))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_results(one_rank, tmp_path / "run")
+
+
 def test_file_transport_gives_the_same_results(one_rank, tiny_family, tmp_path):
     config = mpi_config(tiny_family, tmp_path, **{"runtime.transport": "file",
                                                    "runtime.staging_dir": str(tmp_path / "staging")})
@@ -97,7 +108,7 @@ def test_kill_9_of_the_conductor_then_rerun_resumes_exactly(one_rank, tiny_famil
     assert_same_results(one_rank, tmp_path / "run")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_signal_to_a_worker_stops_all_ranks_cleanly_for_requeue(one_rank, tiny_family, tmp_path, sig):
     config = mpi_config(tiny_family, tmp_path)
     process = subprocess.Popen(["mpiexec", "-n", "3", *run_cli_command(config)], env=subprocess_env(),
