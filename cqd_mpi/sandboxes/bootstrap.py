@@ -59,7 +59,8 @@ def _unescape(path):
 def seal_filesystem(tmpfs_bytes, keep):
     """In a private mount namespace: every mount read-only, writable and private dirs replaced by tmpfs.
 
-    Dirs in `keep` (the Python install) that lie under a hidden dir are bound back, read-only.
+    Dirs in `keep` (the Python install, e.g. a venv under /tmp) that lie under a hidden dir
+    are bound back read-only into its fresh, private tmpfs.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE, None)
@@ -80,15 +81,12 @@ def seal_filesystem(tmpfs_bytes, keep):
             continue
         inside = [path for path in keep if path == target or path.startswith(target + "/")]
         handles = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in inside}
-        mode = "0755" if inside else "1777"
-        _mount(libc, "tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={tmpfs_bytes},mode={mode}")
+        _mount(libc, "tmpfs", target, "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={tmpfs_bytes},mode=1777")
         for path, fd in handles.items():
             os.makedirs(path, mode=0o755, exist_ok=True)
             _mount(libc, f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC, None)
             _mount(libc, None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY, None)
             os.close(fd)
-        if inside:
-            _mount(libc, None, target, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV, None)
 
 
 def become_init():

@@ -280,8 +280,11 @@ class PythonSandbox:
             for key, value in self._environment(env).items():
                 command += ["--setenv", key, value]
             command += _system_binds()
+            command += ["--proc", "/proc", "--dev", "/dev",
+                        "--perms", "1777", "--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp",
+                        "--perms", "1777", "--size", str(limits.tmpfs_bytes), "--tmpfs", "/dev/shm"]
             roots = [root for root in _python_roots() if not _under(root, SYSTEM_DIRS)]
-            made: set[str] = set()
+            made: set[str] = {"/tmp", "/dev", "/dev/shm", "/proc"}
             for root in [*roots, SANDBOX_DIR + "/x"]:
                 for parent in _parents(root):
                     if parent not in made:
@@ -291,9 +294,6 @@ class PythonSandbox:
                 command += ["--ro-bind", root, root]
             command += ["--ro-bind", str(BOOTSTRAP), f"{SANDBOX_DIR}/bootstrap.py",
                         "--ro-bind", str(script), f"{SANDBOX_DIR}/{script.name}",
-                        "--proc", "/proc", "--dev", "/dev",
-                        "--perms", "1777", "--size", str(limits.tmpfs_bytes), "--tmpfs", "/tmp",
-                        "--perms", "1777", "--size", str(limits.tmpfs_bytes), "--tmpfs", "/dev/shm",
                         "--chdir", "/"]
             config = self._bootstrap_config(script=f"{SANDBOX_DIR}/{script.name}", args=args, limits=limits, seal=False)
             return [*command, python, "-I", "-B", f"{SANDBOX_DIR}/bootstrap.py", config]
