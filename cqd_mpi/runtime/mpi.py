@@ -63,13 +63,21 @@ def world():
     return MPI.COMM_WORLD
 
 
+ABORT_GRACE_S = 1.0
+
+
 def abort(comm, status: int = 1) -> None:
-    """End every rank of the job now (an exception on one rank must not hang the others)."""
+    """End every rank of the job (an exception on one rank must not hang the others).
+
+    The launcher stops forwarding a rank's output once it hears of the abort, so lines still
+    in the pipe would be lost: flush, then give it ABORT_GRACE_S to forward them first.
+    """
     try:
         import sys
 
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
     finally:
         comm.Abort(status)
 
