@@ -13,6 +13,7 @@ from tests.runtime.helpers import run_command
 
 pytestmark = pytest.mark.mpi
 CHECK = Path(__file__).with_name("transport_check.py")
+LARGE_CHECK = Path(__file__).with_name("large_transport_check.py")
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +45,16 @@ def test_every_worker_ends_with_the_sent_weights(bf16_pair, source, live_dtype, 
                           str(bf16_pair["live"]), live_dtype, str(chunk)], env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transport ok on 3 ranks" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_tensor_of_more_than_2_31_bytes_arrives_whole():
+    """MPI counts are C ints: a 2.1 GB tensor must travel in bounded chunks, through the
+    shared-memory window on one node and MPI_Bcast to the other."""
+    elements = 2**30 + 2**19 + 3
+    assert elements * 2 > 2**31
+    env = subprocess_env(CQD_MPI_RANKS_PER_NODE="2")
+    result = run_command(["mpiexec", "-n", "3", sys.executable, str(LARGE_CHECK), str(elements)],
+                         env=env, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "large transport ok on 3 ranks" in result.stdout
