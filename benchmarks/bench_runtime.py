@@ -112,7 +112,8 @@ def main() -> int:
     nbytes = None
     transfers = {}
     for ranks in (2, 3):
-        probe = run([shutil.which("mpiexec"), "-n", str(ranks), sys.executable, str(HERE / "transfer_probe.py"),
+        probe = run([shutil.which("mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py",
+                     str(HERE / "transfer_probe.py"),
                      str(models["base"]), "3"], log=args.work / "logs" / f"transfer-{ranks}.log")
         nbytes = probe["bytes"]
         transfers[ranks] = min(probe["seconds"])

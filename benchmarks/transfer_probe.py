@@ -1,6 +1,6 @@
 """Times one model's transfer with cqd_mpi's `mpi` transport, nothing else (run under mpiexec).
 
-    mpiexec -n 3 python benchmarks/transfer_probe.py MODEL_DIR [REPEATS]
+    mpiexec -n 3 python -m mpi4py benchmarks/transfer_probe.py MODEL_DIR [REPEATS]
 
 Rank 0 streams the model from its memory-mapped safetensors; every other rank receives it
 straight into a live transformers model (cqd_mpi.runtime.transport.ModelBroadcast). Prints one
