@@ -12,6 +12,8 @@ each in a fresh process (wall time and peak RSS from wait4, page cache warm):
 - mergekit 0.1.5 task_arithmetic, from the venv .bench/venv-mergekit (see --mergekit);
 - cqd_mpi's crossover + SVD mutation at rank 64 and 256, and full rank (extrapolated from one
   matrix per shape unless --full-svd);
+- the rank-64 randomized SVD and its update alone (one matrix per shape, timed, times the
+  count): the floor of the rank-64 mutation before any elementwise pass;
 - this machine's memory copy bandwidth, to express the crossover as a fraction of it.
 
 Prints a markdown table ready for docs/benchmarks.md.
@@ -175,8 +177,10 @@ def run(command: list[str], *, log: Path) -> dict:
 
     The command is started by a tiny launcher process that reports wait4's rusage: a child
     started directly from this (large) process would inherit this process's peak RSS, which
-    Linux carries over into the child's maxrss at exec.
+    Linux carries over into the child's maxrss at exec. Dirty pages (the previous method's
+    output) are flushed first, so no method pays for another's writeback.
     """
+    os.sync()
     env = dict(
         os.environ,
         PYTHONPATH=str(REPO),
@@ -259,18 +263,23 @@ COPY_BANDWIDTH = """
     print("RESULT " + json.dumps(result))
 """
 
-FULL_SVD_PER_SHAPE = """
-    import json, time, torch
-    shapes = {shapes}
+SVD_PER_SHAPE = """
+    import json, sys, time, torch
+    sys.path.insert(0, {repo!r})
+    from cqd_mpi.operators import add_scaled_components, svd_factors
+    shapes, rank, repeats = {shapes}, {rank!r}, {repeats}
     result = {{}}
     generator = torch.Generator().manual_seed(0)
     for label, (m, n) in shapes.items():
         tau = torch.randn(m, n, generator=generator) * 0.002
-        t = time.perf_counter()
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        w = torch.rand(s.shape[0], generator=generator) * 0.3
-        tau.addmm_(u * (w * s), vh)
-        result[label] = time.perf_counter() - t
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            u, s, v = svd_factors(tau, rank, niter=2, generator=generator)
+            w = torch.rand(s.shape[0], generator=generator) * 0.3
+            add_scaled_components(tau, u, s, v, w)
+            best = min(best, time.perf_counter() - t)
+        result[label] = best
     print("RESULT " + json.dumps(result))
 """
 
@@ -438,29 +447,42 @@ def main() -> int:
                 f"{result['merge_s'] / crossover['merge_s']:.1f}x the crossover",
             )
         )
+    kv = KV_HEADS * HIDDEN // HEADS
+    counts = {
+        "q,o": ((HIDDEN, HIDDEN), 2 * LAYERS),
+        "k,v": ((kv, HIDDEN), 2 * LAYERS),
+        "gate,up": ((INTERMEDIATE, HIDDEN), 2 * LAYERS),
+        "down": ((HIDDEN, INTERMEDIATE), LAYERS),
+        "embed,lm_head": ((VOCAB, HIDDEN), 2),
+    }
+
+    def svd_alone(rank, repeats: int) -> tuple[float, str]:
+        """One SVD + update per matrix shape, timed, times the number of matrices of that shape."""
+        shapes = {label: shape for label, (shape, _) in counts.items()}
+        code = SVD_PER_SHAPE.format(repo=str(REPO), shapes=shapes, rank=rank, repeats=repeats)
+        timing = run(python(code), log=logs / f"svd-alone-{rank}.log")
+        total = sum(timing[label] * count for label, (_, count) in counts.items())
+        detail = ", ".join(f"{label} {timing[label]:.3g} s x{count}" for label, (_, count) in counts.items())
+        return total, detail
+
+    floor, detail = svd_alone(64, repeats=3)
+    rows.append(
+        (
+            "rank-64 SVD + update alone, no elementwise passes (EXTRAPOLATED)",
+            {"merge_s": floor, "wall_s": float("nan"), "peak_gb": float("nan")},
+            f"{floor / crossover['merge_s']:.1f}x the crossover; one matrix per shape x count: {detail}",
+        )
+    )
     if args.full_svd:
         result = ours("full")
         rows.append(("cqd_mpi crossover + SVD mutation, full rank", result, ""))
     else:
-        kv = KV_HEADS * HIDDEN // HEADS
-        counts = {
-            "q,o": ((HIDDEN, HIDDEN), 2 * LAYERS),
-            "k,v": ((kv, HIDDEN), 2 * LAYERS),
-            "gate,up": ((INTERMEDIATE, HIDDEN), 2 * LAYERS),
-            "down": ((HIDDEN, INTERMEDIATE), LAYERS),
-            "embed,lm_head": ((VOCAB, HIDDEN), 2),
-        }
-        shapes = {label: shape for label, (shape, _) in counts.items()}
-        timing = run(python(FULL_SVD_PER_SHAPE.format(shapes=shapes)), log=logs / "full-svd.log")
-        svd_total = sum(timing[label] * count for label, (_, count) in counts.items())
+        svd_total, detail = svd_alone("full", repeats=1)
         estimate = {
             "merge_s": crossover["merge_s"] + svd_total,
             "wall_s": float("nan"),
             "peak_gb": float("nan"),
         }
-        detail = ", ".join(
-            f"{label} {timing[label]:.1f} s x{count}" for label, (_, count) in counts.items()
-        )
         rows.append(
             (
                 "cqd_mpi crossover + SVD mutation, full rank (EXTRAPOLATED)",
