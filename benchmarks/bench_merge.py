@@ -12,6 +12,7 @@ each in a fresh process (wall time and peak RSS from wait4, page cache warm):
 - mergekit 0.1.5 task_arithmetic, from the venv .bench/venv-mergekit (see --mergekit);
 - cqd_mpi's crossover + SVD mutation at rank 64 and 256, and full rank (extrapolated from one
   matrix per shape unless --full-svd);
+- the expert basis at rank 64 (built once per expert) and the crossover + mutation that uses it;
 - the rank-64 randomized SVD and its update alone (one matrix per shape, timed, times the
   count): the floor of the rank-64 mutation before any elementwise pass;
 - this machine's memory copy bandwidth, to express the crossover as a fraction of it.
@@ -219,8 +220,15 @@ OURS = """
     imported = time.perf_counter()
     base, p1, p2 = (ModelDir(p) for p in sys.argv[1:4])
     rank, niter = sys.argv[5], int(sys.argv[6])
-    mutation = MutationSpec(kind="none") if rank == "none" else MutationSpec(kind="svd", rank=rank if rank == "full" else int(rank), niter=niter)
-    stream = crossover_stream(base=base, parent1=p1, parent2=p2, w1={w1}, w2={w2}, mutation=mutation, seed=1)
+    expert_basis = sys.argv[7] if len(sys.argv) > 7 else None
+    mutation = MutationSpec(kind="none") if rank == "none" else MutationSpec(
+        kind="svd", basis="expert" if expert_basis else "child", rank=rank if rank == "full" else int(rank), niter=niter)
+    basis = None
+    if expert_basis:
+        from cqd_mpi.basis import ExpertBasis
+        basis = ExpertBasis(expert_basis)
+    stream = crossover_stream(base=base, parent1=p1, parent2=p2, w1={w1}, w2={w2}, mutation=mutation, seed=1,
+                              basis=basis)
     write_hf_dir(stream, sys.argv[4], like=base, max_shard_size="1GB")
     done = time.perf_counter()
     print("RESULT " + json.dumps({{"import_s": imported - started, "merge_s": done - imported}}))
@@ -261,6 +269,18 @@ COPY_BANDWIDTH = """
             t = time.perf_counter(); target.copy_(source); times.append(time.perf_counter() - t)
         result[f"copy_gbps_{threads}t"] = 2 * size / min(times) / 1e9
     print("RESULT " + json.dumps(result))
+"""
+
+EXPERT_BASIS = """
+    import json, sys, time
+    started = time.perf_counter()
+    from cqd_mpi.basis import ensure_expert_basis
+    from cqd_mpi.weights import ModelDir
+    imported = time.perf_counter()
+    base, expert = ModelDir(sys.argv[1]), ModelDir(sys.argv[2])
+    path = ensure_expert_basis(base=base, expert=expert, rank=int(sys.argv[4]), cache_dir=sys.argv[3])
+    print("BASIS " + str(path))
+    print("RESULT " + json.dumps({{"import_s": imported - started, "merge_s": time.perf_counter() - imported}}))
 """
 
 SVD_PER_SHAPE = """
@@ -375,15 +395,17 @@ def main() -> int:
     out = args.work / "out"
     rows = []
 
-    def ours(rank: str, niter: int = 2) -> dict:
+    def ours(rank: str, niter: int = 2, basis: Path | None = None) -> dict:
         command = [
             *python(OURS.format(w1=W1, w2=W2)),
             *map(str, models.values()),
             str(out / f"cqd-{rank}"),
             rank,
             str(niter),
+            *([str(basis)] if basis else []),
         ]
-        return run(command, log=logs / f"cqd-{rank}-{niter}.log")
+        label = f"cqd-{rank}-{niter}" + ("-expert" if basis else "")
+        return run(command, log=logs / f"{label}.log")
 
     copy = run(python(COPY_BANDWIDTH), log=logs / "copy.log")
     crossover = min((ours("none") for _ in range(args.repeat)), key=lambda r: r["merge_s"])
@@ -447,6 +469,22 @@ def main() -> int:
                 f"{result['merge_s'] / crossover['merge_s']:.1f}x the crossover",
             )
         )
+    basis_dir = out / "basis"
+    shutil.rmtree(basis_dir, ignore_errors=True)
+    build = run([*python(EXPERT_BASIS.format()), str(models["base"]), str(models["expert1"]), str(basis_dir), "64"],
+                log=logs / "expert-basis-64.log")
+    rows.append(("expert basis, rank 64: one-off build per expert (cached)", build,
+                 f"{build['merge_s'] / crossover['merge_s']:.1f}x the crossover, once per task"))
+    basis_file = next(basis_dir.glob("*.safetensors"))
+    result = ours("64", 2, basis=basis_file)
+    rows.append(
+        (
+            "cqd_mpi crossover + SVD mutation, basis expert (cached), rank 64",
+            result,
+            f"{result['merge_s'] / crossover['merge_s']:.1f}x the crossover",
+        )
+    )
+
     kv = KV_HEADS * HIDDEN // HEADS
     counts = {
         "q,o": ((HIDDEN, HIDDEN), 2 * LAYERS),
