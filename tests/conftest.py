@@ -44,6 +44,15 @@ def tiny_family(tmp_path_factory) -> dict:
     return {"base": base, "experts": experts}
 
 
+@pytest.fixture(scope="session")
+def bf16(tmp_path_factory) -> dict:
+    """tests.tiny_llama.family in bf16 (a base and three experts, sharded three ways), built
+    once and shared read-only by the weight, basis and merge-command tests."""
+    from tests.tiny_llama import family
+
+    return family(tmp_path_factory.mktemp("bf16-family"), torch.bfloat16)
+
+
 def probe_config(family: dict, run_dir: Path, **overrides) -> dict:
     """A run config over the tiny family with three probe tasks (tests/runtime/probe_task.py)."""
     config = {

@@ -16,16 +16,10 @@ from tests.tiny_llama import (
     W2,
     assert_matches,
     dense_crossover,
-    family,
     save_tiny_llama,
     state_dict,
     streamed,
 )
-
-
-@pytest.fixture(scope="module")
-def bf16(tmp_path_factory):
-    return family(tmp_path_factory.mktemp("basis-bf16"), torch.bfloat16)
 
 
 def expert_tau(models, name, expert="p3"):

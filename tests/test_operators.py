@@ -35,11 +35,6 @@ from tests.tiny_llama import (
 
 
 @pytest.fixture(scope="module")
-def bf16(tmp_path_factory):
-    return family(tmp_path_factory.mktemp("bf16"), torch.bfloat16)
-
-
-@pytest.fixture(scope="module")
 def fp32(tmp_path_factory):
     return family(tmp_path_factory.mktemp("fp32"), torch.float32)
 
@@ -293,7 +288,7 @@ def test_crossover_rejects_bad_inputs(bf16, fp32):
         )
     with pytest.raises(
         WeightsError,
-        match=r"has shape .* BF16 in .*bf16\d*/base/model.safetensors but shape .* F32 in .*fp32",
+        match=r"has shape .* BF16 in .*bf16-family\d*/base/model.safetensors but shape .* F32 in .*fp32",
     ):
         crossover_stream(base=base, parent1=p1, parent2=ModelDir(fp32["p2"]), w1=W1, w2=W2)
 

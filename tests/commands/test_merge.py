@@ -21,12 +21,7 @@ from cqd_mpi.operators import (
 )
 from cqd_mpi.weights import ModelDir, write_hf_dir
 from tests.conftest import subprocess_env
-from tests.tiny_llama import family, logits, save_tiny_llama, state_dict
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return family(tmp_path_factory.mktemp("merge-cli"), torch.bfloat16)
+from tests.tiny_llama import logits, save_tiny_llama, state_dict
 
 
 def merge(capsys, *args) -> tuple[int, str, str]:
@@ -44,15 +39,15 @@ def files(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def test_crossover_writes_the_seeded_child(models, tmp_path, capsys):
+def test_crossover_writes_the_seeded_child(bf16, tmp_path, capsys):
     out = tmp_path / "child"
     code, stdout, _ = merge(
         capsys,
         "--base",
-        models["base"],
+        bf16["base"],
         "--parents",
-        models["p1"],
-        models["p2"],
+        bf16["p1"],
+        bf16["p2"],
         "--seed",
         3,
         "--rank",
@@ -66,12 +61,12 @@ def test_crossover_writes_the_seeded_child(models, tmp_path, capsys):
     assert f"wrote {out}" in stdout
     w1, w2 = sample_crossover_weights(seeding.numpy_rng(3, 0, "crossover"), 1.0, 0.03)
     assert printed_weights(stdout) == pytest.approx((w1, w2), abs=1e-6)
-    base = ModelDir(models["base"])
+    base = ModelDir(bf16["base"])
     expected = write_hf_dir(
         crossover_stream(
             base=base,
-            parent1=ModelDir(models["p1"]),
-            parent2=ModelDir(models["p2"]),
+            parent1=ModelDir(bf16["p1"]),
+            parent2=ModelDir(bf16["p2"]),
             w1=w1,
             w2=w2,
             mutation=MutationSpec(kind="svd", rank=3, exclude=("lm_head",)),
@@ -90,15 +85,15 @@ def test_crossover_writes_the_seeded_child(models, tmp_path, capsys):
     ]
 
 
-def test_same_command_gives_identical_files_and_another_seed_differs(models, tmp_path, capsys):
+def test_same_command_gives_identical_files_and_another_seed_differs(bf16, tmp_path, capsys):
     def run(seed, name):
         merge(
             capsys,
             "--base",
-            models["base"],
+            bf16["base"],
             "--parents",
-            models["p1"],
-            models["p2"],
+            bf16["p1"],
+            bf16["p2"],
             "--seed",
             seed,
             "--mutation",
@@ -112,15 +107,15 @@ def test_same_command_gives_identical_files_and_another_seed_differs(models, tmp
     assert run(1, "a")["model.safetensors"] != run(2, "c")["model.safetensors"]
 
 
-def test_explicit_weights_and_no_mutation(models, tmp_path, capsys):
+def test_explicit_weights_and_no_mutation(bf16, tmp_path, capsys):
     out = tmp_path / "child"
     code, stdout, _ = merge(
         capsys,
         "--base",
-        models["base"],
+        bf16["base"],
         "--parents",
-        models["p1"],
-        models["p2"],
+        bf16["p1"],
+        bf16["p2"],
         "--seed",
         0,
         "--w1",
@@ -133,27 +128,27 @@ def test_explicit_weights_and_no_mutation(models, tmp_path, capsys):
         out,
     )
     assert code == 0 and printed_weights(stdout) == (0.5, 1.5)
-    theta = {k: state_dict(models[k]) for k in ("p1", "p2")}
+    theta = {k: state_dict(bf16[k]) for k in ("p1", "p2")}
     for name, tensor in state_dict(out).items():
         expected = (0.25 * theta["p1"][name].float() + 0.75 * theta["p2"][name].float()).bfloat16()
         torch.testing.assert_close(tensor.float(), expected.float(), rtol=2.0**-7, atol=1e-7)
 
 
-def test_expert_basis_is_built_in_the_cache_dir(models, tmp_path, capsys):
+def test_expert_basis_is_built_in_the_cache_dir(bf16, tmp_path, capsys):
     cache = tmp_path / "cache"
     code, stdout, _ = merge(
         capsys,
         "--base",
-        models["base"],
+        bf16["base"],
         "--parents",
-        models["p1"],
-        models["p2"],
+        bf16["p1"],
+        bf16["p2"],
         "--seed",
         2,
         "--basis",
         "expert",
         "--expert",
-        models["p3"],
+        bf16["p3"],
         "--rank",
         4,
         "--cache-dir",
@@ -166,16 +161,16 @@ def test_expert_basis_is_built_in_the_cache_dir(models, tmp_path, capsys):
     assert f"expert basis {basis}" in stdout and basis.suffix == ".safetensors"
     assert not torch.equal(
         state_dict(tmp_path / "child")["model.layers.0.mlp.up_proj.weight"],
-        state_dict(models["p1"])["model.layers.0.mlp.up_proj.weight"],
+        state_dict(bf16["p1"])["model.layers.0.mlp.up_proj.weight"],
     )
 
 
-def test_aggregation_with_scores_and_with_explicit_weights(models, tmp_path, capsys):
-    members = [models[k] for k in ("p1", "p2", "p3")]
+def test_aggregation_with_scores_and_with_explicit_weights(bf16, tmp_path, capsys):
+    members = [bf16[k] for k in ("p1", "p2", "p3")]
     code, stdout, _ = merge(
         capsys,
         "--base",
-        models["base"],
+        bf16["base"],
         "--aggregate",
         *members,
         "--scores",
@@ -190,7 +185,7 @@ def test_aggregation_with_scores_and_with_explicit_weights(models, tmp_path, cap
     assert code == 0
     betas = softmax([0.2, 0.5, 0.4], temperature=0.1)
     assert stdout.startswith("betas " + " ".join(f"{b:.6g}" for b in betas))
-    base = ModelDir(models["base"])
+    base = ModelDir(bf16["base"])
     expected = write_hf_dir(
         aggregate_stream(base=base, members=[ModelDir(m) for m in members], betas=betas),
         tmp_path / "expected",
@@ -201,7 +196,7 @@ def test_aggregation_with_scores_and_with_explicit_weights(models, tmp_path, cap
     code, stdout, _ = merge(
         capsys,
         "--base",
-        models["base"],
+        bf16["base"],
         "--aggregate",
         *members[:2],
         "--weights",
@@ -212,7 +207,7 @@ def test_aggregation_with_scores_and_with_explicit_weights(models, tmp_path, cap
     )
     assert code == 0 and stdout.startswith("betas 0.3 0.7")
     code, stdout, _ = merge(
-        capsys, "--base", models["base"], "--aggregate", *members[:2], "--out", tmp_path / "mean"
+        capsys, "--base", bf16["base"], "--aggregate", *members[:2], "--out", tmp_path / "mean"
     )
     assert code == 0 and stdout.startswith("betas 0.5 0.5")
     mean = state_dict(tmp_path / "mean")
@@ -243,14 +238,14 @@ def test_aggregation_with_scores_and_with_explicit_weights(models, tmp_path, cap
         ),
     ],
 )
-def test_crossover_user_errors(models, tmp_path, capsys, extra, message):
+def test_crossover_user_errors(bf16, tmp_path, capsys, extra, message):
     code, _, stderr = merge(
         capsys,
         "--base",
-        models["base"],
+        bf16["base"],
         "--parents",
-        models["p1"],
-        models["p2"],
+        bf16["p1"],
+        bf16["p2"],
         *extra,
         "--out",
         tmp_path / "child",
@@ -260,14 +255,14 @@ def test_crossover_user_errors(models, tmp_path, capsys, extra, message):
     assert not (tmp_path / "child").exists()
 
 
-def test_aggregation_user_errors(models, tmp_path, capsys):
+def test_aggregation_user_errors(bf16, tmp_path, capsys):
     code, _, stderr = merge(
         capsys,
         "--base",
-        models["base"],
+        bf16["base"],
         "--aggregate",
-        models["p1"],
-        models["p2"],
+        bf16["p1"],
+        bf16["p2"],
         "--scores",
         0.1,
         "--out",
@@ -277,9 +272,9 @@ def test_aggregation_user_errors(models, tmp_path, capsys):
     code, _, stderr = merge(
         capsys,
         "--base",
-        models["base"],
+        bf16["base"],
         "--aggregate",
-        models["p1"],
+        bf16["p1"],
         "--seed",
         1,
         "--out",
@@ -291,23 +286,23 @@ def test_aggregation_user_errors(models, tmp_path, capsys):
             [
                 "merge",
                 "--base",
-                str(models["base"]),
+                str(bf16["base"]),
                 "--parents",
-                str(models["p1"]),
+                str(bf16["p1"]),
                 "--out",
                 str(tmp_path / "x"),
             ]
         )
 
 
-def test_incompatible_or_missing_models_are_named(models, tmp_path, capsys):
+def test_incompatible_or_missing_models_are_named(bf16, tmp_path, capsys):
     wider = save_tiny_llama(tmp_path / "wider", seed=1, dtype=torch.bfloat16, intermediate_size=64)
     code, _, stderr = merge(
         capsys,
         "--base",
-        models["base"],
+        bf16["base"],
         "--parents",
-        models["p1"],
+        bf16["p1"],
         wider,
         "--seed",
         1,
@@ -324,8 +319,8 @@ def test_incompatible_or_missing_models_are_named(models, tmp_path, capsys):
         "--base",
         tmp_path / "nowhere",
         "--parents",
-        models["p1"],
-        models["p2"],
+        bf16["p1"],
+        bf16["p2"],
         "--seed",
         1,
         "--out",
@@ -334,7 +329,7 @@ def test_incompatible_or_missing_models_are_named(models, tmp_path, capsys):
     assert code == 2 and "nowhere does not exist" in stderr
 
 
-def test_entry_point_writes_shards_that_transformers_loads(models, tmp_path):
+def test_entry_point_writes_shards_that_transformers_loads(bf16, tmp_path):
     out = tmp_path / "child"
     result = subprocess.run(
         [
@@ -343,10 +338,10 @@ def test_entry_point_writes_shards_that_transformers_loads(models, tmp_path):
             "cqd_mpi",
             "merge",
             "--base",
-            str(models["base"]),
+            str(bf16["base"]),
             "--parents",
-            str(models["p1"]),
-            str(models["p2"]),
+            str(bf16["p1"]),
+            str(bf16["p2"]),
             "--seed",
             "5",
             "--mutation",
@@ -368,4 +363,4 @@ def test_entry_point_writes_shards_that_transformers_loads(models, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert logits(out).shape == (1, 6, 48)
-    assert not torch.allclose(logits(out), logits(models["p1"]))
+    assert not torch.allclose(logits(out), logits(bf16["p1"]))

@@ -3,40 +3,33 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cqd_mpi.cli import main
 from cqd_mpi.operators import model_similarity
 from cqd_mpi.weights import ModelDir
-from tests.tiny_llama import family
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return family(tmp_path_factory.mktemp("similarity-cli"), torch.bfloat16)
-
-
-def test_prints_the_metric(models, capsys):
+def test_prints_the_metric(bf16, capsys):
     assert (
-        main(["similarity", str(models["p1"]), str(models["p2"]), "--base", str(models["base"])])
+        main(["similarity", str(bf16["p1"]), str(bf16["p2"]), "--base", str(bf16["base"])])
         == 0
     )
     printed = float(capsys.readouterr().out)
     expected = model_similarity(
-        base=ModelDir(models["base"]), a=ModelDir(models["p1"]), b=ModelDir(models["p2"])
+        base=ModelDir(bf16["base"]), a=ModelDir(bf16["p1"]), b=ModelDir(bf16["p2"])
     )
     assert printed == pytest.approx(expected, abs=5e-7)
     assert 0.5 < printed < 1.0
 
 
-def test_exclude_changes_which_matrices_count(models, capsys):
+def test_exclude_changes_which_matrices_count(bf16, capsys):
     main(
         [
             "similarity",
-            str(models["p1"]),
-            str(models["base"]),
+            str(bf16["p1"]),
+            str(bf16["base"]),
             "--base",
-            str(models["base"]),
+            str(bf16["base"]),
             "--exclude",
             "self_attn",
             "mlp",
@@ -44,23 +37,23 @@ def test_exclude_changes_which_matrices_count(models, capsys):
         ]
     )
     assert float(capsys.readouterr().out) == 0.0
-    main(["similarity", str(models["p1"]), str(models["p1"]), "--base", str(models["base"])])
+    main(["similarity", str(bf16["p1"]), str(bf16["p1"]), "--base", str(bf16["base"])])
     assert float(capsys.readouterr().out) == 1.0
 
 
-def test_errors_name_the_problem(models, tmp_path, capsys):
+def test_errors_name_the_problem(bf16, tmp_path, capsys):
     assert (
-        main(["similarity", str(models["p1"]), str(tmp_path), "--base", str(models["base"])]) == 2
+        main(["similarity", str(bf16["p1"]), str(tmp_path), "--base", str(bf16["base"])]) == 2
     )
     assert f"{tmp_path} has neither model.safetensors" in capsys.readouterr().err
     assert (
         main(
             [
                 "similarity",
-                str(models["p1"]),
-                str(models["p2"]),
+                str(bf16["p1"]),
+                str(bf16["p2"]),
                 "--base",
-                str(models["base"]),
+                str(bf16["base"]),
                 "--exclude",
                 ".",
             ]
@@ -69,4 +62,4 @@ def test_errors_name_the_problem(models, tmp_path, capsys):
     )
     assert "has no 2-D floating-point matrices to compare" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["similarity", str(models["p1"]), str(models["p2"])])
+        main(["similarity", str(bf16["p1"]), str(bf16["p2"])])
