@@ -56,7 +56,8 @@ def mpirun(ranks: int, config: Path, log: Path) -> dict:
                log=log)
 
 
-def null_run(work: Path, models: dict[str, Path], generations: int, transport: str) -> dict[str, np.ndarray]:
+def null_run(work: Path, models: dict[str, Path], generations: int, transport: str,
+             device: str = "cpu") -> dict[str, np.ndarray]:
     run_dir = work / f"null-{transport}"
     shutil.rmtree(run_dir, ignore_errors=True)
     config = {
@@ -65,7 +66,7 @@ def null_run(work: Path, models: dict[str, Path], generations: int, transport: s
         "tasks": [{"name": n, "kind": "benchmarks.null_task:NullTask"} for n in ("a", "b")],
         "qd": {"generations": generations, "mutation": {"kind": "none"}},
         "runtime": {"run_dir": str(run_dir), "transport": transport, "max_shard_size": "1GB"},
-        "engine": {"device": "cpu"},
+        "engine": {"device": "auto" if device == "cuda" else device},
     }
     path = work / f"null-{transport}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -88,7 +89,7 @@ def demo_run(work: Path, ranks: int, generations: int) -> dict[str, np.ndarray]:
 
 def overhead_row(label: str, h: dict[str, np.ndarray]) -> str:
     total = h["total_s"].mean()
-    other = (h["total_s"] - h["merge_s"] - h["eval_s"] - h["transfer_s"]).mean()
+    other = max(0.0, (h["total_s"] - h["merge_s"] - h["eval_s"] - h["transfer_s"]).mean())
     beyond = (h["total_s"] - h["merge_s"] - h["eval_s"]).mean()
     return (f"| {label} | {len(h['total_s'])} | {h['merge_s'].mean():.2f} | {h['transfer_s'].mean():.2f} | "
             f"{h['eval_s'].mean():.2f} | {other:.2f} | {total:.2f} | {beyond / total:.1%} |")
@@ -102,7 +103,11 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=6)
     parser.add_argument("--demo-generations", type=int, default=24)
     parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the workers' live models sit (cuda: a GPU node)")
     args = parser.parse_args()
+    args.work = args.work.resolve()
+    args.models = args.models.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")])
     load_before = os.getloadavg()
@@ -114,7 +119,7 @@ def main() -> int:
     for ranks in (2, 3):
         probe = run([shutil.which("mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py",
                      str(HERE / "transfer_probe.py"),
-                     str(models["base"]), "3"], log=args.work / "logs" / f"transfer-{ranks}.log")
+                     str(models["base"]), "3", args.device], log=args.work / "logs" / f"transfer-{ranks}.log")
         nbytes = probe["bytes"]
         transfers[ranks] = min(probe["seconds"])
     gb = nbytes / 1e9
@@ -128,15 +133,16 @@ def main() -> int:
     print(f"| plain memory copy (torch copy_), all cores | {gb:.2f} | {copy_best:.2f} | "
           f"{copy_best / copy_1t:.1f}x | 1.0x |")
     for ranks, seconds in transfers.items():
-        print(f"| `mpi` transport, rank 0 -> {ranks - 1} worker(s)' live models (mpiexec -n {ranks}, best of 3) | "
+        print(f"| `mpi` transport, rank 0 -> {ranks - 1} worker(s)' live models on {args.device} "
+              f"(mpiexec -n {ranks}, best of 3) | "
               f"{gb:.2f} | {seconds:.2f} | {seconds / copy_1t:.1f}x | {seconds / copy_best:.1f}x |")
     print()
     print("| run (mpiexec -n 3 unless noted) | generations | merge s | transfer s | eval s | other s | "
           "total s | beyond merge + eval |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for transport in ("mpi", "file"):
-        h = null_run(args.work, models, args.generations, transport)
-        print(overhead_row(f"0.85B, null evaluator, transport {transport}", h))
+        h = null_run(args.work, models, args.generations, transport, args.device)
+        print(overhead_row(f"0.85B, null evaluator, transport {transport}, workers on {args.device}", h))
     if not args.skip_demo:
         for ranks in (2, 3):
             h = demo_run(args.work, ranks, args.demo_generations)

@@ -1,9 +1,10 @@
 """Times one model's transfer with cqd_mpi's `mpi` transport, nothing else (run under mpiexec).
 
-    mpiexec -n 3 python -m mpi4py benchmarks/transfer_probe.py MODEL_DIR [REPEATS]
+    mpiexec -n 3 python -m mpi4py benchmarks/transfer_probe.py MODEL_DIR [REPEATS [DEVICE]]
 
 Rank 0 streams the model from its memory-mapped safetensors; every other rank receives it
-straight into a live transformers model (cqd_mpi.runtime.transport.ModelBroadcast). Prints one
+straight into a live transformers model (cqd_mpi.runtime.transport.ModelBroadcast) on DEVICE
+(cpu, or cuda: every worker on cuda:<local rank mod GPUs>). Prints one
 line `RESULT {json}` on rank 0 with the bytes and the seconds of each repeat.
 """
 
@@ -20,13 +21,14 @@ from cqd_mpi.weights import ModelDir
 comm = MPI.COMM_WORLD
 model_dir = sys.argv[1]
 repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
 source = ModelDir(model_dir)
 specs = _tensor_specs([(n, source.spec(n).shape, source.spec(n).dtype) for n in source.names])
 live = None
 if comm.rank > 0:
     from cqd_mpi.engines.hf import LiveModel
 
-    live = LiveModel(model_dir, device="cpu")
+    live = LiveModel(model_dir, device="auto" if device == "cuda" else device)
 broadcast = ModelBroadcast(comm)
 seconds = []
 for _ in range(repeats):
@@ -40,4 +42,4 @@ for _ in range(repeats):
     seconds.append(time.perf_counter() - start)
 broadcast.close()
 if comm.rank == 0:
-    print("RESULT " + json.dumps({"bytes": source.nbytes, "seconds": seconds, "ranks": comm.size}))
+    print("RESULT " + json.dumps({"bytes": source.nbytes, "seconds": seconds, "ranks": comm.size, "device": device}))

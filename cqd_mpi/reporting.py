@@ -38,6 +38,10 @@ def format_report(report: Mapping) -> str:
 
 
 def format_times(phase_seconds: Mapping[str, float], wall: float) -> str:
+    """The run's wall time by phase. With a pipeline the conductor merges the next child while
+    workers evaluate, so the phases can add up to more than the wall time: that excess is
+    shown as `overlapped`, never as a negative remainder."""
     parts = " ".join(f"{k}={v:.1f}s" for k, v in phase_seconds.items())
-    overhead = wall - sum(phase_seconds.values())
-    return f"time: wall={wall:.1f}s {parts} other={overhead:.1f}s"
+    remainder = wall - sum(phase_seconds.values())
+    tail = f"other={remainder:.1f}s" if remainder >= 0 else f"other=0.0s overlapped={-remainder:.1f}s"
+    return f"time: wall={wall:.1f}s {parts} {tail}"

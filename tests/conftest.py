@@ -87,3 +87,14 @@ def subprocess_env(**extra) -> dict:
     env.pop("CQD_MPI_FAULT", None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests need a GPU: where torch sees none they are skipped with the reason shown
+    in the summary, and run with `python -m pytest -m cuda` on a GPU node (docs/gpu.md)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU, and torch sees none here (docs/gpu.md says how they ran)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -67,7 +67,8 @@ def local_rank() -> int:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' is cuda:<local rank mod visible GPUs> when CUDA is present, else the CPU."""
+    """'auto' is cuda:<local rank mod visible GPUs> when CUDA is present, else the CPU; a bare
+    'cuda' also takes the local rank's GPU, so that the ranks of a node spread over its GPUs."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -78,8 +79,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"engine device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type != "cuda":
+        return resolved
+    if not torch.cuda.is_available():
         raise ConfigError(f"engine device: {device!r} was asked for, but CUDA is not available here")
+    count = torch.cuda.device_count()
+    if resolved.index is None:
+        return torch.device("cuda", local_rank() % count)
+    if resolved.index >= count:
+        raise ConfigError(f"engine device: {device!r} was asked for, but this process sees {count} GPU(s) "
+                          f"(cuda:0 to cuda:{count - 1}; check CUDA_VISIBLE_DEVICES)")
     return resolved
 
 

@@ -236,3 +236,49 @@ def test_half_precision_checkpoint_runs_in_float32_on_cpu(tmp_path):
     explicit = LiveModel(model_dir, device="cpu", dtype="bfloat16")
     assert next(explicit.model.parameters()).dtype == torch.bfloat16
     assert all(t.dtype == torch.bfloat16 for _, t in checkpoint_stream(model_dir))
+
+
+@pytest.mark.cuda
+def test_cuda_forward_and_greedy_generation_match_the_cpu(tiny_dirs, live_a):
+    on_gpu = LiveModel(tiny_dirs["a"], device="cuda", dtype="float32")
+    assert on_gpu.device == torch.device("cuda", 0)
+    assert {p.device for p in on_gpu.model.parameters()} == {torch.device("cuda", 0)}
+    batch = live_a.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        cpu_logits = live_a.model(**batch).logits
+        gpu_logits = on_gpu.model(**{k: v.cuda() for k, v in batch.items()}).logits.cpu()
+    torch.testing.assert_close(gpu_logits, cpu_logits, rtol=1e-4, atol=1e-4)
+    expected = live_a.generate(PROMPTS, max_new_tokens=24)
+    assert on_gpu.generate(PROMPTS, max_new_tokens=24, batch_size=3) == expected
+    assert on_gpu.generate(PROMPTS, max_new_tokens=24, batch_size=16) == expected
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_checkpoint_runs_in_bf16_and_casts_streamed_weights_on_arrival(tiny_dirs, tmp_path):
+    from cqd_mpi.engines.tiny import build_tiny_llama
+    from cqd_mpi.weights import ModelDir
+
+    bf16_dir = build_tiny_llama(tmp_path / "bf16", seed=1, dtype=torch.bfloat16)
+    live = LiveModel(bf16_dir, device="cuda")
+    assert live.dtype == torch.bfloat16
+    before = {name: p.data_ptr() for name, p in live.model.named_parameters()}
+    assert live.load_dir(tiny_dirs["b"]) > 0
+    assert {name: p.data_ptr() for name, p in live.model.named_parameters()} == before
+    for name, tensor in ModelDir(tiny_dirs["b"]).tensors():
+        got = live.live_tensor(name)
+        assert got.device.type == "cuda" and got.dtype == torch.bfloat16
+        assert torch.equal(got.cpu(), tensor.to(torch.bfloat16)), name
+    fresh = LiveModel(tiny_dirs["b"], device="cuda", dtype="bfloat16")
+    assert live.generate(PROMPTS, max_new_tokens=16) == fresh.generate(PROMPTS, max_new_tokens=16)
+
+
+@pytest.mark.cuda
+def test_cuda_device_names_resolve_to_the_local_ranks_gpu(monkeypatch):
+    count = torch.cuda.device_count()
+    monkeypatch.setenv("LOCAL_RANK", str(count + 1))
+    expected = torch.device("cuda", (count + 1) % count)
+    assert resolve_device("auto") == expected
+    assert resolve_device("cuda") == expected
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=rf"'cuda:{count}' was asked for, but this process sees {count} GPU"):
+        resolve_device(f"cuda:{count}")

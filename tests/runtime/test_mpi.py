@@ -65,6 +65,17 @@ def test_file_transport_gives_the_same_results(one_rank, tiny_family, tmp_path):
     assert not any((tmp_path / "staging").iterdir())
 
 
+@pytest.mark.cuda
+def test_workers_on_the_gpu_give_the_cpu_results(one_rank, tiny_family, tmp_path):
+    """engine.device auto: each worker takes cuda:<local rank mod GPUs> (here two workers share
+    one GPU), receives every child into CUDA parameters, and scores as the CPU run does."""
+    result = run_cli("run", mpi_config(tiny_family, tmp_path, **{"engine.device": "auto"}), mpi_ranks=3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (1, 2):
+        assert "device='cuda:0'" in (tmp_path / "run" / "logs" / f"rank-{rank}.log").read_text()
+    assert_same_results(one_rank, tmp_path / "run")
+
+
 def test_eval_groups_change_throughput_not_results(tiny_family, tmp_path):
     runs = {}
     for groups in (1, 2):

@@ -30,19 +30,25 @@ def bf16_pair(tmp_path_factory):
     return {"live": live, "source": source, "source_bf16": root / "source-bf16"}
 
 
-@pytest.mark.parametrize(("source", "live_dtype", "ranks_per_node", "chunk"), [
-    ("source", "float32", None, 4096),
-    ("source", "float32", "1", 4096),
-    ("source", "float32", "2", 1 << 20),
-    ("source_bf16", "bfloat16", None, 1000),
-    ("source_bf16", "float32", "2", 4096),
+ON_CUDA = pytest.mark.cuda
+
+
+@pytest.mark.parametrize(("source", "live_dtype", "ranks_per_node", "chunk", "device"), [
+    ("source", "float32", None, 4096, "cpu"),
+    ("source", "float32", "1", 4096, "cpu"),
+    ("source", "float32", "2", 1 << 20, "cpu"),
+    ("source_bf16", "bfloat16", None, 1000, "cpu"),
+    ("source_bf16", "float32", "2", 4096, "cpu"),
+    pytest.param("source", "float32", None, 4096, "cuda", marks=ON_CUDA),
+    pytest.param("source_bf16", "bfloat16", "1", 1000, "cuda", marks=ON_CUDA),
+    pytest.param("source_bf16", "float32", "2", 4096, "cuda", marks=ON_CUDA),
 ])
-def test_every_worker_ends_with_the_sent_weights(bf16_pair, source, live_dtype, ranks_per_node, chunk):
+def test_every_worker_ends_with_the_sent_weights(bf16_pair, source, live_dtype, ranks_per_node, chunk, device):
     if chunk % 8:
         chunk += 8 - chunk % 8
     env = subprocess_env(**({"CQD_MPI_RANKS_PER_NODE": ranks_per_node} if ranks_per_node else {}))
     result = run_command(["mpiexec", "-n", "3", sys.executable, str(CHECK), str(bf16_pair[source]),
-                          str(bf16_pair["live"]), live_dtype, str(chunk)], env=env, cwd=REPO)
+                          str(bf16_pair["live"]), live_dtype, str(chunk), device], env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transport ok on 3 ranks" in result.stdout
 

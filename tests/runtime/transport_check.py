@@ -1,6 +1,8 @@
 """Run under mpiexec by test_transport.py: send a model with ModelBroadcast, check every rank got it.
 
-    mpiexec -n N python tests/runtime/transport_check.py SOURCE_DIR LIVE_DIR LIVE_DTYPE CHUNK_BYTES
+    mpiexec -n N python tests/runtime/transport_check.py SOURCE_DIR LIVE_DIR LIVE_DTYPE CHUNK_BYTES [DEVICE]
+
+With DEVICE cuda the workers receive straight into CUDA parameters.
 """
 
 import sys
@@ -14,11 +16,12 @@ from cqd_mpi.runtime.transport import ModelBroadcast
 from cqd_mpi.weights import ModelDir
 
 source_dir, live_dir, live_dtype, chunk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
 comm = MPI.COMM_WORLD
 source = ModelDir(source_dir)
 specs = _tensor_specs([(n, source.spec(n).shape, source.spec(n).dtype) for n in source.names])
 broadcast = ModelBroadcast(comm, chunk_bytes=chunk)
-live = None if comm.rank == 0 else LiveModel(live_dir, device="cpu", dtype=live_dtype)
+live = None if comm.rank == 0 else LiveModel(live_dir, device=device, dtype=live_dtype)
 for _ in range(2):
     if comm.rank == 0:
         broadcast.send(source.tensors())
@@ -27,7 +30,8 @@ for _ in range(2):
         for name, tensor in source.tensors():
             got = live.live_tensor(name)
             assert got.dtype == getattr(torch, live_dtype), (name, got.dtype)
-            assert torch.equal(got, tensor.to(got.dtype)), f"rank {comm.rank}: {name} differs"
+            assert got.device.type == device, (name, got.device)
+            assert torch.equal(got.cpu(), tensor.to(got.dtype)), f"rank {comm.rank}: {name} differs"
 broadcast.close()
 ok = comm.gather(True, root=0)
 if comm.rank == 0:
