@@ -14,8 +14,7 @@ import time
 
 from mpi4py import MPI
 
-from cqd_mpi.runtime.mpi import _tensor_specs
-from cqd_mpi.runtime.transport import ModelBroadcast
+from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs
 from cqd_mpi.weights import ModelDir
 
 comm = MPI.COMM_WORLD
@@ -23,7 +22,7 @@ model_dir = sys.argv[1]
 repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
 device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
 source = ModelDir(model_dir)
-specs = _tensor_specs([(n, source.spec(n).shape, source.spec(n).dtype) for n in source.names])
+specs = wire_specs(source.layout())
 live = None
 if comm.rank > 0:
     from cqd_mpi.engines.hf import LiveModel

@@ -341,7 +341,7 @@ def crossover_stream(
         basis.check_covers(base, mutation)
     c2 = w2 / (w1 + w2)
     c1 = 1.0 - c2
-    layout = {name: (base.spec(name).shape, base.spec(name).dtype) for name in base.names}
+    layout = base.layout()
     models = [parent1, parent2, base]
 
     def chunks() -> Iterator[Chunk]:
@@ -463,7 +463,7 @@ def aggregate_stream(
     use_base = abs(base_weight) > 1e-12
     models = [*members, base]
     coefficients = [*betas, base_weight] if use_base else betas
-    layout = {name: (base.spec(name).shape, base.spec(name).dtype) for name in base.names}
+    layout = base.layout()
 
     def chunks() -> Iterator[Chunk]:
         buffers = _Buffers()

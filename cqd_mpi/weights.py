@@ -256,6 +256,11 @@ class ModelDir:
     def nbytes(self) -> int:
         return sum(spec.nbytes for spec in self._specs.values())
 
+    def layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """name -> (shape, dtype) of every tensor, in `names` order: what a stream of this
+        model's shape declares up front (TensorStream.layout)."""
+        return {name: (tuple(self._specs[name].shape), self._specs[name].dtype) for name in self.names}
+
     @property
     def config(self) -> dict:
         """config.json as a dict."""

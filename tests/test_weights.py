@@ -66,6 +66,9 @@ def test_single_file_dir_lists_tensors_in_file_order_with_specs(models):
         assert spec.nbytes == tensor.numel() * 2
     assert model.config["hidden_size"] == 32
     assert model.nbytes == sum(t.numel() * 2 for t in reference.values())
+    layout = model.layout()
+    assert list(layout) == model.names
+    assert layout == {name: (tuple(t.shape), torch.bfloat16) for name, t in reference.items()}
 
 
 def test_sharded_dir_reads_every_tensor_exactly(models):

@@ -125,9 +125,9 @@ class Conductor:
         if path is None:
             stream = TimedStream(self.builder.stream(job.recipe), retain=self.retain)
             self.built[job.model_id] = stream
-            return ModelSource(stream, _specs(self.builder.base))
+            return ModelSource(stream, self.builder.base.layout())
         stored = ModelDir(path)
-        return ModelSource(TimedStream(stored.tensors()), _specs(stored), path=path, staged_s=staged_s)
+        return ModelSource(TimedStream(stored.tensors()), stored.layout(), path=path, staged_s=staged_s)
 
     def _wait_any(self, busy: Sequence[EvalGroup]) -> Outcome:
         delay = 0.0005
@@ -209,11 +209,6 @@ class Conductor:
         self.echo(format_report(report))
 
 
-def _specs(model: ModelDir) -> list:
-    return [(name, tuple(model.spec(name).shape), model.spec(name).dtype) for name in model.names]
-
-
 def retained_stream(base: ModelDir, tensors: list) -> TensorStream:
     """A stream over tensors already in memory, in the base's layout."""
-    layout = {name: (base.spec(name).shape, base.spec(name).dtype) for name in base.names}
-    return TensorStream(layout=layout, chunks=((name, 0, t.reshape(-1)) for name, t in tensors))
+    return TensorStream(layout=base.layout(), chunks=((name, 0, t.reshape(-1)) for name, t in tensors))

@@ -57,11 +57,12 @@ class TimedStream:
 
 @dataclasses.dataclass
 class ModelSource:
-    """A model ready to send: its tensor stream, their specs in stream order, and the HF dir
-    that holds it when there is one (a stored model, or a child staged for transport `file`)."""
+    """A model ready to send: its tensor stream, their layout (name -> shape, dtype) in stream
+    order, and the HF dir that holds it when there is one (a stored model, or a child staged
+    for transport `file`)."""
 
     stream: TimedStream
-    specs: list[tuple[str, tuple[int, ...], torch.dtype]]
+    layout: dict[str, tuple[tuple[int, ...], torch.dtype]]
     path: Path | None = None
     staged_s: float = 0.0
 

@@ -32,7 +32,7 @@ from cqd_mpi.errors import ConfigError, require
 from cqd_mpi.evaluation import shard
 from cqd_mpi.runtime.groups import EvalGroup, Outcome
 from cqd_mpi.runtime.signals import StopFlag
-from cqd_mpi.runtime.transport import ModelBroadcast
+from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs
 from cqd_mpi.runtime.worker import Worker
 
 log = logging.getLogger("cqd_mpi.mpi")
@@ -131,10 +131,6 @@ def group_comms(comm, eval_groups: int):
     return comms, members
 
 
-def _tensor_specs(names_shapes_dtypes) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(n, tuple(s), str(d).removeprefix("torch.")) for n, s, d in names_shapes_dtypes]
-
-
 class Prefetched:
     """Produces a stream in a background thread so that merging overlaps the broadcast;
     `waited` is the time the consumer spent waiting for the producer."""
@@ -214,7 +210,7 @@ class MPIGroup(EvalGroup):
             header["path"] = str(source.path)
             self.comm.bcast(header, root=0)
         else:
-            header["specs"] = _tensor_specs(source.specs)
+            header["specs"] = wire_specs(source.layout)
             self.comm.bcast(header, root=0)
             tensors = Prefetched(source.stream)
             self.broadcast.send(tensors)

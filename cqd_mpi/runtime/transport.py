@@ -17,12 +17,18 @@ inter-node path on a single machine).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 CHUNK_BYTES = 8 * 2**20
+
+
+def wire_specs(layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> list[tuple[str, tuple[int, ...], str]]:
+    """A layout (name -> shape, dtype) as picklable (name, shape, dtype name) triples, the form
+    that goes to the workers in a job's header and that `ModelBroadcast.receive` reads."""
+    return [(name, tuple(shape), str(dtype).removeprefix("torch.")) for name, (shape, dtype) in layout.items()]
 
 
 def byte_view(tensor: torch.Tensor) -> np.ndarray:
@@ -48,6 +54,7 @@ class ModelBroadcast:
             self.node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
         self.is_leader = self.node.Get_rank() == 0
         self.leaders = comm.Split(0 if self.is_leader else MPI.UNDEFINED, key=rank)
+        self._between_nodes = self.leaders != MPI.COMM_NULL and self.leaders.Get_size() > 1
         self.window = MPI.Win.Allocate_shared(2 * chunk_bytes if self.is_leader else 0, 1, comm=self.node)
         memory, _ = self.window.Shared_query(0)
         self.slots = np.frombuffer(memory, dtype=np.uint8, count=2 * chunk_bytes).reshape(2, chunk_bytes)
@@ -60,9 +67,9 @@ class ModelBroadcast:
 
     def _spread(self, slot: np.ndarray) -> None:
         """Root has filled `slot`: node leaders receive it, then each node's members may read it."""
-        from mpi4py import MPI
+        if self._between_nodes:
+            from mpi4py import MPI
 
-        if self.leaders != MPI.COMM_NULL and self.leaders.Get_size() > 1:
             self.leaders.Bcast([slot, MPI.BYTE], root=0)
         self.node.Barrier()
 
@@ -84,7 +91,7 @@ class ModelBroadcast:
             if tuple(target.shape) != tuple(shape):
                 raise RuntimeError(f"tensor {name}: the sender has shape {tuple(shape)}, "
                                    f"the live model {tuple(target.shape)}")
-            itemsize = torch.empty((), dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
             flat = target.data.view(-1)
             direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()

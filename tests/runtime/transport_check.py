@@ -11,15 +11,14 @@ import torch
 from mpi4py import MPI
 
 from cqd_mpi.engines.hf import LiveModel
-from cqd_mpi.runtime.mpi import _tensor_specs
-from cqd_mpi.runtime.transport import ModelBroadcast
+from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs
 from cqd_mpi.weights import ModelDir
 
 source_dir, live_dir, live_dtype, chunk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 device = sys.argv[5] if len(sys.argv) > 5 else "cpu"
 comm = MPI.COMM_WORLD
 source = ModelDir(source_dir)
-specs = _tensor_specs([(n, source.spec(n).shape, source.spec(n).dtype) for n in source.names])
+specs = wire_specs(source.layout())
 broadcast = ModelBroadcast(comm, chunk_bytes=chunk)
 live = None if comm.rank == 0 else LiveModel(live_dir, device=device, dtype=live_dtype)
 for _ in range(2):
