@@ -1,6 +1,6 @@
 """Merge benchmark: the streamed crossover and SVD mutation on a 0.85B-parameter bf16 Llama.
 
-    python benchmarks/bench_merge.py [--work DIR] [--cpus N] [--skip-mergekit] [--full-svd]
+    python benchmarks/bench_merge.py [--work DIR] [--cpus N] [--skip-mergekit] [--full-svd] [--quick]
 
 Builds (once, cached under --work) a synthetic Llama-shaped model with random bf16 weights
 (hidden 2048, 16 layers, intermediate 5632, 16 heads, 4 kv heads, vocab 32000) and two
@@ -10,12 +10,15 @@ each in a fresh process (wall time and peak RSS from wait4, page cache warm):
 - cqd_mpi's crossover written as an HF dir, and its in-process merge time;
 - the same merge done by loading whole models with transformers (the authors' code path);
 - mergekit 0.1.5 task_arithmetic, from the venv .bench/venv-mergekit (see --mergekit);
-- cqd_mpi's crossover + SVD mutation at rank 64 and 256, and full rank (extrapolated from one
-  matrix per shape unless --full-svd);
+- cqd_mpi's crossover + SVD mutation at rank 64 and 256, with the range finder in float32
+  and in bf16 (`mutation.sketch_dtype`), and full rank (extrapolated from one matrix per
+  shape unless --full-svd); on more than 2 cpus also rank 64 with the whole-matrix elementwise
+  passes forced onto one thread, as they ran before they used all threads there;
 - the expert basis at rank 64 (built once per expert) and the crossover + mutation that uses it;
 - the rank-64 randomized SVD and its update alone (one matrix per shape, timed, times the
   count): the floor of the rank-64 mutation before any elementwise pass;
-- this machine's memory copy bandwidth, to express the crossover as a fraction of it.
+- this machine's memory copy bandwidth, to express the crossover as a fraction of it, and its
+  float32 and bf16 GEMM rates for the range finder's shape.
 
 Prints a markdown table ready for docs/benchmarks.md.
 """
@@ -219,10 +222,14 @@ OURS = """
     from cqd_mpi.weights import ModelDir, write_hf_dir
     imported = time.perf_counter()
     base, p1, p2 = (ModelDir(p) for p in sys.argv[1:4])
-    rank, niter = sys.argv[5], int(sys.argv[6])
-    expert_basis = sys.argv[7] if len(sys.argv) > 7 else None
+    rank, niter, sketch_dtype, passes = sys.argv[5], int(sys.argv[6]), sys.argv[7], sys.argv[8]
+    expert_basis = sys.argv[9] if len(sys.argv) > 9 else None
+    import cqd_mpi.operators
+    if passes == "serial":
+        cqd_mpi.operators.FEW_CORES = 1 << 30
     mutation = MutationSpec(kind="none") if rank == "none" else MutationSpec(
-        kind="svd", basis="expert" if expert_basis else "child", rank=rank if rank == "full" else int(rank), niter=niter)
+        kind="svd", basis="expert" if expert_basis else "child", rank=rank if rank == "full" else int(rank),
+        niter=niter, sketch_dtype=sketch_dtype)
     basis = None
     if expert_basis:
         from cqd_mpi.basis import ExpertBasis
@@ -257,6 +264,23 @@ AUTHORS_WAY = """
     print("RESULT " + json.dumps({{"import_s": imported - started, "merge_s": done - imported}}))
 """
 
+GEMM_RATES = """
+    import json, time, torch
+    m, n, q = 5632, 2048, 64
+    result = {}
+    for name in ("float32", "bfloat16"):
+        a = torch.randn(m, n).to(getattr(torch, name))
+        x = torch.randn(n, q).to(a.dtype)
+        y = torch.randn(m, q).to(a.dtype)
+        for label, product in (("AX", lambda: a @ x), ("ATY", lambda: a.mT @ y)):
+            product()
+            best = float("inf")
+            for _ in range(5):
+                t = time.perf_counter(); product(); best = min(best, time.perf_counter() - t)
+            result[f"{name}_{label}"] = 2 * m * n * q / best / 1e9
+    print("RESULT " + json.dumps(result))
+"""
+
 COPY_BANDWIDTH = """
     import json, time, torch
     size = 1 << 30
@@ -287,7 +311,7 @@ SVD_PER_SHAPE = """
     import json, sys, time, torch
     sys.path.insert(0, {repo!r})
     from cqd_mpi.operators import add_scaled_components, svd_factors
-    shapes, rank, repeats = {shapes}, {rank!r}, {repeats}
+    shapes, rank, repeats, sketch_dtype = {shapes}, {rank!r}, {repeats}, getattr(torch, {sketch_dtype!r})
     result = {{}}
     generator = torch.Generator().manual_seed(0)
     for label, (m, n) in shapes.items():
@@ -295,7 +319,8 @@ SVD_PER_SHAPE = """
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
-            u, s, v = svd_factors(tau, rank, niter=2, generator=generator)
+            sketch = None if sketch_dtype == torch.float32 or rank == "full" else tau.to(sketch_dtype)
+            u, s, v = svd_factors(tau, rank, niter=2, generator=generator, sketch=sketch)
             w = torch.rand(s.shape[0], generator=generator) * 0.3
             add_scaled_components(tau, u, s, v, w)
             best = min(best, time.perf_counter() - t)
@@ -363,6 +388,14 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, Linux {platform.release()}"
 
 
+def gemm_line(rates: dict) -> str:
+    """The probe's GFLOP/s: one 5632 x 2048 matrix times 64 columns, as A X and as A^T Y."""
+    return ", ".join(
+        f"{dtype} {rates[f'{dtype}_AX']:.0f} / {rates[f'{dtype}_ATY']:.0f} GFLOP/s (A X / A^T Y, 5632 x 2048 x 64)"
+        for dtype in ("float32", "bfloat16")
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / ".bench" / "merge")
@@ -380,6 +413,12 @@ def main() -> int:
         help="run the full-rank SVD mutation instead of extrapolating",
     )
     parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the crossover, the rank-64 rows and the SVD-alone floors (no rank 256, "
+        "niter 0, expert basis or full rank)",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=2, help="runs of the cqd_mpi crossover (best is reported)"
     )
     parser.add_argument(
@@ -395,19 +434,28 @@ def main() -> int:
     out = args.work / "out"
     rows = []
 
-    def ours(rank: str, niter: int = 2, basis: Path | None = None) -> dict:
+    def ours(
+        rank: str,
+        niter: int = 2,
+        basis: Path | None = None,
+        sketch: str = "float32",
+        passes: str = "threaded",
+    ) -> dict:
         command = [
             *python(OURS.format(w1=W1, w2=W2)),
             *map(str, models.values()),
             str(out / f"cqd-{rank}"),
             rank,
             str(niter),
+            sketch,
+            passes,
             *([str(basis)] if basis else []),
         ]
-        label = f"cqd-{rank}-{niter}" + ("-expert" if basis else "")
+        label = f"cqd-{rank}-{niter}-{sketch}-{passes}" + ("-expert" if basis else "")
         return run(command, log=logs / f"{label}.log")
 
     copy = run(python(COPY_BANDWIDTH), log=logs / "copy.log")
+    gemm = run(python(GEMM_RATES), log=logs / "gemm.log")
     crossover = min((ours("none") for _ in range(args.repeat)), key=lambda r: r["merge_s"])
     model_bytes = sum(f.stat().st_size for f in models["base"].glob("*.safetensors"))
     moved = 3 * model_bytes
@@ -460,30 +508,39 @@ def main() -> int:
                 )
             )
 
-    for rank, niter in (("64", 2), ("256", 2), ("64", 0)):
-        result = ours(rank, niter)
+    mutated = [("64", 2, "float32", "threaded"), ("64", 2, "bfloat16", "threaded")]
+    if (os.cpu_count() if args.cpus is None else args.cpus) > 2:
+        mutated.append(("64", 2, "float32", "serial"))
+    if not args.quick:
+        mutated += [("256", 2, "float32", "threaded"), ("256", 2, "bfloat16", "threaded"),
+                    ("64", 0, "float32", "threaded")]
+    for rank, niter, sketch, passes in mutated:
+        result = ours(rank, niter, sketch=sketch, passes=passes)
         rows.append(
             (
-                f"cqd_mpi crossover + SVD mutation, rank {rank}, niter {niter}",
+                f"cqd_mpi crossover + SVD mutation, rank {rank}, niter {niter}"
+                + (", bf16 sketch" if sketch == "bfloat16" else "")
+                + (", elementwise passes on one thread (as before)" if passes == "serial" else ""),
                 result,
                 f"{result['merge_s'] / crossover['merge_s']:.1f}x the crossover",
             )
         )
-    basis_dir = out / "basis"
-    shutil.rmtree(basis_dir, ignore_errors=True)
-    build = run([*python(EXPERT_BASIS.format()), str(models["base"]), str(models["expert1"]), str(basis_dir), "64"],
-                log=logs / "expert-basis-64.log")
-    rows.append(("expert basis, rank 64: one-off build per expert (cached)", build,
-                 f"{build['merge_s'] / crossover['merge_s']:.1f}x the crossover, once per task"))
-    basis_file = next(basis_dir.glob("*.safetensors"))
-    result = ours("64", 2, basis=basis_file)
-    rows.append(
-        (
-            "cqd_mpi crossover + SVD mutation, basis expert (cached), rank 64",
-            result,
-            f"{result['merge_s'] / crossover['merge_s']:.1f}x the crossover",
+    if not args.quick:
+        basis_dir = out / "basis"
+        shutil.rmtree(basis_dir, ignore_errors=True)
+        build = run([*python(EXPERT_BASIS.format()), str(models["base"]), str(models["expert1"]), str(basis_dir), "64"],
+                    log=logs / "expert-basis-64.log")
+        rows.append(("expert basis, rank 64: one-off build per expert (cached)", build,
+                     f"{build['merge_s'] / crossover['merge_s']:.1f}x the crossover, once per task"))
+        basis_file = next(basis_dir.glob("*.safetensors"))
+        result = ours("64", 2, basis=basis_file)
+        rows.append(
+            (
+                "cqd_mpi crossover + SVD mutation, basis expert (cached), rank 64",
+                result,
+                f"{result['merge_s'] / crossover['merge_s']:.1f}x the crossover",
+            )
         )
-    )
 
     kv = KV_HEADS * HIDDEN // HEADS
     counts = {
@@ -494,40 +551,44 @@ def main() -> int:
         "embed,lm_head": ((VOCAB, HIDDEN), 2),
     }
 
-    def svd_alone(rank, repeats: int) -> tuple[float, str]:
+    def svd_alone(rank, repeats: int, sketch: str = "float32") -> tuple[float, str]:
         """One SVD + update per matrix shape, timed, times the number of matrices of that shape."""
         shapes = {label: shape for label, (shape, _) in counts.items()}
-        code = SVD_PER_SHAPE.format(repo=str(REPO), shapes=shapes, rank=rank, repeats=repeats)
-        timing = run(python(code), log=logs / f"svd-alone-{rank}.log")
+        code = SVD_PER_SHAPE.format(
+            repo=str(REPO), shapes=shapes, rank=rank, repeats=repeats, sketch_dtype=sketch
+        )
+        timing = run(python(code), log=logs / f"svd-alone-{rank}-{sketch}.log")
         total = sum(timing[label] * count for label, (_, count) in counts.items())
         detail = ", ".join(f"{label} {timing[label]:.3g} s x{count}" for label, (_, count) in counts.items())
         return total, detail
 
-    floor, detail = svd_alone(64, repeats=3)
-    rows.append(
-        (
-            "rank-64 SVD + update alone, no elementwise passes (EXTRAPOLATED)",
-            {"merge_s": floor, "wall_s": float("nan"), "peak_gb": float("nan")},
-            f"{floor / crossover['merge_s']:.1f}x the crossover; one matrix per shape x count: {detail}",
-        )
-    )
-    if args.full_svd:
-        result = ours("full")
-        rows.append(("cqd_mpi crossover + SVD mutation, full rank", result, ""))
-    else:
-        svd_total, detail = svd_alone("full", repeats=1)
-        estimate = {
-            "merge_s": crossover["merge_s"] + svd_total,
-            "wall_s": float("nan"),
-            "peak_gb": float("nan"),
-        }
+    for sketch in ("float32", "bfloat16"):
+        floor, detail = svd_alone(64, repeats=3, sketch=sketch)
         rows.append(
             (
-                "cqd_mpi crossover + SVD mutation, full rank (EXTRAPOLATED)",
-                estimate,
-                f"crossover + one SVD per shape x count: {detail}",
+                f"rank-64 SVD + update alone, {sketch} sketch, no elementwise passes (EXTRAPOLATED)",
+                {"merge_s": floor, "wall_s": float("nan"), "peak_gb": float("nan")},
+                f"{floor / crossover['merge_s']:.1f}x the crossover; one matrix per shape x count: {detail}",
             )
         )
+    if not args.quick:
+        if args.full_svd:
+            result = ours("full")
+            rows.append(("cqd_mpi crossover + SVD mutation, full rank", result, ""))
+        else:
+            svd_total, detail = svd_alone("full", repeats=1)
+            estimate = {
+                "merge_s": crossover["merge_s"] + svd_total,
+                "wall_s": float("nan"),
+                "peak_gb": float("nan"),
+            }
+            rows.append(
+                (
+                    "cqd_mpi crossover + SVD mutation, full rank (EXTRAPOLATED)",
+                    estimate,
+                    f"crossover + one SVD per shape x count: {detail}",
+                )
+            )
     load_after = os.getloadavg()
     if not args.keep_outputs:
         shutil.rmtree(out, ignore_errors=True)
@@ -540,7 +601,7 @@ def main() -> int:
         f"Model: synthetic Llama, {sum(math.prod(s) for s in llama_shapes().values()) / 1e9:.3f}B params, bf16, "
         f"{model_bytes / 1e9:.2f} GB per model in 1 GB shards; page cache warm. "
         f"Memory copy bandwidth (read + write): {copy['copy_gbps_1t']:.1f} GB/s on 1 thread, "
-        f"{copy_best:.1f} GB/s best.\n"
+        f"{copy_best:.1f} GB/s best. GEMM {gemm_line(gemm)}.\n"
     )
     print("| method | merge s | process wall s | CPU s | peak RSS GB | note |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")

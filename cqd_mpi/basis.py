@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from cqd_mpi.errors import ConfigError, WeightsError
-from cqd_mpi.operators import MutationSpec, svd_factors, tensor_generator
+from cqd_mpi.operators import SKETCH_DTYPES, MutationSpec, svd_factors, tensor_generator
 from cqd_mpi.weights import (
     MappedFile,
     ModelDir,
@@ -56,20 +56,23 @@ def expert_basis_path(
     cache_dir: str | os.PathLike,
     exclude: Sequence[str] = (),
     niter: int = 2,
+    sketch_dtype: str = "float32",
 ) -> Path:
     """Where the basis for these arguments is cached (it may not exist yet)."""
-    MutationSpec(kind="svd", rank=rank, exclude=tuple(exclude), niter=niter)
-    key = json.dumps(
-        {
-            "format": FORMAT,
-            "base": _fingerprint(base),
-            "expert": _fingerprint(expert),
-            "rank": rank,
-            "niter": niter,
-            "exclude": list(exclude),
-        },
-        sort_keys=True,
+    MutationSpec(
+        kind="svd", rank=rank, exclude=tuple(exclude), niter=niter, sketch_dtype=sketch_dtype
     )
+    fields = {
+        "format": FORMAT,
+        "base": _fingerprint(base),
+        "expert": _fingerprint(expert),
+        "rank": rank,
+        "niter": niter,
+        "exclude": list(exclude),
+    }
+    if rank != "full" and sketch_dtype != "float32":
+        fields["sketch_dtype"] = sketch_dtype
+    key = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
     return Path(cache_dir) / f"basis-{expert.path.resolve().name}-r{rank}-{digest}.safetensors"
 
@@ -82,10 +85,20 @@ def ensure_expert_basis(
     cache_dir: str | os.PathLike,
     exclude: Sequence[str] = (),
     niter: int = 2,
+    sketch_dtype: str = "float32",
 ) -> Path:
-    """The path of the cached basis of expert - base, computing and writing it first if missing."""
+    """The path of the cached basis of expert - base, computing and writing it first if missing.
+
+    `sketch_dtype` is the truncated SVD's range-finder precision (MutationSpec.sketch_dtype);
+    a full-rank basis ignores it."""
     path = expert_basis_path(
-        base=base, expert=expert, rank=rank, cache_dir=cache_dir, exclude=exclude, niter=niter
+        base=base,
+        expert=expert,
+        rank=rank,
+        cache_dir=cache_dir,
+        exclude=exclude,
+        niter=niter,
+        sketch_dtype=sketch_dtype,
     )
     if path.exists():
         try:
@@ -110,11 +123,16 @@ def ensure_expert_basis(
         layout[f"{name}.S"] = ((q,), torch.float32)
         layout[f"{name}.V"] = ((n, q), dtype)
 
+    low = SKETCH_DTYPES[sketch_dtype]
+
     def chunks() -> Iterator[tuple[str, int, torch.Tensor]]:
         for name, (tensor, base_tensor) in TensorReader(models=[expert, base], names=names):
             tau = tensor.float() - base_tensor.float()
-            factors = svd_factors(tau, rank, niter=niter, generator=tensor_generator(0, name))
-            del tau
+            sketch = None if rank == "full" or low == torch.float32 else tau.to(low)
+            factors = svd_factors(
+                tau, rank, niter=niter, generator=tensor_generator(0, name), sketch=sketch
+            )
+            del tau, sketch
             for label, factor in zip(FACTORS, factors):
                 key = f"{name}.{label}"
                 yield key, 0, factor.to(layout[key][1]).contiguous()
@@ -125,6 +143,7 @@ def ensure_expert_basis(
         "expert": str(expert.path.resolve()),
         "rank": str(rank),
         "niter": str(niter),
+        "sketch_dtype": sketch_dtype if rank != "full" else "float32",
         "exclude": json.dumps(list(exclude)),
     }
     return write_safetensors(TensorStream(layout=layout, chunks=chunks()), path, metadata=metadata)

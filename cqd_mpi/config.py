@@ -71,8 +71,12 @@ class MutationConfig:
     w_max: float = 0.3
     sigma: float = 0.001
     exclude: list[str] = dataclasses.field(default_factory=list)
+    niter: int = 2
+    sketch_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def validate(self, where: str) -> None:
+        if self.niter < 0:
+            raise ConfigError(f"{where}.niter: expected an integer >= 0, got {self.niter}")
         if self.rank != "full" and self.rank < 1:
             raise ConfigError(f"{where}.rank: expected 'full' or an integer >= 1, got {self.rank}")
         if self.w_max < 0:
@@ -271,6 +275,24 @@ RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
     ("engine", "device"),
 })
+
+
+ADDED_KEYS: dict[tuple[str, ...], Any] = {
+    ("qd", "mutation", "niter"): 2,
+    ("qd", "mutation", "sketch_dtype"): "float32",
+}
+
+
+def upgrade(frozen: dict[str, Any]) -> dict[str, Any]:
+    """A config frozen by an earlier version, with the keys added since at the values that
+    reproduce what that version did, so that resuming its run is not refused over them."""
+    for path, value in ADDED_KEYS.items():
+        node = frozen
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(path[-1], value)
+    return frozen
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -42,6 +42,33 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
+FEW_CORES = 2
+
+
+@contextmanager
+def _matrix_pass_threads():
+    """Threads for an elementwise pass over a whole matrix that an SVD or update works on.
+
+    One thread where torch has FEW_CORES threads or fewer (the measured best on two cores,
+    as `_one_thread` says); all of torch's threads beyond that: on a 16-core node that cut
+    the 0.85B rank-64 mutation from 5.9-6.5 s to 3.4-4.6 s (docs/benchmarks.md).
+    """
+    if torch.get_num_threads() <= FEW_CORES:
+        with _one_thread():
+            yield
+    else:
+        yield
+
+
+@contextmanager
+def _lapack_threads():
+    """Threads for the randomized SVD's skinny QRs and small SVDs: one. On two cores LAPACK's
+    threaded QR of such shapes was several times slower than the serial one; on a 16-core node
+    all threads gave the same merge time for about 10% more CPU time (docs/benchmarks.md)."""
+    with _one_thread():
+        yield
+
+
 def sample_crossover_weights(
     rng: np.random.Generator, mu: float = 1.0, sigma: float = 0.03
 ) -> tuple[float, float]:
@@ -52,6 +79,9 @@ def sample_crossover_weights(
             return w1, w2
 
 
+SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 @dataclass(frozen=True, kw_only=True)
 class MutationSpec:
     """How a child is mutated after crossover.
@@ -60,8 +90,12 @@ class MutationSpec:
     w ~ U[0, w_max]^r), "gaussian" (add N(0, sigma^2) to every element) or "none".
     basis: "child" (SVD of the child's own task vector) or "expert" (a cached SVD of the
     active task's expert, see basis.py). rank: "full" or r (randomized truncated SVD with
-    `niter` subspace iterations, as torch.svd_lowrank). exclude: regexes; a matching tensor
-    name is not mutated.
+    `niter` subspace iterations, as torch.svd_lowrank). sketch_dtype: the precision of the
+    truncated SVD's range finder (its 2 niter + 1 products with the matrix); the projection,
+    the factors and the update stay float32 (see `randomized_svd`). "bfloat16" pays where the
+    CPU multiplies bf16 much faster than float32 and the products dominate (a fifth off the
+    rank-64 mutation on 2 AVX512-BF16 cores; nothing on a 16-core AMX node): measure with
+    benchmarks/bench_merge.py. exclude: regexes; a matching tensor name is not mutated.
     """
 
     kind: Literal["svd", "gaussian", "none"] = "svd"
@@ -71,6 +105,7 @@ class MutationSpec:
     sigma: float = 3e-4
     exclude: tuple[str, ...] = field(default_factory=tuple)
     niter: int = 2
+    sketch_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self):
         if self.kind not in ("svd", "gaussian", "none"):
@@ -91,6 +126,10 @@ class MutationSpec:
             raise ConfigError(f"mutation.sigma: expected a number >= 0, got {self.sigma!r}")
         if not (isinstance(self.niter, int) and self.niter >= 0):
             raise ConfigError(f"mutation.niter: expected an integer >= 0, got {self.niter!r}")
+        if self.sketch_dtype not in SKETCH_DTYPES:
+            raise ConfigError(
+                f"mutation.sketch_dtype: expected 'float32' or 'bfloat16', got {self.sketch_dtype!r}"
+            )
         object.__setattr__(self, "exclude", tuple(self.exclude))
         for pattern in self.exclude:
             try:
@@ -99,6 +138,10 @@ class MutationSpec:
                 raise ConfigError(
                     f"mutation.exclude: {pattern!r} is not a valid regex: {exc}"
                 ) from None
+
+    @property
+    def sketch(self) -> torch.dtype:
+        return SKETCH_DTYPES[self.sketch_dtype]
 
     def excludes(self, name: str) -> bool:
         return any(re.search(pattern, name) for pattern in self.exclude)
@@ -122,24 +165,42 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
 
 
 def randomized_svd(
-    matrix: torch.Tensor, rank: int, *, niter: int = 2, generator: torch.Generator
+    matrix: torch.Tensor,
+    rank: int,
+    *,
+    niter: int = 2,
+    generator: torch.Generator,
+    sketch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.svd_lowrank's algorithm (Halko et al. 2009, alg. 5.1) drawing from `generator`.
 
     Returns U (m x q), S (q), V (n x q) with q = min(rank, m, n), so matrix ~ U diag(S) V^T.
     Bit-identical to torch.svd_lowrank(matrix, q, niter) after torch.manual_seed of the same seed.
+
+    `sketch`, a lower-precision copy of `matrix` (bfloat16), makes the range finder's products
+    run in that precision with float32 accumulation; the orthonormal basis Q, the projection
+    Q^T matrix and its SVD stay float32, so U diag(S) V^T is still exactly the float32
+    projection of `matrix` onto span(Q). Only the choice of span(Q), itself a randomized
+    approximation of the top-q subspace, sees the rounding.
     """
     m, n = matrix.shape
     q = min(rank, m, n)
     transposed = m < n
     a = matrix.mT if transposed else matrix
+    if sketch is None:
+        sketch = a
+    else:
+        if sketch.shape != matrix.shape:
+            raise ValueError(f"sketch: expected shape {tuple(matrix.shape)}, got {tuple(sketch.shape)}")
+        sketch = sketch.mT if transposed else sketch
+    low = sketch.dtype
     probe = torch.randn(a.shape[-1], q, dtype=a.dtype, generator=generator)
-    basis = _orthonormal(a @ probe)
+    basis = _orthonormal((sketch @ probe.to(low)).to(a.dtype))
     for _ in range(niter):
-        basis = _orthonormal(a.mT @ basis)
-        basis = _orthonormal(a @ basis)
+        basis = _orthonormal((sketch.mT @ basis.to(low)).to(a.dtype))
+        basis = _orthonormal((sketch @ basis.to(low)).to(a.dtype))
     projected = basis.mT @ a
-    with _one_thread():
+    with _lapack_threads():
         u, s, vh = torch.linalg.svd(projected, full_matrices=False)
     u, v = basis @ u, vh.mT
     if transposed:
@@ -148,9 +209,8 @@ def randomized_svd(
 
 
 def _orthonormal(sample: torch.Tensor) -> torch.Tensor:
-    """Q of the QR of a tall, skinny matrix; on one thread, as LAPACK's threaded QR of such
-    shapes is several times slower than the serial one here."""
-    with _one_thread():
+    """Q of the QR of a tall, skinny matrix, under `_lapack_threads`."""
+    with _lapack_threads():
         return torch.linalg.qr(sample).Q
 
 
@@ -160,14 +220,16 @@ def svd_factors(
     *,
     niter: int = 2,
     generator: torch.Generator | None = None,
+    sketch: torch.Tensor | None = None,
 ):
-    """U, S, V of a float32 matrix: exact (`rank="full"`) or randomized truncated."""
+    """U, S, V of a float32 matrix: exact (`rank="full"`) or randomized truncated (`sketch`:
+    see randomized_svd; ignored at full rank)."""
     if rank == "full":
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u, s, vh.mT
     if generator is None:
         raise ValueError("a truncated SVD needs a generator")
-    return randomized_svd(matrix, rank, niter=niter, generator=generator)
+    return randomized_svd(matrix, rank, niter=niter, generator=generator, sketch=sketch)
 
 
 def add_scaled_components(
@@ -193,6 +255,7 @@ class _Buffers:
         self._scratch = torch.empty(0, dtype=torch.float32)
         self._accumulator = torch.empty(0, dtype=torch.float32)
         self._matrix = torch.empty(0, dtype=torch.float32)
+        self._sketch = torch.empty(0, dtype=torch.uint8)
 
     def out(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         nbytes = numel * dtype.itemsize
@@ -221,6 +284,14 @@ class _Buffers:
             self._matrix = torch.empty(numel, dtype=torch.float32)
         return self._matrix[:numel].view(shape)
 
+    def sketch(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor for a low-precision copy of one whole matrix, reused like `matrix`."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._sketch.numel() < nbytes:
+            self._sketch = torch.empty(0, dtype=torch.uint8)
+            self._sketch = torch.empty(nbytes, dtype=torch.uint8)
+        return self._sketch[:nbytes].view(dtype).view(shape)
+
 
 def _spans(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
     if numel == 0:
@@ -236,7 +307,7 @@ def _emit_float32(
     flat = values.reshape(-1)
     for start, end in _spans(flat.numel(), chunk):
         out = buffers.out(end - start, dtype)
-        with _one_thread():
+        with _matrix_pass_threads():
             out.copy_(flat[start:end])
         yield name, start, out
 
@@ -262,8 +333,9 @@ def _combination_into(
     reader: TensorReader,
     buffers: _Buffers,
     chunk: int,
+    threads=_one_thread,
 ) -> None:
-    """target (float32) = sum of coefficient * tensor, chunk by chunk.
+    """target (float32) = sum of coefficient * tensor, chunk by chunk, under `threads()`.
 
     16-bit terms are widened into a float32 scratch chunk first: mixed-dtype kernels are
     about 1.5x slower than a widening copy plus a float32 one.
@@ -272,7 +344,7 @@ def _combination_into(
     views = [(c, t.reshape(-1)) for c, t in terms]
     for start, end in _spans(flat.numel(), chunk):
         piece = flat[start:end]
-        with _one_thread():
+        with threads():
             _accumulate(piece, [(c, t[start:end]) for c, t in views], buffers)
         reader.drop(*(t[start:end] for _, t in views))
 
@@ -355,27 +427,32 @@ def crossover_stream(
                 continue
             if mutation.mutates_svd(name, shape, dtype):
                 if mutation.basis == "child":
-                    child = _svd_mutated_child(
+                    yield from _svd_mutated_chunks(
                         name,
-                        p1,
-                        p2,
-                        tensors[2],
-                        c1,
-                        c2,
+                        tensors,
+                        (c1, c2),
+                        dtype,
                         mutation,
                         seed,
                         reader,
                         buffers,
                         chunk_elements,
                     )
-                else:
-                    child = _expert_mutated_child(
-                        name, p1, p2, c1, c2, mutation, seed, basis, reader, buffers, chunk_elements
-                    )
+                    continue
+                child = _expert_mutated_child(
+                    name, p1, p2, c1, c2, mutation, seed, basis, reader, buffers, chunk_elements
+                )
                 yield from _emit_float32(name, child, dtype, buffers, chunk_elements)
             elif mutation.kind == "gaussian" and not mutation.excludes(name):
                 child = buffers.matrix(shape)
-                _combination_into(child, [(c1, p1), (c2, p2)], reader, buffers, chunk_elements)
+                _combination_into(
+                    child,
+                    [(c1, p1), (c2, p2)],
+                    reader,
+                    buffers,
+                    chunk_elements,
+                    _matrix_pass_threads,
+                )
                 noise = torch.randn(
                     shape, generator=tensor_generator(seed, name), dtype=torch.float32
                 )
@@ -397,19 +474,36 @@ def _copy_chunks(name, tensor, buffers, chunk) -> Iterator[Chunk]:
         yield name, start, out
 
 
-def _svd_mutated_child(
-    name, p1, p2, base, c1, c2, mutation, seed, reader, buffers, chunk
-) -> torch.Tensor:
-    """base + tau' in float32, tau' = tau + U diag(w s) V^T from the SVD of tau = child - base."""
+def _svd_mutated_chunks(
+    name, tensors, coefficients, dtype, mutation, seed, reader, buffers, chunk
+) -> Iterator[Chunk]:
+    """Chunks of base + tau' rounded to `dtype`, tau' = tau + U diag(w s) V^T from the SVD of
+    tau = child - base, all in float32. The last pass adds the base and rounds in one kernel."""
+    p1, p2, base = tensors
+    c1, c2 = coefficients
     tau = buffers.matrix(p1.shape)
-    _combination_into(tau, [(c1, p1), (c2, p2), (-1.0, base)], reader, buffers, chunk)
+    _combination_into(
+        tau, [(c1, p1), (c2, p2), (-1.0, base)], reader, buffers, chunk, _matrix_pass_threads
+    )
+    sketch = None
+    if mutation.rank != "full" and mutation.sketch != torch.float32:
+        sketch = buffers.sketch(tau.shape, mutation.sketch)
+        with _matrix_pass_threads():
+            sketch.copy_(tau)
     generator = tensor_generator(seed, name)
-    u, s, v = svd_factors(tau, mutation.rank, niter=mutation.niter, generator=generator)
+    u, s, v = svd_factors(
+        tau, mutation.rank, niter=mutation.niter, generator=generator, sketch=sketch
+    )
     w = torch.rand(s.shape[0], generator=generator, dtype=torch.float32) * mutation.w_max
     add_scaled_components(tau, u, s, v, w)
     del u, s, v
-    _combination_into(tau, [(1.0, tau), (1.0, base)], reader, buffers, chunk)
-    return tau
+    flat, base_flat = tau.reshape(-1), base.reshape(-1)
+    for start, end in _spans(flat.numel(), chunk):
+        out = buffers.out(end - start, dtype)
+        with _matrix_pass_threads():
+            torch.add(flat[start:end], base_flat[start:end], out=out)
+        reader.drop(base_flat[start:end])
+        yield name, start, out
 
 
 def _expert_mutated_child(
@@ -417,7 +511,7 @@ def _expert_mutated_child(
 ) -> torch.Tensor:
     """child + U diag(w s) V^T in float32, with U, S, V the cached SVD of the expert's task vector."""
     child = buffers.matrix(p1.shape)
-    _combination_into(child, [(c1, p1), (c2, p2)], reader, buffers, chunk)
+    _combination_into(child, [(c1, p1), (c2, p2)], reader, buffers, chunk, _matrix_pass_threads)
     u, s, v = basis.factors(name)
     generator = tensor_generator(seed, name)
     w = torch.rand(s.shape[0], generator=generator, dtype=torch.float32) * mutation.w_max

@@ -24,7 +24,8 @@ TensorStream = Iterator[tuple[str, torch.Tensor]]
 
 def mutation_spec(config: MutationConfig) -> operators.MutationSpec:
     return operators.MutationSpec(kind=config.kind, basis=config.basis, rank=config.rank,
-                                  w_max=config.w_max, sigma=config.sigma, exclude=list(config.exclude))
+                                  w_max=config.w_max, sigma=config.sigma, exclude=list(config.exclude),
+                                  niter=config.niter, sketch_dtype=config.sketch_dtype)
 
 
 class ModelBuilder:
@@ -64,7 +65,8 @@ class ModelBuilder:
             cache = self.basis_cache or Path.home() / ".cache" / "cqd_mpi" / "svd-basis"
             path = basis.ensure_expert_basis(
                 base=self.base, expert=ModelDir(self.expert_paths[task]), rank=self.mutation.rank,
-                cache_dir=cache, exclude=list(self.mutation.exclude))
+                cache_dir=cache, exclude=list(self.mutation.exclude), niter=self.mutation.niter,
+                sketch_dtype=self.mutation.sketch_dtype)
             self._bases[task] = basis.ExpertBasis(path)
         return self._bases[task]
 

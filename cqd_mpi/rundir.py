@@ -60,7 +60,7 @@ class RunDir:
             sub.mkdir(exist_ok=True)
         new = config.to_dict()
         if self.config_path.exists():
-            old = yaml.safe_load(self.config_path.read_text())
+            old = config_mod.upgrade(yaml.safe_load(self.config_path.read_text()))
             changed = config_mod.differences(old, new)
             if changed and not force:
                 listing = "\n  ".join(changed)

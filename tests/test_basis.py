@@ -65,6 +65,32 @@ def test_truncated_basis_is_the_seeded_randomized_svd_in_float32(bf16, tmp_path)
                 assert torch.equal(ours, theirs)
 
 
+def test_a_bf16_sketch_basis_is_cached_apart_and_sketched_in_bf16(bf16, tmp_path):
+    base, expert = ModelDir(bf16["base"]), ModelDir(bf16["p3"])
+    plain = ensure_expert_basis(base=base, expert=expert, rank=3, cache_dir=tmp_path)
+    path = ensure_expert_basis(
+        base=base, expert=expert, rank=3, cache_dir=tmp_path, sketch_dtype="bfloat16"
+    )
+    assert path != plain
+    assert SafetensorsFile(path).metadata["sketch_dtype"] == "bfloat16"
+    assert SafetensorsFile(plain).metadata["sketch_dtype"] == "float32"
+    full = expert_basis_path(base=base, expert=expert, rank="full", cache_dir=tmp_path)
+    assert full == expert_basis_path(
+        base=base, expert=expert, rank="full", cache_dir=tmp_path, sketch_dtype="bfloat16"
+    )
+    name = "model.layers.0.mlp.up_proj.weight"
+    tau = expert_tau(bf16, name)
+    expected = randomized_svd(
+        tau, 3, niter=2, generator=tensor_generator(0, name), sketch=tau.to(torch.bfloat16)
+    )
+    with ExpertBasis(path) as basis, ExpertBasis(plain) as other:
+        for ours, theirs in zip(basis.factors(name), expected):
+            assert torch.equal(ours, theirs)
+        assert not torch.equal(basis.factors(name)[0], other.factors(name)[0])
+    with pytest.raises(ConfigError, match=r"mutation\.sketch_dtype: expected .float32. or .bfloat16., got .fp8."):
+        expert_basis_path(base=base, expert=expert, rank=3, cache_dir=tmp_path, sketch_dtype="fp8")
+
+
 def test_basis_is_cached_and_rebuilt_when_the_expert_changes(bf16, tmp_path):
     base = ModelDir(bf16["base"])
     expert_dir = save_tiny_llama(

@@ -42,6 +42,9 @@ def test_valid_config_loads_with_defaults(good, tmp_path):
     (lambda c: c.update(base="/does/not/exist"), r"base: expected a Hugging Face model directory, but /does/not/exist does not exist"),
     (lambda c: c["tasks"][0].update(data="missing.jsonl"), r"tasks\[0\].data: file .*missing.jsonl does not exist"),
     (lambda c: c["qd"]["mutation"].update(exclude=["("]), r"qd.mutation.exclude\[0\]: invalid regular expression"),
+    (lambda c: c["qd"]["mutation"].update(sketch_dtype="float16"),
+     r"qd.mutation.sketch_dtype: expected one of 'float32' \| 'bfloat16', got 'float16'"),
+    (lambda c: c["qd"]["mutation"].update(niter=-1), r"qd.mutation.niter: expected an integer >= 0, got -1"),
 ])
 def test_bad_config_names_the_key(good, tmp_path, edit, message):
     edit(good)

@@ -98,6 +98,13 @@ def add_arguments(parser) -> None:
         "--niter", type=int, default=2, help="subspace iterations of the truncated SVD (default 2)"
     )
     cross.add_argument(
+        "--sketch-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="precision of the truncated SVD's range finder (default float32; bfloat16 is faster "
+        "on CPUs with AVX512-BF16 or AMX)",
+    )
+    cross.add_argument(
         "--w-max",
         type=float,
         default=None,
@@ -190,6 +197,7 @@ def _crossover(args, base, operators, seeding, weights):
         sigma=args.gaussian_sigma,
         exclude=tuple(args.exclude),
         niter=args.niter,
+        sketch_dtype=args.sketch_dtype,
     )
     basis = None
     if args.mutation == "svd" and args.basis == "expert":
@@ -206,6 +214,7 @@ def _crossover(args, base, operators, seeding, weights):
             cache_dir=args.cache_dir or default_cache_dir(),
             exclude=args.exclude,
             niter=args.niter,
+            sketch_dtype=args.sketch_dtype,
         )
         print(f"expert basis {path}")
         basis = ExpertBasis(path)

@@ -39,7 +39,8 @@ def files(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-def test_crossover_writes_the_seeded_child(bf16, tmp_path, capsys):
+@pytest.mark.parametrize("sketch_dtype", ["float32", "bfloat16"])
+def test_crossover_writes_the_seeded_child(bf16, tmp_path, capsys, sketch_dtype):
     out = tmp_path / "child"
     code, stdout, _ = merge(
         capsys,
@@ -54,6 +55,8 @@ def test_crossover_writes_the_seeded_child(bf16, tmp_path, capsys):
         3,
         "--exclude",
         "lm_head",
+        "--sketch-dtype",
+        sketch_dtype,
         "--out",
         out,
     )
@@ -69,7 +72,9 @@ def test_crossover_writes_the_seeded_child(bf16, tmp_path, capsys):
             parent2=ModelDir(bf16["p2"]),
             w1=w1,
             w2=w2,
-            mutation=MutationSpec(kind="svd", rank=3, exclude=("lm_head",)),
+            mutation=MutationSpec(
+                kind="svd", rank=3, exclude=("lm_head",), sketch_dtype=sketch_dtype
+            ),
             seed=seeding.derive_seed(3, 0, "mutation"),
         ),
         tmp_path / "expected",

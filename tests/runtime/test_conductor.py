@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from cqd_mpi import config as config_mod
@@ -111,6 +112,24 @@ def test_resume_with_a_different_config_is_refused_unless_forced(finished_run, t
     lines = []
     assert conduct(config_mod.load(path), force=True, echo=lines.append) == "done"
     assert "w_max: 0.1" in (finished_run["run"] / "config.yaml").read_text()
+
+
+def test_a_run_frozen_before_the_newer_mutation_keys_resumes(tiny_family, tmp_path):
+    """A config.yaml written before qd.mutation.niter and sketch_dtype existed is read with the
+    values that version used, so its run resumes; changing one of them is still refused."""
+    config = small_config(tiny_family, tmp_path / "run")
+    path = write_config(tmp_path / "c.yaml", config)
+    assert conduct(config_mod.load(path), echo=lambda _line: None) == "done"
+    frozen = tmp_path / "run" / "config.yaml"
+    old = yaml.safe_load(frozen.read_text())
+    del old["qd"]["mutation"]["niter"], old["qd"]["mutation"]["sketch_dtype"]
+    frozen.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert conduct(config_mod.load(path), echo=lambda _line: None) == "done"
+    assert "sketch_dtype: float32" in frozen.read_text()
+    config["qd"]["mutation"]["sketch_dtype"] = "bfloat16"
+    changed = write_config(tmp_path / "changed.yaml", config)
+    with pytest.raises(StateError, match=r"qd.mutation.sketch_dtype: 'float32' -> 'bfloat16'"):
+        conduct(config_mod.load(changed), echo=lambda _line: None)
 
 
 def test_a_second_process_on_the_same_run_dir_is_refused(tiny_family, tmp_path):
