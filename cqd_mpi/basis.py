@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from cqd_mpi.errors import ConfigError, WeightsError
-from cqd_mpi.operators import SKETCH_DTYPES, MutationSpec, svd_factors, tensor_generator
+from cqd_mpi.operators import MutationSpec, svd_factors, tensor_generator
 from cqd_mpi.weights import (
     MappedFile,
     ModelDir,
@@ -59,7 +59,7 @@ def expert_basis_path(
     sketch_dtype: str = "float32",
 ) -> Path:
     """Where the basis for these arguments is cached (it may not exist yet)."""
-    MutationSpec(
+    spec = MutationSpec(
         kind="svd", rank=rank, exclude=tuple(exclude), niter=niter, sketch_dtype=sketch_dtype
     )
     fields = {
@@ -70,7 +70,7 @@ def expert_basis_path(
         "niter": niter,
         "exclude": list(exclude),
     }
-    if rank != "full" and sketch_dtype != "float32":
+    if spec.sketch is not None:
         fields["sketch_dtype"] = sketch_dtype
     key = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
@@ -123,12 +123,12 @@ def ensure_expert_basis(
         layout[f"{name}.S"] = ((q,), torch.float32)
         layout[f"{name}.V"] = ((n, q), dtype)
 
-    low = SKETCH_DTYPES[sketch_dtype]
+    low = MutationSpec(kind="svd", rank=rank, sketch_dtype=sketch_dtype).sketch
 
     def chunks() -> Iterator[tuple[str, int, torch.Tensor]]:
         for name, (tensor, base_tensor) in TensorReader(models=[expert, base], names=names):
             tau = tensor.float() - base_tensor.float()
-            sketch = None if rank == "full" or low == torch.float32 else tau.to(low)
+            sketch = None if low is None else tau.to(low)
             factors = svd_factors(
                 tau, rank, niter=niter, generator=tensor_generator(0, name), sketch=sketch
             )
@@ -143,7 +143,7 @@ def ensure_expert_basis(
         "expert": str(expert.path.resolve()),
         "rank": str(rank),
         "niter": str(niter),
-        "sketch_dtype": sketch_dtype if rank != "full" else "float32",
+        "sketch_dtype": "float32" if low is None else sketch_dtype,
         "exclude": json.dumps(list(exclude)),
     }
     return write_safetensors(TensorStream(layout=layout, chunks=chunks()), path, metadata=metadata)

@@ -140,7 +140,10 @@ class MutationSpec:
                 ) from None
 
     @property
-    def sketch(self) -> torch.dtype:
+    def sketch(self) -> torch.dtype | None:
+        """The dtype a truncated SVD's range finder works in, where it is not float32."""
+        if self.rank == "full" or self.sketch_dtype == "float32":
+            return None
         return SKETCH_DTYPES[self.sketch_dtype]
 
     def excludes(self, name: str) -> bool:
@@ -486,7 +489,7 @@ def _svd_mutated_chunks(
         tau, [(c1, p1), (c2, p2), (-1.0, base)], reader, buffers, chunk, _matrix_pass_threads
     )
     sketch = None
-    if mutation.rank != "full" and mutation.sketch != torch.float32:
+    if mutation.sketch is not None:
         sketch = buffers.sketch(tau.shape, mutation.sketch)
         with _matrix_pass_threads():
             sketch.copy_(tau)

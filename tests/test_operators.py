@@ -103,7 +103,7 @@ def mutated_dense(models, mutation: MutationSpec, seed: int):
             u, s, vh = torch.linalg.svd(tau, full_matrices=False)
             v = vh.mT
         else:
-            sketch = None if mutation.sketch == torch.float32 else tau.to(mutation.sketch)
+            sketch = None if mutation.sketch is None else tau.to(mutation.sketch)
             u, s, v = randomized_svd(
                 tau, mutation.rank, niter=mutation.niter, generator=generator, sketch=sketch
             )
@@ -378,6 +378,12 @@ def test_mutation_spec_rejects_bad_values():
         ConfigError, match=r"mutation.sketch_dtype: expected 'float32' or 'bfloat16', got 'float16'"
     ):
         MutationSpec(sketch_dtype="float16")
+
+
+def test_a_low_precision_sketch_exists_only_for_a_truncated_svd():
+    assert MutationSpec(rank=4, sketch_dtype="bfloat16").sketch == torch.bfloat16
+    assert MutationSpec(rank="full", sketch_dtype="bfloat16").sketch is None
+    assert MutationSpec(rank=4).sketch is None
 
 
 def test_crossover_rejects_bad_inputs(bf16, fp32):
