@@ -194,7 +194,9 @@ def randomized_svd(
         sketch = a
     else:
         if sketch.shape != matrix.shape:
-            raise ValueError(f"sketch: expected shape {tuple(matrix.shape)}, got {tuple(sketch.shape)}")
+            raise ValueError(
+                f"sketch: expected shape {tuple(matrix.shape)}, got {tuple(sketch.shape)}"
+            )
         sketch = sketch.mT if transposed else sketch
     low = sketch.dtype
     probe = torch.randn(a.shape[-1], q, dtype=a.dtype, generator=generator)
@@ -253,47 +255,32 @@ class _Buffers:
     RING = 4
 
     def __init__(self):
-        self._ring = [torch.empty(0, dtype=torch.uint8) for _ in range(self.RING)]
+        self._slots: dict[str, torch.Tensor] = {}
         self._turn = 0
-        self._scratch = torch.empty(0, dtype=torch.float32)
-        self._accumulator = torch.empty(0, dtype=torch.float32)
-        self._matrix = torch.empty(0, dtype=torch.float32)
-        self._sketch = torch.empty(0, dtype=torch.uint8)
+
+    def _room(self, slot: str, nbytes: int) -> torch.Tensor:
+        """The first nbytes of buffer `slot`, grown when too small (the old one freed first)."""
+        if slot not in self._slots or self._slots[slot].numel() < nbytes:
+            self._slots.pop(slot, None)
+            self._slots[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._slots[slot][:nbytes]
 
     def out(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = numel * dtype.itemsize
         self._turn = (self._turn + 1) % self.RING
-        if self._ring[self._turn].numel() < nbytes:
-            self._ring[self._turn] = torch.empty(nbytes, dtype=torch.uint8)
-        return self._ring[self._turn][:nbytes].view(dtype)
+        return self._room(f"out{self._turn}", numel * dtype.itemsize).view(dtype)
 
     def scratch(self, numel: int) -> torch.Tensor:
         """Float32 room for widening one 16-bit chunk."""
-        if self._scratch.numel() < numel:
-            self._scratch = torch.empty(numel, dtype=torch.float32)
-        return self._scratch[:numel]
+        return self._room("scratch", numel * 4).view(torch.float32)
 
     def accumulator(self, numel: int) -> torch.Tensor:
         """Float32 room for summing one chunk."""
-        if self._accumulator.numel() < numel:
-            self._accumulator = torch.empty(numel, dtype=torch.float32)
-        return self._accumulator[:numel]
+        return self._room("accumulator", numel * 4).view(torch.float32)
 
-    def matrix(self, shape: Sequence[int]) -> torch.Tensor:
-        """A float32 tensor for one whole matrix, reusing the memory of the previous one."""
-        numel = math.prod(shape)
-        if self._matrix.numel() < numel:
-            self._matrix = torch.empty(0)
-            self._matrix = torch.empty(numel, dtype=torch.float32)
-        return self._matrix[:numel].view(shape)
-
-    def sketch(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        """A tensor for a low-precision copy of one whole matrix, reused like `matrix`."""
-        nbytes = math.prod(shape) * dtype.itemsize
-        if self._sketch.numel() < nbytes:
-            self._sketch = torch.empty(0, dtype=torch.uint8)
-            self._sketch = torch.empty(nbytes, dtype=torch.uint8)
-        return self._sketch[:nbytes].view(dtype).view(shape)
+    def matrix(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Room for one whole matrix, reusing the memory of the previous one of this dtype."""
+        room = self._room(f"matrix-{dtype}", math.prod(shape) * dtype.itemsize)
+        return room.view(dtype).view(shape)
 
 
 def _spans(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -336,9 +323,9 @@ def _combination_into(
     reader: TensorReader,
     buffers: _Buffers,
     chunk: int,
-    threads=_one_thread,
 ) -> None:
-    """target (float32) = sum of coefficient * tensor, chunk by chunk, under `threads()`.
+    """target (float32) = sum of coefficient * tensor, chunk by chunk, under
+    `_matrix_pass_threads` (inside `_one_thread`, as in `_linear_chunks`, that is one thread).
 
     16-bit terms are widened into a float32 scratch chunk first: mixed-dtype kernels are
     about 1.5x slower than a widening copy plus a float32 one.
@@ -347,7 +334,7 @@ def _combination_into(
     views = [(c, t.reshape(-1)) for c, t in terms]
     for start, end in _spans(flat.numel(), chunk):
         piece = flat[start:end]
-        with threads():
+        with _matrix_pass_threads():
             _accumulate(piece, [(c, t[start:end]) for c, t in views], buffers)
         reader.drop(*(t[start:end] for _, t in views))
 
@@ -448,14 +435,7 @@ def crossover_stream(
                 yield from _emit_float32(name, child, dtype, buffers, chunk_elements)
             elif mutation.kind == "gaussian" and not mutation.excludes(name):
                 child = buffers.matrix(shape)
-                _combination_into(
-                    child,
-                    [(c1, p1), (c2, p2)],
-                    reader,
-                    buffers,
-                    chunk_elements,
-                    _matrix_pass_threads,
-                )
+                _combination_into(child, [(c1, p1), (c2, p2)], reader, buffers, chunk_elements)
                 noise = torch.randn(
                     shape, generator=tensor_generator(seed, name), dtype=torch.float32
                 )
@@ -485,12 +465,10 @@ def _svd_mutated_chunks(
     p1, p2, base = tensors
     c1, c2 = coefficients
     tau = buffers.matrix(p1.shape)
-    _combination_into(
-        tau, [(c1, p1), (c2, p2), (-1.0, base)], reader, buffers, chunk, _matrix_pass_threads
-    )
+    _combination_into(tau, [(c1, p1), (c2, p2), (-1.0, base)], reader, buffers, chunk)
     sketch = None
     if mutation.sketch is not None:
-        sketch = buffers.sketch(tau.shape, mutation.sketch)
+        sketch = buffers.matrix(tau.shape, mutation.sketch)
         with _matrix_pass_threads():
             sketch.copy_(tau)
     generator = tensor_generator(seed, name)
@@ -514,7 +492,7 @@ def _expert_mutated_child(
 ) -> torch.Tensor:
     """child + U diag(w s) V^T in float32, with U, S, V the cached SVD of the expert's task vector."""
     child = buffers.matrix(p1.shape)
-    _combination_into(child, [(c1, p1), (c2, p2)], reader, buffers, chunk, _matrix_pass_threads)
+    _combination_into(child, [(c1, p1), (c2, p2)], reader, buffers, chunk)
     u, s, v = basis.factors(name)
     generator = tensor_generator(seed, name)
     w = torch.rand(s.shape[0], generator=generator, dtype=torch.float32) * mutation.w_max

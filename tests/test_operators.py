@@ -272,15 +272,17 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(bf16, tm
 
 
 @pytest.fixture
-def four_threads():
-    """torch with 4 threads, past operators.FEW_CORES, so whole-matrix passes run threaded."""
+def torch_threads_restored():
+    """The test sets torch's thread count (4 is past operators.FEW_CORES, so whole-matrix
+    passes run threaded); this puts the count back afterwards."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(4)
     yield
     torch.set_num_threads(threads)
 
 
-def test_threaded_matrix_passes_give_the_serial_bytes_and_the_dense_formula(bf16, four_threads):
+def test_threaded_matrix_passes_give_the_serial_bytes_and_the_dense_formula(
+    bf16, torch_threads_restored
+):
     base, p1, p2 = dirs(bf16, "base", "p1", "p2")
 
     def child(mutation, threads):
