@@ -11,7 +11,8 @@ each in a fresh process (wall time and peak RSS from wait4, page cache warm):
 - the same merge done by loading whole models with transformers (the authors' code path);
 - mergekit 0.1.5 task_arithmetic, from the venv .bench/venv-mergekit (see --mergekit);
 - cqd_mpi's crossover + SVD mutation at rank 64 and 256, with the range finder in float32
-  and in bf16 (`mutation.sketch_dtype`), and full rank (extrapolated from one matrix per
+  and in bf16 (`mutation.sketch_dtype`; not run on a CPU without bf16 dot-product
+  instructions, where it is tens of times slower), and full rank (extrapolated from one matrix per
   shape unless --full-svd); on more than 2 cpus also rank 64 with the whole-matrix elementwise
   passes forced onto one thread, as they ran before they used all threads there;
 - the expert basis at rank 64 (built once per expert) and the crossover + mutation that uses it;
@@ -508,12 +509,24 @@ def main() -> int:
                 )
             )
 
-    mutated = [("64", 2, "float32", "threaded"), ("64", 2, "bfloat16", "threaded")]
+    from cqd_mpi.operators import native_bf16_matmul
+
+    sketches = ["float32", "bfloat16"] if native_bf16_matmul() is not False else ["float32"]
+    if "bfloat16" not in sketches:
+        rows.append(
+            (
+                "bf16-sketch rows",
+                None,
+                "not run: this CPU has no bf16 dot-product instructions, its bf16 GEMM runs at "
+                f"{gemm['bfloat16_AX']:.0f} GFLOP/s (float32 {gemm['float32_AX']:.0f})",
+            )
+        )
+    mutated = [("64", 2, sketch, "threaded") for sketch in sketches]
     if (os.cpu_count() if args.cpus is None else args.cpus) > 2:
         mutated.append(("64", 2, "float32", "serial"))
     if not args.quick:
-        mutated += [("256", 2, "float32", "threaded"), ("256", 2, "bfloat16", "threaded"),
-                    ("64", 0, "float32", "threaded")]
+        mutated += [("256", 2, sketch, "threaded") for sketch in sketches]
+        mutated += [("64", 0, "float32", "threaded")]
     for rank, niter, sketch, passes in mutated:
         result = ours(rank, niter, sketch=sketch, passes=passes)
         rows.append(
@@ -562,7 +575,7 @@ def main() -> int:
         detail = ", ".join(f"{label} {timing[label]:.3g} s x{count}" for label, (_, count) in counts.items())
         return total, detail
 
-    for sketch in ("float32", "bfloat16"):
+    for sketch in sketches:
         floor, detail = svd_alone(64, repeats=3, sketch=sketch)
         rows.append(
             (

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from cqd_mpi.errors import ConfigError, WeightsError
-from cqd_mpi.operators import MutationSpec, svd_factors, tensor_generator
+from cqd_mpi.operators import MutationSpec, svd_factors, tensor_generator, warn_if_slow_sketch
 from cqd_mpi.weights import (
     MappedFile,
     ModelDir,
@@ -123,7 +123,9 @@ def ensure_expert_basis(
         layout[f"{name}.S"] = ((q,), torch.float32)
         layout[f"{name}.V"] = ((n, q), dtype)
 
-    low = MutationSpec(kind="svd", rank=rank, sketch_dtype=sketch_dtype).sketch
+    sketch_spec = MutationSpec(kind="svd", rank=rank, sketch_dtype=sketch_dtype)
+    warn_if_slow_sketch(sketch_spec)
+    low = sketch_spec.sketch
 
     def chunks() -> Iterator[tuple[str, int, torch.Tensor]]:
         for name, (tensor, base_tensor) in TensorReader(models=[expert, base], names=names):

@@ -8,11 +8,15 @@ split per tensor by name, so a result does not depend on iteration order or chun
 
 from __future__ import annotations
 
+import functools
 import math
+import platform
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -80,6 +84,43 @@ def sample_crossover_weights(
 
 
 SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The feature flags of the first CPU in a /proc/cpuinfo text (x86 "flags", Arm "Features")."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.cache
+def native_bf16_matmul() -> bool | None:
+    """Whether this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX, Arm BF16);
+    None where /proc/cpuinfo cannot tell. Without them torch multiplies bf16 matrices tens of
+    times slower than float32: 2 against 100 GFLOP/s on a 2-core AVX2 host (docs/benchmarks.md)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    flags = cpu_flags(cpuinfo)
+    return bool(flags & NATIVE_BF16_FLAGS) if flags else None
+
+
+def warn_if_slow_sketch(spec: MutationSpec) -> None:
+    """Warn (once per call site) when a bf16 sketch is asked for on a CPU that lacks bf16
+    dot products, where it makes the mutation many times slower instead of faster."""
+    if spec.sketch == torch.bfloat16 and native_bf16_matmul() is False:
+        warnings.warn(
+            "mutation.sketch_dtype is 'bfloat16', but this CPU "
+            f"({platform.machine()}) has no bf16 dot-product instructions (avx512_bf16, amx_bf16 "
+            "or Arm bf16 in /proc/cpuinfo): its bf16 products run tens of times slower than "
+            "float32 ones here. Use sketch_dtype: float32 on this node.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -394,6 +435,7 @@ def crossover_stream(
     if abs(w1 + w2) < 1e-6:
         raise ValueError(f"crossover weights must not sum to ~0, got w1={w1}, w2={w2}")
     check_compatible(base, [parent1, parent2])
+    warn_if_slow_sketch(mutation)
     svd_kind = mutation.kind == "svd"
     if svd_kind and mutation.basis == "expert":
         if basis is None:

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from cqd_mpi import operators
 from cqd_mpi.basis import ExpertBasis, basis_names, ensure_expert_basis, expert_basis_path
 from cqd_mpi.errors import ConfigError, WeightsError
 from cqd_mpi.operators import MutationSpec, crossover_stream, randomized_svd, tensor_generator
@@ -89,6 +90,18 @@ def test_a_bf16_sketch_basis_is_cached_apart_and_sketched_in_bf16(bf16, tmp_path
         assert not torch.equal(basis.factors(name)[0], other.factors(name)[0])
     with pytest.raises(ConfigError, match=r"mutation\.sketch_dtype: expected .float32. or .bfloat16., got .fp8."):
         expert_basis_path(base=base, expert=expert, rank=3, cache_dir=tmp_path, sketch_dtype="fp8")
+
+
+def test_a_bf16_sketch_basis_build_warns_on_a_cpu_without_bf16_instructions(
+    bf16, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(operators, "native_bf16_matmul", lambda: False)
+    base, expert = ModelDir(bf16["base"]), ModelDir(bf16["p3"])
+    with pytest.warns(RuntimeWarning, match=r"no bf16 dot-product instructions"):
+        path = ensure_expert_basis(
+            base=base, expert=expert, rank=3, cache_dir=tmp_path, sketch_dtype="bfloat16"
+        )
+    assert SafetensorsFile(path).metadata["sketch_dtype"] == "bfloat16"
 
 
 def test_basis_is_cached_and_rebuilt_when_the_expert_changes(bf16, tmp_path):
