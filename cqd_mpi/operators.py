@@ -435,8 +435,9 @@ def crossover_stream(
     if abs(w1 + w2) < 1e-6:
         raise ValueError(f"crossover weights must not sum to ~0, got w1={w1}, w2={w2}")
     check_compatible(base, [parent1, parent2])
-    warn_if_slow_sketch(mutation)
     svd_kind = mutation.kind == "svd"
+    if svd_kind and mutation.basis == "child":
+        warn_if_slow_sketch(mutation)
     if svd_kind and mutation.basis == "expert":
         if basis is None:
             raise ConfigError(

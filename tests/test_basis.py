@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_a_bf16_sketch_basis_is_cached_apart_and_sketched_in_bf16(bf16, tmp_path
         expert_basis_path(base=base, expert=expert, rank=3, cache_dir=tmp_path, sketch_dtype="fp8")
 
 
-def test_a_bf16_sketch_basis_build_warns_on_a_cpu_without_bf16_instructions(
+def test_a_bf16_sketch_basis_warns_once_when_built_not_when_read_from_cache_or_used(
     bf16, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(operators, "native_bf16_matmul", lambda: False)
@@ -102,6 +103,22 @@ def test_a_bf16_sketch_basis_build_warns_on_a_cpu_without_bf16_instructions(
             base=base, expert=expert, rank=3, cache_dir=tmp_path, sketch_dtype="bfloat16"
         )
     assert SafetensorsFile(path).metadata["sketch_dtype"] == "bfloat16"
+    mutation = MutationSpec(kind="svd", basis="expert", rank=3, sketch_dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ensure_expert_basis(
+            base=base, expert=expert, rank=3, cache_dir=tmp_path, sketch_dtype="bfloat16"
+        )
+        with ExpertBasis(path) as basis:
+            crossover_stream(
+                base=base,
+                parent1=ModelDir(bf16["p1"]),
+                parent2=ModelDir(bf16["p2"]),
+                w1=W1,
+                w2=W2,
+                mutation=mutation,
+                basis=basis,
+            )
 
 
 def test_basis_is_cached_and_rebuilt_when_the_expert_changes(bf16, tmp_path):

@@ -430,16 +430,31 @@ def test_a_bf16_sketch_on_a_cpu_without_bf16_instructions_warns(
     monkeypatch.setattr(operators, "native_bf16_matmul", lambda: native)
     base, p1, p2 = dirs(bf16, "base", "p1", "p2")
     mutation = MutationSpec(kind="svd", rank=3, sketch_dtype=sketch_dtype)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        crossover_stream(base=base, parent1=p1, parent2=p2, w1=W1, w2=W2, mutation=mutation)
-    slow = [w for w in caught if "no bf16 dot-product instructions" in str(w.message)]
+    slow = slow_sketch_warnings(base, p1, p2, mutation)
     if native is False and sketch_dtype == "bfloat16":
         assert len(slow) == 1 and slow[0].category is RuntimeWarning
         assert "mutation.sketch_dtype is 'bfloat16'" in str(slow[0].message)
         assert "Use sketch_dtype: float32" in str(slow[0].message)
     else:
         assert slow == []
+
+
+def slow_sketch_warnings(base, p1, p2, mutation, basis=None):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        crossover_stream(
+            base=base, parent1=p1, parent2=p2, w1=W1, w2=W2, mutation=mutation, basis=basis
+        )
+    return [w for w in caught if "no bf16 dot-product instructions" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", ["none", "gaussian"])
+def test_no_slow_sketch_warning_where_the_child_gets_no_randomized_svd(bf16, monkeypatch, kind):
+    monkeypatch.setattr(operators, "native_bf16_matmul", lambda: False)
+    base, p1, p2 = dirs(bf16, "base", "p1", "p2")
+    mutation = MutationSpec(kind=kind, rank=3, sketch_dtype="bfloat16")
+    assert mutation.sketch == torch.bfloat16
+    assert slow_sketch_warnings(base, p1, p2, mutation) == []
 
 
 def test_crossover_rejects_bad_inputs(bf16, fp32):
