@@ -509,7 +509,7 @@ def main() -> int:
                 )
             )
 
-    from cqd_mpi.operators import native_bf16_matmul
+    from cqd_mpi.cpu import native_bf16_matmul
 
     sketches = ["float32", "bfloat16"] if native_bf16_matmul() is not False else ["float32"]
     if "bfloat16" not in sketches:

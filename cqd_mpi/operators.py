@@ -8,7 +8,6 @@ split per tensor by name, so a result does not depend on iteration order or chun
 
 from __future__ import annotations
 
-import functools
 import math
 import platform
 import re
@@ -16,12 +15,12 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
+from cqd_mpi.cpu import native_bf16_matmul
 from cqd_mpi.errors import ConfigError, WeightsError
 from cqd_mpi.seeding import derive_seed, torch_generator
 from cqd_mpi.weights import Chunk, ModelDir, TensorReader, TensorStream, check_compatible
@@ -84,31 +83,6 @@ def sample_crossover_weights(
 
 
 SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def cpu_flags(cpuinfo: str) -> frozenset[str]:
-    """The feature flags of the first CPU in a /proc/cpuinfo text (x86 "flags", Arm "Features")."""
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
-@functools.cache
-def native_bf16_matmul() -> bool | None:
-    """Whether this CPU has bf16 dot-product instructions (x86 AVX512-BF16 or AMX, Arm BF16);
-    None where /proc/cpuinfo cannot tell. Without them torch multiplies bf16 matrices tens of
-    times slower than float32: 2 against 100 GFLOP/s on a 2-core AVX2 host (docs/benchmarks.md)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    flags = cpu_flags(cpuinfo)
-    return bool(flags & NATIVE_BF16_FLAGS) if flags else None
-
-
 def warn_if_slow_sketch(spec: MutationSpec) -> None:
     """Warn (once per call site) when a bf16 sketch is asked for on a CPU that lacks bf16
     dot products, where it makes the mutation many times slower instead of faster."""

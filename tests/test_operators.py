@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import platform
 import warnings
 
 import numpy as np
@@ -15,7 +14,6 @@ from cqd_mpi.errors import ConfigError, WeightsError
 from cqd_mpi.operators import (
     MutationSpec,
     aggregate_stream,
-    cpu_flags,
     crossover_stream,
     model_similarity,
     randomized_svd,
@@ -390,35 +388,6 @@ def test_a_low_precision_sketch_exists_only_for_a_truncated_svd():
     assert MutationSpec(rank=4, sketch_dtype="bfloat16").sketch == torch.bfloat16
     assert MutationSpec(rank="full", sketch_dtype="bfloat16").sketch is None
     assert MutationSpec(rank=4).sketch is None
-
-
-X86_CPUINFO = """processor\t: 0
-vendor_id\t: AuthenticAMD
-flags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 avx512_vnni
-bugs\t\t: sysret_ss_attrs
-"""
-ARM_CPUINFO = """processor\t: 0
-BogoMIPS\t: 243.75
-Features\t: fp asimd evtstrm aes sve bf16 i8mm
-CPU implementer\t: 0x41
-"""
-
-
-def test_cpu_flags_reads_the_x86_and_the_arm_feature_lines():
-    assert {"avx2", "avx512_bf16"} <= cpu_flags(X86_CPUINFO)
-    assert "bf16" in cpu_flags(ARM_CPUINFO)
-    assert "bf16" not in cpu_flags(X86_CPUINFO)
-    assert not cpu_flags(X86_CPUINFO.replace(" avx512_bf16", "")) & operators.NATIVE_BF16_FLAGS
-    assert cpu_flags("processor\t: 0\n") == frozenset()
-
-
-@pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64") or not hasattr(torch.cpu, "_is_avx512_bf16_supported"),
-    reason="torch's own bf16 probe exists on x86 builds only",
-)
-def test_native_bf16_matmul_agrees_with_torchs_own_probe_on_this_cpu():
-    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert operators.native_bf16_matmul() is expected
 
 
 @pytest.mark.parametrize("native", [False, True, None])

@@ -28,11 +28,13 @@ def _versions() -> list[str]:
 def _rank_info(rank: int) -> dict:
     import torch
 
+    from cqd_mpi.cpu import describe_bf16
     from cqd_mpi.engines.hf import resolve_device
 
     return {"rank": rank, "host": socket.gethostname(),
             "device": "cpu (conductor: merges, does not evaluate)" if rank == 0 else str(resolve_device("auto")),
-            "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+            "gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            "bf16": describe_bf16()}
 
 
 def run(args) -> int:
@@ -59,7 +61,8 @@ def run(args) -> int:
         print(f"  standard: MPI {'.'.join(map(str, MPI.Get_version()))}, world size {size}")
     print("== ranks")
     for info in infos:
-        print(f"  rank {info['rank']:>3} on {info['host']}: {info['device']} ({info['gpus']} GPU(s) visible)")
+        print(f"  rank {info['rank']:>3} on {info['host']}: {info['device']} ({info['gpus']} GPU(s) visible; "
+              f"CPU bf16 dot products: {info['bf16']})")
     ok = True
     if args.config:
         ok = _check_config(args.config)
@@ -77,6 +80,12 @@ def _check_config(path: str) -> bool:
 
     config = config_mod.load(path)
     ok = True
+    if config.qd.mutation.sketch_dtype == "bfloat16":
+        from cqd_mpi.cpu import describe_bf16
+
+        print("== merging")
+        print(f"  [{'ok' if describe_bf16() != 'no' else 'WARN'}] qd.mutation.sketch_dtype: bfloat16, "
+              f"this node's CPU bf16 dot products: {describe_bf16()}")
     print("== models")
     try:
         base = ModelDir(config.base)
