@@ -18,6 +18,28 @@ ping_socket() {
     [ -S "$socket" ] && curl -fsS --max-time 2 --unix-socket "$socket" http://d/_ping >/dev/null 2>&1
 }
 
+# A service whose working directory was deleted (started from a checkout that is gone)
+# still answers pings, but conmon cannot start containers from it ("Failed to get working
+# directory"): stop it and start a new one.
+for pid in $(pgrep -f "podman system service --time=0 unix://$socket" 2>/dev/null || true); do
+    case "$(readlink "/proc/$pid/cwd" 2>/dev/null)" in
+        *" (deleted)")
+            say "restarting the service (pid $pid): its working directory was deleted"
+            kill "$pid" 2>/dev/null || true
+            waited=0
+            while kill -0 "$pid" 2>/dev/null \
+                && [ "$(cut -d' ' -f3 "/proc/$pid/stat" 2>/dev/null)" != Z ]; do
+                waited=$((waited + 1))
+                if [ "$waited" -ge 100 ]; then
+                    kill -9 "$pid" 2>/dev/null || true
+                    break
+                fi
+                sleep 0.1
+            done
+            ;;
+    esac
+done
+
 if ping_socket; then
     echo "unix://$socket"
     exit 0
@@ -46,7 +68,7 @@ elif ! grep -q '^[[:space:]]*runtime[[:space:]]*=[[:space:]]*"runc"' "$conf" \
 fi
 
 rm -f "$socket"
-nohup podman system service --time=0 "unix://$socket" >"$log" 2>&1 &
+(cd / && nohup podman system service --time=0 "unix://$socket" >"$log" 2>&1 &)
 
 tries=0
 until ping_socket; do
