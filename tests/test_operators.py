@@ -408,12 +408,10 @@ def test_a_bf16_sketch_on_a_cpu_without_bf16_instructions_warns(
         assert slow == []
 
 
-def slow_sketch_warnings(base, p1, p2, mutation, basis=None):
+def slow_sketch_warnings(base, p1, p2, mutation):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        crossover_stream(
-            base=base, parent1=p1, parent2=p2, w1=W1, w2=W2, mutation=mutation, basis=basis
-        )
+        crossover_stream(base=base, parent1=p1, parent2=p2, w1=W1, w2=W2, mutation=mutation)
     return [w for w in caught if "no bf16 dot-product instructions" in str(w.message)]
 
 

@@ -83,9 +83,10 @@ def _check_config(path: str) -> bool:
     if config.qd.mutation.sketch_dtype == "bfloat16":
         from cqd_mpi.cpu import describe_bf16
 
+        bf16 = describe_bf16()
         print("== merging")
-        print(f"  [{'ok' if describe_bf16() != 'no' else 'WARN'}] qd.mutation.sketch_dtype: bfloat16, "
-              f"this node's CPU bf16 dot products: {describe_bf16()}")
+        print(f"  [{'WARN' if bf16 == 'no' else 'ok'}] qd.mutation.sketch_dtype: bfloat16, "
+              f"this node's CPU bf16 dot products: {bf16}")
     print("== models")
     try:
         base = ModelDir(config.base)

@@ -34,14 +34,15 @@ def ping(socket: Path) -> bool:
 
 
 @pytest.fixture
-def socket(tmp_path):
+def service_socket(tmp_path):
     path = tmp_path / "p.sock"
     yield path
     for pid in service_pids(path):
         os.kill(pid, 15)
 
 
-def test_a_running_service_is_reused_and_one_left_in_a_deleted_directory_is_replaced(socket, tmp_path):
+def test_a_running_service_is_reused_and_one_left_in_a_deleted_directory_is_replaced(service_socket, tmp_path):
+    socket = service_socket
     gone = tmp_path / "checkout"
     gone.mkdir()
     stale = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{socket}"], cwd=gone,
