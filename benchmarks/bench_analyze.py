@@ -23,16 +23,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cqd_mpi.analysis import RunState, summary  # noqa: E402
-from cqd_mpi.core import CycleQD, make_splits  # noqa: E402
-from cqd_mpi.plots import (  # noqa: E402
+from cqd_mpi.analysis.plots import (  # noqa: E402
     elite_map_strip,
     elite_maps,
     progress_curves,
     strip_generations,
     time_breakdown,
 )
-from cqd_mpi.state import HDF5Backend  # noqa: E402
+from cqd_mpi.analysis.runstate import RunState, summary  # noqa: E402
+from cqd_mpi.qd.cycleqd import CycleQD, make_splits  # noqa: E402
+from cqd_mpi.run.state import HDF5Backend  # noqa: E402
 
 TASKS = ("coding", "os", "db", "vqa", "seg")
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_demo.py [--seed N] [--run GENERATIONS]
 
-Builds the default demo recipe (cqd_mpi.demo.Recipe) into a fresh temporary cache, in a
+Builds the default demo recipe (cqd_mpi.demo.llm.Recipe) into a fresh temporary cache, in a
 fresh process, and reports its wall time (target: under 5 minutes on 2 cores). Then scores
 the base and each expert on every skill's items with the transformers engine. With --run, it
 also times `python -m cqd_mpi run` on the demo config with that many generations (one
@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument("--run", type=int, metavar="GENERATIONS", help="also time a CycleQD run")
     args = parser.parse_args()
 
-    from cqd_mpi import demo
+    from cqd_mpi.demo import llm as demo
     from cqd_mpi.engines.hf import LiveModel
     from cqd_mpi.tasks.base import TaskContext
     from cqd_mpi.tasks.skills import Settings, SkillsTask

@@ -219,21 +219,21 @@ def python(code: str) -> list[str]:
 OURS = """
     import json, sys, time
     started = time.perf_counter()
-    from cqd_mpi.operators import MutationSpec, crossover_stream
-    from cqd_mpi.weights import ModelDir, write_hf_dir
+    from cqd_mpi.merging.operators import MutationSpec, crossover_stream
+    from cqd_mpi.merging.weights import ModelDir, write_hf_dir
     imported = time.perf_counter()
     base, p1, p2 = (ModelDir(p) for p in sys.argv[1:4])
     rank, niter, sketch_dtype, passes = sys.argv[5], int(sys.argv[6]), sys.argv[7], sys.argv[8]
     expert_basis = sys.argv[9] if len(sys.argv) > 9 else None
-    import cqd_mpi.operators
+    import cqd_mpi.merging.operators
     if passes == "serial":
-        cqd_mpi.operators.FEW_CORES = 1 << 30
+        cqd_mpi.merging.operators.FEW_CORES = 1 << 30
     mutation = MutationSpec(kind="none") if rank == "none" else MutationSpec(
         kind="svd", basis="expert" if expert_basis else "child", rank=rank if rank == "full" else int(rank),
         niter=niter, sketch_dtype=sketch_dtype)
     basis = None
     if expert_basis:
-        from cqd_mpi.basis import ExpertBasis
+        from cqd_mpi.merging.basis import ExpertBasis
         basis = ExpertBasis(expert_basis)
     stream = crossover_stream(base=base, parent1=p1, parent2=p2, w1={w1}, w2={w2}, mutation=mutation, seed=1,
                               basis=basis)
@@ -299,8 +299,8 @@ COPY_BANDWIDTH = """
 EXPERT_BASIS = """
     import json, sys, time
     started = time.perf_counter()
-    from cqd_mpi.basis import ensure_expert_basis
-    from cqd_mpi.weights import ModelDir
+    from cqd_mpi.merging.basis import ensure_expert_basis
+    from cqd_mpi.merging.weights import ModelDir
     imported = time.perf_counter()
     base, expert = ModelDir(sys.argv[1]), ModelDir(sys.argv[2])
     path = ensure_expert_basis(base=base, expert=expert, rank=int(sys.argv[4]), cache_dir=sys.argv[3])
@@ -311,7 +311,7 @@ EXPERT_BASIS = """
 SVD_PER_SHAPE = """
     import json, sys, time, torch
     sys.path.insert(0, {repo!r})
-    from cqd_mpi.operators import add_scaled_components, svd_factors
+    from cqd_mpi.merging.operators import add_scaled_components, svd_factors
     shapes, rank, repeats, sketch_dtype = {shapes}, {rank!r}, {repeats}, getattr(torch, {sketch_dtype!r})
     result = {{}}
     generator = torch.Generator().manual_seed(0)
@@ -361,7 +361,7 @@ def accuracy(out_dir: Path, models: dict[str, Path]) -> str:
     elements equal to the correctly rounded float64 result, and the largest absolute error."""
     import torch
 
-    from cqd_mpi.weights import ModelDir, TensorReader
+    from cqd_mpi.merging.weights import ModelDir, TensorReader
 
     c2 = W2 / (W1 + W2)
     inputs = [ModelDir(models[k]) for k in ("base", "expert1", "expert2")]

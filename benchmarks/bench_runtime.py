@@ -45,7 +45,7 @@ def with_tokenizer(models: dict[str, Path]) -> dict[str, Path]:
 
 
 def history(run_dir: Path) -> dict[str, np.ndarray]:
-    from cqd_mpi.state import read_state
+    from cqd_mpi.run.state import read_state
 
     columns = read_state(run_dir / "state.h5")["history"]
     return {k: np.asarray(columns[k]) for k in ("merge_s", "transfer_s", "eval_s", "total_s")}
@@ -75,7 +75,7 @@ def null_run(work: Path, models: dict[str, Path], generations: int, transport: s
 
 
 def demo_run(work: Path, ranks: int, generations: int) -> dict[str, np.ndarray]:
-    from cqd_mpi import demo
+    from cqd_mpi.demo import llm as demo
 
     run_dir = work / f"demo-{ranks}"
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cqd_mpi import operators
+from cqd_mpi.merging import operators
 
 COUNTS = {(2048, 2048): 32, (512, 2048): 32, (5632, 2048): 32, (2048, 5632): 16, (32000, 2048): 2}
 

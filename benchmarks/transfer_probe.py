@@ -14,8 +14,8 @@ import time
 
 from mpi4py import MPI
 
+from cqd_mpi.merging.weights import ModelDir
 from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs
-from cqd_mpi.weights import ModelDir
 
 comm = MPI.COMM_WORLD
 model_dir = sys.argv[1]

@@ -7,9 +7,9 @@ cqd_phase() {
   # The run's phase from its state file (init, search, final, done), or "none".
   python - "$1" <<'PY'
 import sys
-from cqd_mpi import config
-from cqd_mpi.rundir import RunDir
-from cqd_mpi.state import HDF5Backend
+from cqd_mpi.run import config
+from cqd_mpi.run.rundir import RunDir
+from cqd_mpi.run.state import HDF5Backend
 run = RunDir(config.load(sys.argv[1], check_files=False).runtime.run_dir)
 tree = HDF5Backend(run.state_path).load() if run.has_state() else None
 print(tree["attrs"]["phase"] if tree else "none")

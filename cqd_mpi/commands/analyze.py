@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cqd_mpi.analysis import RunState, summary
+    from cqd_mpi.analysis.runstate import RunState, summary
 
     state = RunState.load(args.run_dir)
     generation = state.check_generation(args.generation)
@@ -37,7 +37,7 @@ def run(args) -> int:
     if not state.has_archives:
         print(f"no plots yet: the run is in phase {state.phase} and has no archives")
         return 0
-    from cqd_mpi.plots import render_all
+    from cqd_mpi.analysis.plots import render_all
 
     out = args.out if args.out is not None else state.rundir.plots_dir
     print("")

@@ -18,8 +18,8 @@ def run(args) -> int:
     import tempfile
     from pathlib import Path
 
-    from cqd_mpi import config as config_mod
     from cqd_mpi.errors import ConfigError
+    from cqd_mpi.run import config as config_mod
     from cqd_mpi.runtime.worker import build_tasks
 
     config = config_mod.load(args.config)

@@ -32,9 +32,9 @@ def run(args) -> int:
 def _demo(args, comm) -> int:
     import time
 
-    from cqd_mpi import config as config_mod
-    from cqd_mpi import demo
     from cqd_mpi.commands.run import log_to_files
+    from cqd_mpi.demo import llm as demo
+    from cqd_mpi.run import config as config_mod
     from cqd_mpi.runtime import launch
 
     rank = comm.Get_rank() if comm is not None else 0

@@ -73,10 +73,10 @@ def _check_config(path: str) -> bool:
     import tempfile
     from pathlib import Path
 
-    from cqd_mpi import config as config_mod
     from cqd_mpi.errors import CqdError
+    from cqd_mpi.merging.weights import ModelDir, check_compatible
+    from cqd_mpi.run import config as config_mod
     from cqd_mpi.runtime.worker import build_tasks
-    from cqd_mpi.weights import ModelDir, check_compatible
 
     config = config_mod.load(path)
     ok = True

@@ -39,8 +39,8 @@ def _model_id(text: str) -> int:
 
 
 def run(args) -> int:
-    from cqd_mpi.analysis import RunState
-    from cqd_mpi.exporting import Exporter, check_output
+    from cqd_mpi.analysis.export import Exporter, check_output
+    from cqd_mpi.analysis.runstate import RunState
 
     if args.aggregate is None and (args.temperature is not None or args.weights is not None):
         raise ConfigError("--temperature and --weights apply to --aggregate only")

@@ -135,7 +135,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cqd_mpi import operators, seeding, weights
+    from cqd_mpi import seeding
+    from cqd_mpi.merging import operators, weights
 
     if args.aggregate and (args.seed is not None or args.w1 is not None or args.w2 is not None):
         raise ConfigError("--seed, --w1 and --w2 apply to --parents, not to --aggregate")
@@ -201,7 +202,7 @@ def _crossover(args, base, operators, seeding, weights):
     )
     basis = None
     if args.mutation == "svd" and args.basis == "expert":
-        from cqd_mpi.basis import ExpertBasis, ensure_expert_basis
+        from cqd_mpi.merging.basis import ExpertBasis, ensure_expert_basis
 
         if not args.expert:
             raise ConfigError(

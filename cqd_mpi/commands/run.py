@@ -30,7 +30,7 @@ def log_to_files(run_dir: str, rank: int, world_size: int) -> None:
 
 
 def run(args) -> int:
-    from cqd_mpi import config as config_mod
+    from cqd_mpi.run import config as config_mod
     from cqd_mpi.runtime import launch, mpi
 
     comm = mpi.world()

@@ -17,8 +17,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cqd_mpi.operators import model_similarity
-    from cqd_mpi.weights import ModelDir
+    from cqd_mpi.merging.operators import model_similarity
+    from cqd_mpi.merging.weights import ModelDir
 
     base, a, b = ModelDir(args.base), ModelDir(args.a), ModelDir(args.b)
     print(f"{model_similarity(base=base, a=a, b=b, exclude=args.exclude):.6f}")

@@ -289,7 +289,7 @@ class LiveModel:
 
     def load_dir(self, path: str | os.PathLike) -> int:
         """Copy the weights of the Hugging Face dir `path` into the live model, in place."""
-        from cqd_mpi.weights import ModelDir
+        from cqd_mpi.merging.weights import ModelDir
 
         return self.load_weights(ModelDir(path).tensors())
 

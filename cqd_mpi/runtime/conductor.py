@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from cqd_mpi import __version__
-from cqd_mpi.core import CycleQD, Job
-from cqd_mpi.evaluation import combine, make_chunks
-from cqd_mpi.recipes import ModelBuilder
-from cqd_mpi.rundir import RunDir
+from cqd_mpi.merging.builder import ModelBuilder
+from cqd_mpi.merging.weights import ModelDir, TensorStream, write_hf_dir
+from cqd_mpi.qd.cycleqd import CycleQD, Job
+from cqd_mpi.run.evaluation import combine, make_chunks
+from cqd_mpi.run.rundir import RunDir
+from cqd_mpi.run.state import StateBackend
 from cqd_mpi.runtime.groups import EvalGroup, ModelSource, Outcome, TimedStream
 from cqd_mpi.runtime.signals import StopFlag
-from cqd_mpi.state import StateBackend
 from cqd_mpi.tasks import Task
-from cqd_mpi.weights import ModelDir, TensorStream, write_hf_dir
 
 log = logging.getLogger("cqd_mpi.conductor")
 
@@ -200,7 +200,7 @@ class Conductor:
         return f"{job.phase:<6} {label:<16} {job.split:<6} {scores}{errors} {elapsed:7.1f}s"
 
     def _finish(self) -> None:
-        from cqd_mpi.reporting import format_report, format_times
+        from cqd_mpi.run.report import format_report, format_times
 
         report = self.core.report()
         report["phase_seconds"] = dict(self.phase_seconds)

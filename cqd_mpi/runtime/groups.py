@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from cqd_mpi.core import Job
-from cqd_mpi.evaluation import Chunk
-from cqd_mpi.runtime import faults
+from cqd_mpi import faults
+from cqd_mpi.qd.cycleqd import Job
+from cqd_mpi.run.evaluation import Chunk
 from cqd_mpi.runtime.worker import Worker
 from cqd_mpi.tasks.base import ItemResult
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from cqd_mpi.archive import Bins
-from cqd_mpi.config import BinsConfig, Config, parse_size
-from cqd_mpi.core import CycleQD, make_splits
 from cqd_mpi.errors import StateError
-from cqd_mpi.recipes import ModelBuilder
-from cqd_mpi.rundir import RunDir
+from cqd_mpi.merging.builder import ModelBuilder
+from cqd_mpi.qd.archive import Bins
+from cqd_mpi.qd.cycleqd import CycleQD, make_splits
+from cqd_mpi.run.config import BinsConfig, Config, parse_size
+from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.runtime.conductor import Conductor
 from cqd_mpi.runtime.groups import EvalGroup, InProcessGroup
 from cqd_mpi.runtime.signals import StopFlag

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cqd_mpi.config import Config
 from cqd_mpi.errors import ConfigError, require
-from cqd_mpi.evaluation import shard
+from cqd_mpi.run.config import Config
+from cqd_mpi.run.evaluation import shard
 from cqd_mpi.runtime.groups import EvalGroup, Outcome
 from cqd_mpi.runtime.signals import StopFlag
 from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from cqd_mpi.config import Config, task_settings
-from cqd_mpi.evaluation import Chunk, evaluate_chunks
-from cqd_mpi.runtime import faults
+from cqd_mpi import faults
+from cqd_mpi.run.config import Config, task_settings
+from cqd_mpi.run.evaluation import Chunk, evaluate_chunks
 from cqd_mpi.tasks import Task, TaskContext, task_class
 from cqd_mpi.tasks.base import ItemResult
 

@@ -7,7 +7,7 @@ import matplotlib.image
 import pytest
 
 from cqd_mpi.cli import main
-from tests.analysis_runs import GENERATIONS, finished_run, interrupted_run
+from tests.analysis.runs import GENERATIONS, finished_run, interrupted_run
 
 FILES = ("elite_maps.png", "elite_maps_over_generations.png", "progress.png", "time_breakdown.png")
 

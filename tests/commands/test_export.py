@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from cqd_mpi.analysis import RunState
+from cqd_mpi.analysis.export import Exporter
+from cqd_mpi.analysis.runstate import RunState
 from cqd_mpi.cli import main
-from cqd_mpi.exporting import Exporter
-from cqd_mpi.weights import ModelDir
-from tests.analysis_runs import finished_run
+from cqd_mpi.merging.weights import ModelDir
+from tests.analysis.runs import finished_run
 
 
 @pytest.fixture(scope="module")

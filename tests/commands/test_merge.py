@@ -12,14 +12,14 @@ import torch
 
 from cqd_mpi import seeding
 from cqd_mpi.cli import main
-from cqd_mpi.operators import (
+from cqd_mpi.merging.operators import (
     MutationSpec,
     aggregate_stream,
     crossover_stream,
     sample_crossover_weights,
     softmax,
 )
-from cqd_mpi.weights import ModelDir, write_hf_dir
+from cqd_mpi.merging.weights import ModelDir, write_hf_dir
 from tests.conftest import subprocess_env
 from tests.tiny_llama import logits, save_tiny_llama, state_dict
 

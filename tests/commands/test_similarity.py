@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cqd_mpi.cli import main
-from cqd_mpi.operators import model_similarity
-from cqd_mpi.weights import ModelDir
+from cqd_mpi.merging.operators import model_similarity
+from cqd_mpi.merging.weights import ModelDir
 
 
 def test_prints_the_metric(bf16, capsys):

@@ -256,7 +256,7 @@ def test_cuda_forward_and_greedy_generation_match_the_cpu(tiny_dirs, live_a):
 @pytest.mark.cuda
 def test_cuda_bf16_checkpoint_runs_in_bf16_and_casts_streamed_weights_on_arrival(tiny_dirs, tmp_path):
     from cqd_mpi.engines.tiny import build_tiny_llama
-    from cqd_mpi.weights import ModelDir
+    from cqd_mpi.merging.weights import ModelDir
 
     bf16_dir = build_tiny_llama(tmp_path / "bf16", seed=1, dtype=torch.bfloat16)
     live = LiveModel(bf16_dir, device="cuda")

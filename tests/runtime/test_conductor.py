@@ -8,12 +8,12 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from cqd_mpi import config as config_mod
 from cqd_mpi.errors import StateError
-from cqd_mpi.rundir import RunDir
+from cqd_mpi.merging.weights import ModelDir
+from cqd_mpi.run import config as config_mod
+from cqd_mpi.run.rundir import RunDir
+from cqd_mpi.run.state import read_state
 from cqd_mpi.runtime.launch import conduct
-from cqd_mpi.state import read_state
-from cqd_mpi.weights import ModelDir
 from tests.conftest import probe_config, write_config
 
 

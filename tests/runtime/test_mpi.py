@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cqd_mpi.state import read_state
+from cqd_mpi.run.state import read_state
 from tests.conftest import subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli, wait_for_generation
 from tests.runtime.test_conductor import small_config

@@ -11,8 +11,8 @@ import torch
 from mpi4py import MPI
 
 from cqd_mpi.engines.hf import LiveModel
+from cqd_mpi.merging.weights import ModelDir
 from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs
-from cqd_mpi.weights import ModelDir
 
 source_dir, live_dir, live_dtype, chunk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 device = sys.argv[5] if len(sys.argv) > 5 else "cpu"

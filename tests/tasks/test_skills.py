@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from cqd_mpi import demo, schema
+from cqd_mpi import schema
+from cqd_mpi.demo import llm as demo
 from cqd_mpi.errors import ConfigError, TaskError
 from cqd_mpi.tasks import task_class
 from cqd_mpi.tasks.base import TaskContext

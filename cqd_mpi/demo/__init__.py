@@ -1,0 +1,1 @@
+"""The embedded demos: tiny models trained on the CPU, their configs."""

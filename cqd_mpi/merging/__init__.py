@@ -1,0 +1,1 @@
+"""Model files and merge operators: memory-mapped safetensors in, streamed HF dirs out, crossover, mutation, aggregation."""

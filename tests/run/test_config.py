@@ -1,0 +1,85 @@
+import pytest
+import yaml
+
+from cqd_mpi.errors import ConfigError
+from cqd_mpi.run import config as config_mod
+from tests.conftest import probe_config, write_config
+
+
+@pytest.fixture
+def good(tiny_family, tmp_path):
+    return probe_config(tiny_family, tmp_path / "run")
+
+
+def load_dict(data, tmp_path):
+    return config_mod.load(write_config(tmp_path / "c.yaml", data))
+
+
+def test_valid_config_loads_with_defaults(good, tmp_path):
+    config = load_dict(good, tmp_path)
+    assert config.task_names == ["alpha", "beta", "gamma"]
+    assert config.qd.crossover.mu == 1.0 and config.qd.crossover.sigma == 0.03
+    assert config.qd.alpha_low == 0.5 and config.qd.alpha_high == 0.8
+    assert config.qd.mutation.rank == 4 and config.qd.mutation.basis == "child"
+    assert config.runtime.transport == "mpi" and config.runtime.pipeline_depth == 0
+    assert config.tasks[0].bins == "auto"
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c["qd"].update(generatons=3), r"qd: unknown key 'generatons'; expected keys: generations"),
+    (lambda c: c["qd"]["mutation"].update(w_max="big"), r"qd.mutation.w_max: expected a number, got 'big'"),
+    (lambda c: c["qd"]["mutation"].update(rank="half"), r"qd.mutation.rank: expected an integer or 'full'"),
+    (lambda c: c["qd"]["mutation"].update(kind="dropout"), r"qd.mutation.kind: expected one of 'svd' \| 'gaussian' \| 'none'"),
+    (lambda c: c["qd"].update(generations=True), r"qd.generations: expected an integer, got True"),
+    (lambda c: c["runtime"].update(pipeline_depth=-1), r"runtime.pipeline_depth: expected an integer >= 0"),
+    (lambda c: c["runtime"].update(max_shard_size="lots"), r"runtime.max_shard_size: expected a size"),
+    (lambda c: c.pop("runtime"), r"runtime: required key is missing"),
+    (lambda c: c["tasks"][1].update(settings={"n_itemz": 3}), r"tasks\[1\].settings: unknown key 'n_itemz'"),
+    (lambda c: c["tasks"][0].update(kind="nonsense"), r"tasks\[0\].kind: unknown task kind 'nonsense'"),
+    (lambda c: c["tasks"][0].update(bins={"lower": 0.5, "upper": 0.2}), r"tasks\[0\].bins: expected upper > lower"),
+    (lambda c: c["experts"][0].update(task="delta"), r"experts\[0\].task: expected one of the task names"),
+    (lambda c: c["experts"].pop(), r"experts: expected an expert for every task, none given for gamma"),
+    (lambda c: c.update(base="/does/not/exist"), r"base: expected a Hugging Face model directory, but /does/not/exist does not exist"),
+    (lambda c: c["tasks"][0].update(data="missing.jsonl"), r"tasks\[0\].data: file .*missing.jsonl does not exist"),
+    (lambda c: c["qd"]["mutation"].update(exclude=["("]), r"qd.mutation.exclude\[0\]: invalid regular expression"),
+    (lambda c: c["qd"]["mutation"].update(sketch_dtype="float16"),
+     r"qd.mutation.sketch_dtype: expected one of 'float32' \| 'bfloat16', got 'float16'"),
+    (lambda c: c["qd"]["mutation"].update(niter=-1), r"qd.mutation.niter: expected an integer >= 0, got -1"),
+])
+def test_bad_config_names_the_key(good, tmp_path, edit, message):
+    edit(good)
+    with pytest.raises(ConfigError, match=message):
+        load_dict(good, tmp_path)
+
+
+def test_errors_name_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("qd: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        config_mod.load(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_mod.load(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_the_config_file(good, tmp_path):
+    good["runtime"]["run_dir"] = "runs/x"
+    config = load_dict(good, tmp_path)
+    assert config.runtime.run_dir == str((tmp_path / "runs" / "x").resolve())
+
+
+def test_differences_ignore_result_neutral_keys(good, tmp_path):
+    a = load_dict(good, tmp_path).to_dict()
+    b = yaml.safe_load(yaml.safe_dump(a))
+    b["runtime"]["eval_groups"] = 4
+    b["runtime"]["transport"] = "file"
+    b["engine"]["device"] = "cuda"
+    assert config_mod.differences(a, b) == []
+    b["qd"]["mutation"]["w_max"] = 0.1
+    b["tasks"][1]["settings"]["n_items"] = 7
+    assert config_mod.differences(a, b) == [
+        "qd.mutation.w_max: 0.3 -> 0.1", "tasks[1].settings.n_items: 24 -> 7"]
+
+
+@pytest.mark.parametrize(("text", "size"), [("5GB", 5 * 10**9), ("512MiB", 512 * 2**20), ("100", 100), (7, 7)])
+def test_parse_size(text, size):
+    assert config_mod.parse_size(text) == size

@@ -1,0 +1,119 @@
+import h5py
+import numpy as np
+import pytest
+
+from cqd_mpi.errors import StateError
+from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.run.state import SCHEMA_VERSION, HDF5Backend, MemoryBackend, read_state
+from tests.qd.test_cycleqd import assert_trees_equal, fake_scores, make_core, run
+
+
+@pytest.fixture(params=["memory", "hdf5"])
+def backend(request, tmp_path):
+    if request.param == "memory":
+        return MemoryBackend()
+    return HDF5Backend(tmp_path / "state.h5")
+
+
+def midway_core():
+    core = make_core(pipeline_depth=1)
+    run(core, stop_after=8)
+    core.models[5].n_errors = 2
+    core.item_scores["search"][5] = {n: np.linspace(0, 1, 5, dtype=np.float32) for n in core.task_names}
+    return core
+
+
+def test_empty_backend_loads_none(backend):
+    assert backend.load() is None
+
+
+def test_reloaded_state_equals_original(backend):
+    core = midway_core()
+    backend.save(core.state_dict(), attrs={"config": "qd: {}\n", "world_size": 3})
+    tree = backend.load()
+    assert tree["attrs"]["schema_version"] == SCHEMA_VERSION
+    assert tree["attrs"]["world_size"] == 3 and tree["attrs"]["config"] == "qd: {}\n"
+    expected = core.state_dict()
+    for key in ("schema_version", "package_version", "config", "world_size"):
+        tree["attrs"].pop(key)
+    assert_trees_equal(expected, tree)
+
+
+def test_reloaded_core_continues_like_the_original_rng_included(backend):
+    core = midway_core()
+    backend.save(core.state_dict())
+    restored = CycleQD.from_state_dict(backend.load())
+    while not core.done:
+        a, b = core.ask(), restored.ask()
+        assert a == b
+        scores = fake_scores(a.model_id)
+        core.tell(a.model_id, scores)
+        restored.tell(b.model_id, scores)
+    assert restored.done
+    assert_trees_equal(core.state_dict(), restored.state_dict())
+
+
+def test_saving_again_replaces_the_state(backend):
+    core = midway_core()
+    backend.save(core.state_dict())
+    run(core)
+    backend.save(core.state_dict())
+    assert backend.load()["attrs"]["phase"] == "done"
+
+
+def test_hdf5_keeps_previous_checkpoint_as_backup(tmp_path):
+    backend = HDF5Backend(tmp_path / "state.h5")
+    core = midway_core()
+    backend.save(core.state_dict())
+    done_before = core.generations_done
+    job = core.ask()
+    core.tell(job.model_id, fake_scores(job.model_id))
+    backend.save(core.state_dict())
+    assert read_state(tmp_path / "state.h5.bak")["attrs"]["generations_done"] == done_before
+    assert read_state(tmp_path / "state.h5")["attrs"]["generations_done"] == core.generations_done
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_state_falls_back_to_backup(tmp_path, damage, caplog):
+    backend = HDF5Backend(tmp_path / "state.h5")
+    core = midway_core()
+    backend.save(core.state_dict())
+    backend.save(core.state_dict())
+    path = tmp_path / "state.h5"
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 100, "empty": b""}[damage])
+    tree = backend.load()
+    assert tree["attrs"]["generations_done"] == core.generations_done
+    assert "falling back" in caplog.text and "state.h5" in caplog.text
+
+
+def test_corrupt_state_without_backup_is_a_clear_error(tmp_path):
+    path = tmp_path / "state.h5"
+    path.write_bytes(b"not hdf5 at all")
+    with pytest.raises(StateError, match="truncated or corrupt"):
+        HDF5Backend(path).load()
+
+
+def test_other_schema_version_is_refused(tmp_path):
+    path = tmp_path / "state.h5"
+    HDF5Backend(path, keep_backup=False).save(midway_core().state_dict())
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 0
+    with pytest.raises(StateError, match=r"schema version 0; this cqd_mpi .* reads version 1"):
+        read_state(path)
+
+
+def test_state_file_is_readable_with_plain_h5py(tmp_path):
+    path = tmp_path / "state.h5"
+    core = midway_core()
+    HDF5Backend(path).save(core.state_dict(), attrs={"config": "x: 1\n", "world_size": 1})
+    with h5py.File(path, "r") as f:
+        assert list(f.attrs["task_names"]) == list(core.task_names)
+        assert f["models/scores"].shape == (len(core.models), 3)
+        assert list(f["models/kind"].asstr()[:4]) == ["base", "expert", "expert", "expert"]
+        assert f["archives/code/occupant"].dtype == np.int64
+        assert np.isnan(f["archives/code/quality"][...][f["archives/code/occupant"][...] < 0]).all()
+        assert f["tasks/os"].attrs["n_bins"] == 5
+        assert len(f["tasks/os/search_ids"]) + len(f["tasks/os/test_ids"]) == 10
+        assert f["history/qd_score"].shape == (core.generations_done, 3)
