@@ -2,7 +2,7 @@
 
     python benchmarks/bench_demo.py [--seed N] [--run GENERATIONS]
 
-Builds the default demo recipe (cqd_mpi.demo.llm.Recipe) into a fresh temporary cache, in a
+Builds the default demo recipe (cqd_mpi.demo.llm.TrainingRecipe) into a fresh temporary cache, in a
 fresh process, and reports its wall time (target: under 5 minutes on 2 cores). Then scores
 the base and each expert on every skill's items with the transformers engine. With --run, it
 also times `python -m cqd_mpi run` on the demo config with that many generations (one
@@ -31,7 +31,7 @@ def load() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="Recipe seed (default 0, the demo's)")
+    parser.add_argument("--seed", type=int, default=0, help="training recipe seed (default 0, the demo's)")
     parser.add_argument("--run", type=int, metavar="GENERATIONS", help="also time a CycleQD run")
     args = parser.parse_args()
 
@@ -44,11 +44,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
         load_before = load()
         start = time.perf_counter()
-        code = (f"from cqd_mpi import demo; demo.build(demo.Recipe(seed={args.seed}), "
+        code = (f"from cqd_mpi.demo import llm as demo; demo.build(demo.TrainingRecipe(seed={args.seed}), "
                 f"cache_dir={tmp!r})")
         subprocess.run([sys.executable, "-c", code], check=True, env=env)
         build_seconds = time.perf_counter() - start
-        recipe = demo.Recipe(seed=args.seed)
+        recipe = demo.TrainingRecipe(seed=args.seed)
         models = demo.build(recipe, cache_dir=tmp)
 
         print(f"\n### Demo build ({platform.node()}, {os.cpu_count()} CPUs, recipe {recipe.version})\n")

@@ -22,7 +22,7 @@ from cqd_mpi import schema
 from cqd_mpi.analysis.runstate import RunState
 from cqd_mpi.errors import ConfigError, StateError
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
-from cqd_mpi.qd.cycleqd import Recipe, softmax
+from cqd_mpi.qd.cycleqd import ModelRecipe, softmax
 from cqd_mpi.run.config import MutationConfig
 
 
@@ -85,7 +85,7 @@ class Exporter:
                 basis_cache=runtime.get("basis_cache"), max_shard_size=self.max_shard_size)
         return self._builder
 
-    def recipe(self, model_id: int) -> Recipe:
+    def recipe(self, model_id: int) -> ModelRecipe:
         """How to rebuild a model that is not on disk, or StateError saying why it cannot be."""
         run = self.run
         kind = run.kinds[model_id]
@@ -98,15 +98,15 @@ class Exporter:
                     f"{run.describe(model_id)} is not saved: it left every archive (or never entered one), so "
                     f"its weights were deleted. It can be rebuilt from its recipe only while both parents are "
                     f"available, but {gone} {'is' if len(missing) == 1 else 'are'} not saved either.")
-            return Recipe("crossover", parents=(p1, p2),
+            return ModelRecipe("crossover", parents=(p1, p2),
                           weights=(float(run.models["w1"][model_id]), float(run.models["w2"][model_id])),
                           active_task=int(run.models["active_task"][model_id]),
                           mutation_seed=int(run.models["mutation_seed"][model_id]))
         if kind == "average":
-            return Recipe("aggregate", members=tuple(run.expert_ids), betas=(1.0 / run.k,) * run.k)
+            return ModelRecipe("aggregate", members=tuple(run.expert_ids), betas=(1.0 / run.k,) * run.k)
         if kind == "aggregate":
             members, betas = self.aggregate_members()
-            return Recipe("aggregate", members=tuple(members), betas=tuple(betas))
+            return ModelRecipe("aggregate", members=tuple(members), betas=tuple(betas))
         raise StateError(f"{run.describe(model_id)} has no recipe to rebuild it from")
 
     # exports --------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Exporter:
                   weights: Sequence[float] | None = None) -> tuple[list[int], list[float], Path]:
         """theta_base + sum_k beta_k tau_k over the archives' elites."""
         members, betas = self.aggregate_members(temperature=temperature, weights=weights)
-        recipe = Recipe("aggregate", members=tuple(members), betas=tuple(betas))
+        recipe = ModelRecipe("aggregate", members=tuple(members), betas=tuple(betas))
         return members, betas, self.builder().write(recipe, Path(out))
 
 

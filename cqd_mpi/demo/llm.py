@@ -35,14 +35,14 @@ from cqd_mpi.tasks import skills
 log = logging.getLogger("cqd_mpi.demo.llm")
 
 RECIPE_FORMAT = 1
-"""Bump when the builder's code changes what it writes for an unchanged Recipe."""
+"""Bump when the builder's code changes what it writes for an unchanged TrainingRecipe."""
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 CHARACTERS = string.ascii_lowercase + string.digits + ":="
 
 
 @dataclasses.dataclass(frozen=True)
-class Recipe:
+class TrainingRecipe:
     """Everything that determines the demo models; its hash names the cache dir."""
 
     skills: tuple[str, ...] = ("reverse", "sort", "shift")
@@ -66,7 +66,7 @@ class Recipe:
     def __post_init__(self):
         unknown = [s for s in self.skills if s not in skills.SKILLS]
         if unknown or len(self.base_mix) != len(self.skills):
-            raise ValueError(f"Recipe: skills must be among {list(skills.SKILLS)} with one base_mix "
+            raise ValueError(f"TrainingRecipe: skills must be among {list(skills.SKILLS)} with one base_mix "
                              f"weight each, got skills={self.skills}, base_mix={self.base_mix}")
 
     @property
@@ -85,7 +85,7 @@ class DemoModels:
 
     base: Path
     experts: dict[str, Path]
-    recipe: Recipe
+    recipe: TrainingRecipe
 
 
 def cache_root() -> Path:
@@ -106,7 +106,7 @@ def build_tokenizer():
                                    eos_token="</s>", unk_token="<unk>")
 
 
-def _new_model(recipe: Recipe, tokenizer):
+def _new_model(recipe: TrainingRecipe, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -156,7 +156,7 @@ def _batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def _batches(recipe: Recipe, *, weights: dict[str, int], seed: int, held_out: set[str]
+def _batches(recipe: TrainingRecipe, *, weights: dict[str, int], seed: int, held_out: set[str]
              ) -> Iterator[list[tuple[str, str]]]:
     """Endless training batches whose skills cycle through `weights`; held-out prompts are skipped."""
     rng = np.random.default_rng([recipe.seed, seed])
@@ -190,7 +190,7 @@ def _train(model, tokenizer, batches: Iterator[list[tuple[str, str]]], *, steps:
     return loss.item()
 
 
-def _held_out(recipe: Recipe) -> set[str]:
+def _held_out(recipe: TrainingRecipe) -> set[str]:
     """Prompts of every item of the demo's tasks: the models never train on them."""
     return {question for skill in recipe.skills
             for question, _ in skills.items(skills.Settings(**recipe.task_settings(skill))).values()}
@@ -203,7 +203,7 @@ def _save(model, tokenizer, out: Path) -> Path:
     return out
 
 
-def _train_all(recipe: Recipe, out: Path) -> None:
+def _train_all(recipe: TrainingRecipe, out: Path) -> None:
     tokenizer = build_tokenizer()
     held_out = _held_out(recipe)
     with _deterministic():
@@ -229,12 +229,12 @@ def _train_all(recipe: Recipe, out: Path) -> None:
                      skill, recipe.expert_steps, loss, time.perf_counter() - start)
 
 
-def _stamp(recipe: Recipe) -> dict[str, Any]:
+def _stamp(recipe: TrainingRecipe) -> dict[str, Any]:
     """What recipe.json holds, as JSON reads it back."""
     return json.loads(json.dumps({"version": recipe.version, **dataclasses.asdict(recipe)}))
 
 
-def _complete(directory: Path, recipe: Recipe) -> bool:
+def _complete(directory: Path, recipe: TrainingRecipe) -> bool:
     try:
         saved = json.loads((directory / "recipe.json").read_text())
     except (OSError, ValueError):
@@ -245,11 +245,11 @@ def _complete(directory: Path, recipe: Recipe) -> bool:
         for file in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
-def _models(directory: Path, recipe: Recipe) -> DemoModels:
+def _models(directory: Path, recipe: TrainingRecipe) -> DemoModels:
     return DemoModels(directory / "base", {s: directory / s for s in recipe.skills}, recipe)
 
 
-def build(recipe: Recipe = Recipe(), *, cache_dir: str | os.PathLike | None = None) -> DemoModels:
+def build(recipe: TrainingRecipe = TrainingRecipe(), *, cache_dir: str | os.PathLike | None = None) -> DemoModels:
     """The demo's base and experts, trained now or reused from the cache if complete.
 
     Training writes into a private temporary dir that is renamed into place only when

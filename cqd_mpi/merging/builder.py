@@ -15,11 +15,11 @@ import torch
 
 from cqd_mpi.merging import operators
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
-from cqd_mpi.qd.cycleqd import Recipe
+from cqd_mpi.qd.cycleqd import ModelRecipe
 from cqd_mpi.run.config import MutationConfig
 
 log = logging.getLogger("cqd_mpi.merging.builder")
-TensorStream = Iterator[tuple[str, torch.Tensor]]
+NamedTensors = Iterator[tuple[str, torch.Tensor]]
 
 
 def mutation_spec(config: MutationConfig) -> operators.MutationSpec:
@@ -70,7 +70,7 @@ class ModelBuilder:
             self._bases[task] = basis.ExpertBasis(path)
         return self._bases[task]
 
-    def stream(self, recipe: Recipe) -> TensorStream:
+    def stream(self, recipe: ModelRecipe) -> NamedTensors:
         if recipe.kind == "dir":
             return ModelDir(self.resolve(recipe.path)).tensors()
         if recipe.kind == "crossover":
@@ -84,6 +84,6 @@ class ModelBuilder:
             return operators.aggregate_stream(base=self.base, members=members, betas=list(recipe.betas))
         raise ValueError(f"unknown recipe kind {recipe.kind!r}")
 
-    def write(self, recipe: Recipe, out_dir: Path) -> Path:
+    def write(self, recipe: ModelRecipe, out_dir: Path) -> Path:
         """Build the model again (deterministically) and save it as an HF dir."""
         return write_hf_dir(self.stream(recipe), out_dir, like=self.base, max_shard_size=self.max_shard_size)

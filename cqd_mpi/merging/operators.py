@@ -22,7 +22,13 @@ import torch
 
 from cqd_mpi.cpu import native_bf16_matmul
 from cqd_mpi.errors import ConfigError, WeightsError
-from cqd_mpi.merging.weights import Chunk, ModelDir, TensorReader, TensorStream, check_compatible
+from cqd_mpi.merging.weights import (
+    ModelDir,
+    TensorPiece,
+    TensorReader,
+    TensorStream,
+    check_compatible,
+)
 from cqd_mpi.seeding import derive_seed, torch_generator
 
 CHUNK_ELEMENTS = 1 << 20
@@ -307,7 +313,7 @@ def _spans(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
 
 def _emit_float32(
     name: str, values: torch.Tensor, dtype: torch.dtype, buffers: _Buffers, chunk: int
-) -> Iterator[Chunk]:
+) -> Iterator[TensorPiece]:
     """Chunks of a float32 tensor rounded to `dtype`."""
     flat = values.reshape(-1)
     for start, end in _spans(flat.numel(), chunk):
@@ -317,7 +323,7 @@ def _emit_float32(
         yield name, start, out
 
 
-def _lerp_chunks(name, first, second, weight, dtype, buffers, reader, chunk) -> Iterator[Chunk]:
+def _lerp_chunks(name, first, second, weight, dtype, buffers, reader, chunk) -> Iterator[TensorPiece]:
     """Chunks of lerp(first, second, weight) = (1 - weight) first + weight second.
 
     For 16-bit inputs torch computes lerp in float32 and rounds once (equal to
@@ -370,7 +376,7 @@ def _accumulate(piece: torch.Tensor, terms, buffers: _Buffers) -> None:
             piece.add_(wide, alpha=c)
 
 
-def _linear_chunks(name, terms, dtype, buffers, reader, chunk) -> Iterator[Chunk]:
+def _linear_chunks(name, terms, dtype, buffers, reader, chunk) -> Iterator[TensorPiece]:
     """Chunks of sum of coefficient * tensor, accumulated in float32, stored in `dtype`."""
     numel = terms[0][1].numel()
     for start, end in _spans(numel, chunk):
@@ -423,7 +429,7 @@ def crossover_stream(
     layout = base.layout()
     models = [parent1, parent2, base]
 
-    def chunks() -> Iterator[Chunk]:
+    def chunks() -> Iterator[TensorPiece]:
         buffers = _Buffers()
         reader = TensorReader(models=models, names=base.names)
         for name, tensors in reader:
@@ -465,7 +471,7 @@ def crossover_stream(
     return TensorStream(layout=layout, chunks=chunks(), stable_chunks=_Buffers.RING - 1)
 
 
-def _copy_chunks(name, tensor, buffers, chunk) -> Iterator[Chunk]:
+def _copy_chunks(name, tensor, buffers, chunk) -> Iterator[TensorPiece]:
     flat = tensor.reshape(-1)
     for start, end in _spans(flat.numel(), chunk):
         out = buffers.out(end - start, tensor.dtype)
@@ -476,7 +482,7 @@ def _copy_chunks(name, tensor, buffers, chunk) -> Iterator[Chunk]:
 
 def _svd_mutated_chunks(
     name, tensors, coefficients, dtype, mutation, seed, reader, buffers, chunk
-) -> Iterator[Chunk]:
+) -> Iterator[TensorPiece]:
     """Chunks of base + tau' rounded to `dtype`, tau' = tau + U diag(w s) V^T from the SVD of
     tau = child - base, all in float32. The last pass adds the base and rounds in one kernel."""
     p1, p2, base = tensors
@@ -557,7 +563,7 @@ def aggregate_stream(
     coefficients = [*betas, base_weight] if use_base else betas
     layout = base.layout()
 
-    def chunks() -> Iterator[Chunk]:
+    def chunks() -> Iterator[TensorPiece]:
         buffers = _Buffers()
         reader = TensorReader(models=models, names=base.names)
         for name, tensors in reader:

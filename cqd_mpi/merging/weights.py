@@ -452,7 +452,7 @@ class TensorReader:
                     break
 
 
-Chunk = tuple[str, int, torch.Tensor]
+TensorPiece = tuple[str, int, torch.Tensor]
 
 
 class TensorStream:
@@ -469,7 +469,7 @@ class TensorStream:
         self,
         *,
         layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-        chunks: Iterable[Chunk],
+        chunks: Iterable[TensorPiece],
         stable_chunks: int = 1,
     ):
         self.layout = dict(layout)
@@ -481,7 +481,7 @@ class TensorStream:
     def names(self) -> list[str]:
         return list(self.layout)
 
-    def chunks(self) -> Iterator[Chunk]:
+    def chunks(self) -> Iterator[TensorPiece]:
         if self._consumed:
             raise RuntimeError("a TensorStream can be consumed once")
         self._consumed = True

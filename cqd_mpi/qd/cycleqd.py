@@ -34,7 +34,7 @@ MODEL_KINDS = ("base", "expert", "child", "average", "aggregate")
 
 
 @dataclasses.dataclass(frozen=True)
-class Recipe:
+class ModelRecipe:
     """How to build a model's weights.
 
     kind "dir": the HF dir at `path`. kind "crossover": parents, crossover weights,
@@ -58,7 +58,7 @@ class Job:
     generation: int
     phase: str
     split: str
-    recipe: Recipe
+    recipe: ModelRecipe
 
 
 @dataclasses.dataclass
@@ -196,7 +196,7 @@ class CycleQD:
         for path in expert_paths:
             self._add_model("expert", 0, path=str(path), saved=True)
         for record in self.models:
-            self.pending.append(Job(record.id, 0, "init", "search", Recipe("dir", path=record.path)))
+            self.pending.append(Job(record.id, 0, "init", "search", ModelRecipe("dir", path=record.path)))
 
     @property
     def k(self) -> int:
@@ -349,7 +349,7 @@ class CycleQD:
         mutation_seed = seeding.derive_seed(self.seed, t, "mutation")
         record = self._add_model("child", t, parent1=p1, parent2=p2, active_task=active,
                                  w1=float(w1), w2=float(w2), mutation_seed=mutation_seed)
-        recipe = Recipe("crossover", parents=(p1, p2), weights=(float(w1), float(w2)),
+        recipe = ModelRecipe("crossover", parents=(p1, p2), weights=(float(w1), float(w2)),
                         active_task=active, mutation_seed=mutation_seed)
         return Job(record.id, t, "search", "search", recipe)
 
@@ -359,14 +359,14 @@ class CycleQD:
         jobs = [self.base_id, *self.expert_ids]
         k = self.k
         average = self._add_model("average", t)
-        average_recipe = Recipe("aggregate", members=tuple(self.expert_ids), betas=(1.0 / k,) * k)
+        average_recipe = ModelRecipe("aggregate", members=tuple(self.expert_ids), betas=(1.0 / k,) * k)
         elites = self.elites()
         for e in elites:
             if e not in jobs:
                 jobs.append(e)
         aggregate = self._add_model("aggregate", t, path="final")
-        aggregate_recipe = Recipe("aggregate", members=tuple(elites), betas=tuple(self.aggregate_betas()))
-        self.pending.extend(Job(m, t, "final", "test", Recipe("dir", path=self.models[m].path)) for m in jobs)
+        aggregate_recipe = ModelRecipe("aggregate", members=tuple(elites), betas=tuple(self.aggregate_betas()))
+        self.pending.extend(Job(m, t, "final", "test", ModelRecipe("dir", path=self.models[m].path)) for m in jobs)
         self.pending.append(Job(average.id, t, "final", "test", average_recipe))
         self.pending.append(Job(aggregate.id, t, "final", "test", aggregate_recipe))
 
@@ -599,7 +599,7 @@ def _pending_jobs(columns: Mapping) -> list[Job]:
     jobs = []
     for i in range(len(columns["model_id"])):
         members = tuple(int(m) for m in columns["members"][i] if m >= 0)
-        recipe = Recipe(
+        recipe = ModelRecipe(
             str(columns["recipe"][i]), path=str(columns["path"][i]),
             parents=(int(columns["parent1"][i]), int(columns["parent2"][i])),
             weights=(float(columns["w1"][i]), float(columns["w2"][i])),

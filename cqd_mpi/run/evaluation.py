@@ -23,7 +23,7 @@ log = logging.getLogger("cqd_mpi.run.evaluation")
 
 
 @dataclasses.dataclass(frozen=True)
-class Chunk:
+class ItemChunk:
     index: int
     task: str
     item_ids: tuple[str, ...]
@@ -39,22 +39,22 @@ class Scores:
     errors_by_class: dict[str, int]
 
 
-def make_chunks(splits: Mapping[str, Split], split: str, batch_sizes: Mapping[str, int]) -> list[Chunk]:
+def make_chunks(splits: Mapping[str, Split], split: str, batch_sizes: Mapping[str, int]) -> list[ItemChunk]:
     chunks = []
     for name, task_split in splits.items():
         ids = task_split.ids(split)
         size = batch_sizes[name]
         for start in range(0, len(ids), size):
-            chunks.append(Chunk(len(chunks), name, tuple(ids[start:start + size])))
+            chunks.append(ItemChunk(len(chunks), name, tuple(ids[start:start + size])))
     return chunks
 
 
-def shard(chunks: Sequence[Chunk], n_workers: int, worker: int) -> list[Chunk]:
+def shard(chunks: Sequence[ItemChunk], n_workers: int, worker: int) -> list[ItemChunk]:
     """Worker `worker` of `n_workers` takes every n-th chunk."""
     return [c for c in chunks if c.index % n_workers == worker]
 
 
-def evaluate_chunks(tasks: Mapping[str, Task], model, chunks: Sequence[Chunk]) -> dict[int, list[ItemResult]]:
+def evaluate_chunks(tasks: Mapping[str, Task], model, chunks: Sequence[ItemChunk]) -> dict[int, list[ItemResult]]:
     """Run the chunks with the live model; results keyed by chunk index."""
     out = {}
     for chunk in chunks:
@@ -71,7 +71,7 @@ def evaluate_chunks(tasks: Mapping[str, Task], model, chunks: Sequence[Chunk]) -
     return out
 
 
-def combine(tasks: Mapping[str, Task], task_names: Sequence[str], chunks: Sequence[Chunk],
+def combine(tasks: Mapping[str, Task], task_names: Sequence[str], chunks: Sequence[ItemChunk],
             results: Mapping[int, Sequence[ItemResult]]) -> Scores:
     """Put per-chunk results back in split order and compute each task's metric."""
     missing = [c.index for c in chunks if c.index not in results]

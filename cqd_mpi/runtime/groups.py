@@ -17,7 +17,7 @@ import torch
 
 from cqd_mpi import faults
 from cqd_mpi.qd.cycleqd import Job
-from cqd_mpi.run.evaluation import Chunk
+from cqd_mpi.run.evaluation import ItemChunk
 from cqd_mpi.runtime.worker import Worker
 from cqd_mpi.tasks.base import ItemResult
 
@@ -70,7 +70,7 @@ class ModelSource:
 @dataclasses.dataclass
 class Outcome:
     job: Job
-    chunks: Sequence[Chunk]
+    chunks: Sequence[ItemChunk]
     results: dict[int, list[ItemResult]]
     merge_s: float
     transfer_s: float
@@ -90,7 +90,7 @@ class EvalGroup(abc.ABC):
     def busy(self) -> bool: ...
 
     @abc.abstractmethod
-    def submit(self, job: Job, chunks: Sequence[Chunk], source: ModelSource) -> None:
+    def submit(self, job: Job, chunks: Sequence[ItemChunk], source: ModelSource) -> None:
         """Send the model and start its evaluation."""
 
     def agree_stop(self) -> bool:

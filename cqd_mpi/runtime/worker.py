@@ -14,7 +14,7 @@ import torch
 
 from cqd_mpi import faults
 from cqd_mpi.run.config import Config, task_settings
-from cqd_mpi.run.evaluation import Chunk, evaluate_chunks
+from cqd_mpi.run.evaluation import ItemChunk, evaluate_chunks
 from cqd_mpi.tasks import Task, TaskContext, task_class
 from cqd_mpi.tasks.base import ItemResult
 
@@ -66,7 +66,7 @@ class Worker:
     def load_dir(self, path: str | Path) -> None:
         self.model.load_dir(path)
 
-    def evaluate(self, chunks: Sequence[Chunk]) -> dict[int, list[ItemResult]]:
+    def evaluate(self, chunks: Sequence[ItemChunk]) -> dict[int, list[ItemResult]]:
         faults.point("eval")
         return evaluate_chunks(self.tasks, self.model, chunks)
 

@@ -224,7 +224,7 @@ class Table:
 
 
 @dataclasses.dataclass(frozen=True)
-class Limits:
+class StatementLimits:
     """Per-statement bounds of an item's SQL."""
 
     statement_seconds: float = 10.0
@@ -723,7 +723,7 @@ class _Watchdog:
 class ItemDatabase:
     """One item's database and user on a shared server; see the module docstring for the bounds."""
 
-    def __init__(self, server: MySQLServer, *, name: str, limits: Limits = Limits()):
+    def __init__(self, server: MySQLServer, *, name: str, limits: StatementLimits = StatementLimits()):
         self.server = server
         self.name = name
         self.limits = limits
@@ -731,7 +731,7 @@ class ItemDatabase:
         self.created = False
 
     @classmethod
-    def create(cls, server: MySQLServer, *, name: str, limits: Limits = Limits()) -> ItemDatabase:
+    def create(cls, server: MySQLServer, *, name: str, limits: StatementLimits = StatementLimits()) -> ItemDatabase:
         """Create the (empty) database and its user, whose grants cover that database only."""
         item = cls(server, name=name, limits=limits)
         server.run_admin([f"CREATE DATABASE {quote_identifier(name)} CHARACTER SET utf8mb4"])

@@ -44,7 +44,7 @@ _uid_lock = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
-class Limits:
+class SandboxLimits:
     """Resource bounds of one sandboxed run."""
 
     wall_seconds: float = 10.0
@@ -155,11 +155,11 @@ def _next_sandbox_uid() -> int:
 class PythonSandbox:
     """Runs a Python script from the host in a fresh sandbox per call; see the module docstring."""
 
-    def __init__(self, *, kind: SandboxKind = "auto", limits: Limits | None = None):
+    def __init__(self, *, kind: SandboxKind = "auto", limits: SandboxLimits | None = None):
         if kind not in ("auto", "bwrap", "unshare"):
             raise ConfigError(f"sandbox: expected 'auto', 'bwrap' or 'unshare', got {kind!r}")
         self.requested = kind
-        self.limits = limits or Limits()
+        self.limits = limits or SandboxLimits()
         self.is_root = os.geteuid() == 0
         self._kind: str | None = None
         self._lock = threading.Lock()
@@ -193,7 +193,7 @@ class PythonSandbox:
         with tempfile.TemporaryDirectory(prefix="cqd-probe-") as tmp:
             script = Path(tmp) / "probe.py"
             script.write_text("import socket, os\nprint('probe-ok', os.getcwd())\n")
-            result = self._run(kind, script, stdin=b"", args=(), env={}, limits=Limits(wall_seconds=30))
+            result = self._run(kind, script, stdin=b"", args=(), env={}, limits=SandboxLimits(wall_seconds=30))
         if result.started and result.returncode == 0 and b"probe-ok" in result.stdout:
             return None
         detail = result.stderr.decode(errors="replace").strip().splitlines()
@@ -213,7 +213,7 @@ class PythonSandbox:
         stdin: bytes = b"",
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
-        limits: Limits | None = None,
+        limits: SandboxLimits | None = None,
     ) -> ExecResult:
         """Run the host file `script` in a fresh sandbox with `stdin`; never raises for what the script does."""
         script = Path(script).resolve()
@@ -223,7 +223,7 @@ class PythonSandbox:
 
     # ---------------------------------------------------------------- internals
 
-    def _bootstrap_config(self, *, script: str, args: Sequence[str], limits: Limits, seal: bool) -> str:
+    def _bootstrap_config(self, *, script: str, args: Sequence[str], limits: SandboxLimits, seal: bool) -> str:
         import json
 
         rlimits = {
@@ -267,7 +267,7 @@ class PythonSandbox:
         base.update(env)
         return base
 
-    def _command(self, kind: str, script: Path, args: Sequence[str], env: Mapping[str, str], limits: Limits) -> list[str]:
+    def _command(self, kind: str, script: Path, args: Sequence[str], env: Mapping[str, str], limits: SandboxLimits) -> list[str]:
         python = sys.executable
         if kind == "bwrap":
             if self.is_root:
@@ -304,7 +304,7 @@ class PythonSandbox:
         environment = [f"{key}={value}" for key, value in self._environment(env).items()]
         return ["unshare", *namespaces, "env", "-i", *environment, python, "-I", "-B", str(BOOTSTRAP), config]
 
-    def _run(self, kind: str, script: Path, *, stdin: bytes, args: Sequence[str], env: dict, limits: Limits) -> ExecResult:
+    def _run(self, kind: str, script: Path, *, stdin: bytes, args: Sequence[str], env: dict, limits: SandboxLimits) -> ExecResult:
         command = self._command(kind, script, args, env, limits)
         start = time.monotonic()
         try:
@@ -388,7 +388,7 @@ def _wait_gone(pids: set[int], timeout: float = 5.0) -> None:
             time.sleep(0.005)
 
 
-def _collect(process: subprocess.Popen, deadline: float, limits: Limits) -> tuple[bytes, bytes, bool, bool, set[int]]:
+def _collect(process: subprocess.Popen, deadline: float, limits: SandboxLimits) -> tuple[bytes, bytes, bool, bool, set[int]]:
     """Read stdout and stderr up to their caps until both close or the deadline passes.
 
     Returns both streams, whether the deadline passed or a cap was hit, and the pids killed.

@@ -44,9 +44,9 @@ from cqd_mpi.sandboxes.mysql import (
     Address,
     ExternalServer,
     ItemDatabase,
-    Limits,
     MySQLServer,
     ServerSettings,
+    StatementLimits,
     Table,
     find_server_binary,
     open_server,
@@ -409,8 +409,8 @@ class DBBenchTask(Task):
                 self._server = open_server(self.settings.server)
             return self._server
 
-    def _limits(self) -> Limits:
-        return Limits(statement_seconds=self.settings.statement_seconds, result_chars=self.settings.result_chars)
+    def _limits(self) -> StatementLimits:
+        return StatementLimits(statement_seconds=self.settings.statement_seconds, result_chars=self.settings.result_chars)
 
     def _set_up(self, episode: Episode) -> None:
         item = episode.item

@@ -294,16 +294,16 @@ class MbppPlusTask(Task):
     @property
     def sandbox(self):
         if self._sandbox is None:
-            from cqd_mpi.sandboxes.python_exec import Limits, PythonSandbox
+            from cqd_mpi.sandboxes.python_exec import PythonSandbox, SandboxLimits
 
-            self._sandbox = PythonSandbox(kind=self.settings.sandbox, limits=Limits())
+            self._sandbox = PythonSandbox(kind=self.settings.sandbox, limits=SandboxLimits())
         return self._sandbox
 
     def _limits(self, wall_seconds: float):
-        from cqd_mpi.sandboxes.python_exec import Limits
+        from cqd_mpi.sandboxes.python_exec import SandboxLimits
 
         settings = self.settings
-        return Limits(
+        return SandboxLimits(
             wall_seconds=wall_seconds,
             cpu_seconds=math.ceil(wall_seconds) + 1,
             memory_bytes=settings.memory_mb << 20,

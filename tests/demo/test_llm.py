@@ -20,7 +20,7 @@ from cqd_mpi.run import config as run_config
 from cqd_mpi.tasks import skills
 from tests.conftest import subprocess_env
 
-SMALL = demo.Recipe(n_items=24, max_length=6, hidden_size=32, intermediate_size=64, num_layers=1,
+SMALL = demo.TrainingRecipe(n_items=24, max_length=6, hidden_size=32, intermediate_size=64, num_layers=1,
                     num_heads=2, batch_size=16, base_steps=30, expert_steps=8)
 
 
@@ -80,8 +80,8 @@ def test_cached_models_are_reused_without_training(small, monkeypatch):
 
 
 def test_a_changed_recipe_gets_its_own_dir():
-    assert demo.Recipe(expert_lr=2e-4).version != demo.Recipe().version
-    assert demo.Recipe().version == demo.Recipe().version
+    assert demo.TrainingRecipe(expert_lr=2e-4).version != demo.TrainingRecipe().version
+    assert demo.TrainingRecipe().version == demo.TrainingRecipe().version
 
 
 def test_an_incomplete_cache_is_rebuilt(small, tmp_path):
@@ -94,7 +94,7 @@ def test_an_incomplete_cache_is_rebuilt(small, tmp_path):
 
 def test_a_build_killed_midway_is_not_reused(tmp_path):
     endless = dataclasses.replace(SMALL, expert_steps=100_000)
-    code = ("from cqd_mpi import demo; from tests.demo.test_llm import SMALL; import dataclasses; "
+    code = ("from cqd_mpi.demo import llm as demo; from tests.demo.test_llm import SMALL; import dataclasses; "
             f"demo.build(dataclasses.replace(SMALL, expert_steps=100_000), cache_dir={str(tmp_path)!r})")
     process = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env())
     work = tmp_path / f".demo-{endless.version}.tmp-{process.pid}"
@@ -113,7 +113,7 @@ def test_a_build_killed_midway_is_not_reused(tmp_path):
 
 @pytest.mark.slow
 def test_concurrent_builds_share_one_complete_cache(small, tmp_path):
-    code = f"from cqd_mpi import demo; from tests.demo.test_llm import SMALL; demo.build(SMALL, cache_dir={str(tmp_path)!r})"
+    code = f"from cqd_mpi.demo import llm as demo; from tests.demo.test_llm import SMALL; demo.build(SMALL, cache_dir={str(tmp_path)!r})"
     processes = [subprocess.Popen([sys.executable, "-c", code], env=subprocess_env()) for _ in range(2)]
     assert [p.wait() for p in processes] == [0, 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"demo-{SMALL.version}"]
@@ -138,7 +138,7 @@ def test_cache_root_honours_xdg_cache_home(monkeypatch, tmp_path):
 
 
 def test_training_batches_follow_the_mix_and_skip_held_out_items():
-    recipe = demo.Recipe(n_items=200, min_length=1, max_length=3, batch_size=64)
+    recipe = demo.TrainingRecipe(n_items=200, min_length=1, max_length=3, batch_size=64)
     held_out = demo._held_out(recipe)
     assert len(held_out) == 3 * 200
     batches = demo._batches(recipe, weights={"reverse": 2, "sort": 1, "shift": 1}, seed=0, held_out=held_out)

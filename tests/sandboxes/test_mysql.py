@@ -23,9 +23,9 @@ from cqd_mpi.sandboxes.mysql import (
     DockerServer,
     ExternalServer,
     ItemDatabase,
-    Limits,
     LocalServer,
     ServerSettings,
+    StatementLimits,
     Table,
     open_server,
     parse_dsn,
@@ -59,7 +59,7 @@ def rank():
 
 @pytest.fixture
 def item(server, rank):
-    db = ItemDatabase.create(server, name=unique_name(rank=rank, item="1"), limits=Limits(statement_seconds=1.0))
+    db = ItemDatabase.create(server, name=unique_name(rank=rank, item="1"), limits=StatementLimits(statement_seconds=1.0))
     db.load(TABLE)
     yield db
     db.drop()

@@ -13,7 +13,7 @@ import pytest
 
 import cqd_mpi
 from cqd_mpi.errors import BackendUnavailable, ConfigError
-from cqd_mpi.sandboxes.python_exec import SANDBOX_UID_BASE, Limits, PythonSandbox
+from cqd_mpi.sandboxes.python_exec import SANDBOX_UID_BASE, PythonSandbox, SandboxLimits
 
 REPO = Path(cqd_mpi.__file__).resolve().parents[1]
 KINDS = [pytest.param(kind, marks=pytest.mark.skipif(shutil.which(kind) is None, reason=f"{kind} is not installed"))
@@ -22,7 +22,7 @@ KINDS = [pytest.param(kind, marks=pytest.mark.skipif(shutil.which(kind) is None,
 
 @pytest.fixture(params=KINDS)
 def sandbox(request):
-    return PythonSandbox(kind=request.param, limits=Limits(wall_seconds=10, cpu_seconds=10))
+    return PythonSandbox(kind=request.param, limits=SandboxLimits(wall_seconds=10, cpu_seconds=10))
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_runs_a_script_with_stdin_args_and_a_private_work_dir(run):
 
 def test_infinite_loop_is_killed_at_the_wall_clock(run, tmp_path):
     start = time.monotonic()
-    result = run("while True:\n    pass\n", limits=Limits(wall_seconds=1.5, cpu_seconds=30))
+    result = run("while True:\n    pass\n", limits=SandboxLimits(wall_seconds=1.5, cpu_seconds=30))
     assert result.timed_out
     assert 1.4 < result.seconds < 6
     assert time.monotonic() - start < 8
@@ -96,7 +96,7 @@ def test_fork_bomb_is_bounded_and_leaves_no_process(run, tmp_path):
                 failures += 1
         print(children, failures, flush=True)
         """,
-        limits=Limits(wall_seconds=4, processes=8),
+        limits=SandboxLimits(wall_seconds=4, processes=8),
     )
     children, failures = map(int, result.stdout.split())
     assert children < 8 and failures > 1900
@@ -115,7 +115,7 @@ def test_ten_gigabyte_allocation_fails_with_memory_error(run):
         except MemoryError:
             print("MemoryError")
         """,
-        limits=Limits(memory_bytes=1 << 30),
+        limits=SandboxLimits(memory_bytes=1 << 30),
     )
     assert result.stdout.strip() == b"MemoryError"
 
@@ -187,7 +187,7 @@ def test_sockets_reach_nothing(run):
 
 
 def test_huge_output_is_capped_and_stops_the_program(run):
-    limits = Limits(wall_seconds=10, stdout_bytes=1 << 16, stderr_bytes=1 << 12)
+    limits = SandboxLimits(wall_seconds=10, stdout_bytes=1 << 16, stderr_bytes=1 << 12)
     start = time.monotonic()
     for stream in (1, 2):
         result = run(f"import os\nwhile True:\n    os.write({stream}, b'x' * 65536)\n", limits=limits)
@@ -217,11 +217,11 @@ def test_file_size_and_cpu_limits(run):
         except OSError as exc:
             print(exc.errno)
         """,
-        limits=Limits(file_bytes=1 << 20),
+        limits=SandboxLimits(file_bytes=1 << 20),
     )
     assert too_big.stdout.strip() == b"27"
     start = time.monotonic()
-    busy = run("while True:\n    pass\n", limits=Limits(wall_seconds=30, cpu_seconds=1))
+    busy = run("while True:\n    pass\n", limits=SandboxLimits(wall_seconds=30, cpu_seconds=1))
     assert not busy.timed_out
     assert busy.killed_by == signal.SIGXCPU
     assert time.monotonic() - start < 20
@@ -246,6 +246,6 @@ def test_bad_arguments_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"sandbox: expected 'auto', 'bwrap' or 'unshare', got 'docker'"):
         PythonSandbox(kind="docker")
     with pytest.raises(ConfigError, match=r"limits\.memory_bytes: expected a positive number, got 0"):
-        Limits(memory_bytes=0)
+        SandboxLimits(memory_bytes=0)
     with pytest.raises(ConfigError, match="does not exist"):
         PythonSandbox().run(tmp_path / "missing.py")

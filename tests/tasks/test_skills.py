@@ -109,7 +109,7 @@ def test_bad_settings_name_the_key(settings, message):
 @pytest.fixture(scope="module")
 def trained_models(tmp_path_factory):
     """Tiny demo models trained on short inputs until they answer some items right and some wrong."""
-    recipe = demo.Recipe(n_items=40, min_length=2, max_length=4, hidden_size=64, intermediate_size=128,
+    recipe = demo.TrainingRecipe(n_items=40, min_length=2, max_length=4, hidden_size=64, intermediate_size=128,
                          num_layers=2, num_heads=4, batch_size=32, base_steps=300, expert_steps=30)
     return demo.build(recipe, cache_dir=tmp_path_factory.mktemp("cache"))
 
