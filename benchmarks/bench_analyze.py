@@ -31,7 +31,8 @@ from cqd_mpi.analysis.plots import (  # noqa: E402
     time_breakdown,
 )
 from cqd_mpi.analysis.runstate import RunState, summary  # noqa: E402
-from cqd_mpi.qd.cycleqd import CycleQD, make_splits  # noqa: E402
+from cqd_mpi.qd.cycleqd import CycleQD  # noqa
+from cqd_mpi.qd.records import make_splits  # noqa: E402
 from cqd_mpi.run.state import HDF5Backend  # noqa: E402
 
 TASKS = ("coding", "os", "db", "vqa", "seg")
@@ -55,7 +56,7 @@ def build_state(run_dir: Path, *, k: int, generations: int, items: int, seed: in
             core.record_timings(job.generation, {"merge": merge, "transfer": transfer, "eval": evaluate,
                                                  "total": merge + transfer + evaluate + rng.uniform(1, 3)})
     run_dir.mkdir(parents=True, exist_ok=True)
-    HDF5Backend(run_dir / "state.h5").save(core.state_dict(), attrs={"config": "", "world_size": 8})
+    HDF5Backend(run_dir / "state.h5").save(core, attrs={"config": "", "world_size": 8})
 
 
 def timed(fn):

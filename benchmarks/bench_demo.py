@@ -36,7 +36,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from cqd_mpi.demo import llm as demo
-    from cqd_mpi.engines.hf import LiveModel
+    from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
     from cqd_mpi.tasks.base import TaskContext
     from cqd_mpi.tasks.skills import Settings, SkillsTask
 
@@ -61,11 +61,11 @@ def main() -> int:
         torch.set_num_threads(1)
         tasks = [SkillsTask(name=s, data=None, settings=Settings(**recipe.task_settings(s)),
                             context=TaskContext()) for s in recipe.skills]
-        live = LiveModel(models.base, device="cpu", batch_size=recipe.n_items)
+        live = TransformersEngine(models.base, device="cpu", settings=TransformersSettings(batch_size=recipe.n_items))
         print(f"\n| model | {' | '.join(recipe.skills)} | mean | eval seconds |")
         print(f"| --- |{' ---: |' * (len(recipe.skills) + 2)}")
         for name, path in {"base": models.base, **models.experts}.items():
-            live.load_dir(path)
+            live.update_from_dir(path)
             start = time.perf_counter()
             scores = [t.metric(t.evaluate(live, t.item_ids())) for t in tasks]
             seconds = time.perf_counter() - start

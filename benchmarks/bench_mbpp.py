@@ -61,7 +61,7 @@ def bench_generation(new_tokens: int, prompts_count: int) -> list[str]:
     import torch
 
     from cqd_mpi import schema
-    from cqd_mpi.engines.hf import LiveModel
+    from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
     from cqd_mpi.engines.tiny import build_tiny_llama
     from cqd_mpi.tasks.base import TaskContext
     from cqd_mpi.tasks.mbpp import MbppPlusTask, Settings
@@ -76,7 +76,7 @@ def bench_generation(new_tokens: int, prompts_count: int) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="cqd-bench-") as tmp:
         for label, shape in shapes.items():
             model_dir = build_tiny_llama(Path(tmp) / label.split()[0], seed=0, init_std=0.02, **shape)
-            model = LiveModel(model_dir, batch_size=len(prompts))
+            model = TransformersEngine(model_dir, settings=TransformersSettings(batch_size=len(prompts)))
             model.generate(prompts[:2], max_new_tokens=4)
             for mode, batch_size in (("batched", len(prompts)), ("unbatched", 1)):
                 before = model.tokens_generated

@@ -219,7 +219,8 @@ def python(code: str) -> list[str]:
 OURS = """
     import json, sys, time
     started = time.perf_counter()
-    from cqd_mpi.merging.operators import MutationSpec, crossover_stream
+    from cqd_mpi.merging.mutation import MutationSpec
+    from cqd_mpi.merging.operators import crossover_stream
     from cqd_mpi.merging.weights import ModelDir, write_hf_dir
     imported = time.perf_counter()
     base, p1, p2 = (ModelDir(p) for p in sys.argv[1:4])

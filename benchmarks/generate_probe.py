@@ -1,4 +1,4 @@
-"""Greedy generation throughput of cqd_mpi's LiveModel on one device (a GPU node's check).
+"""Greedy generation throughput of cqd_mpi's TransformersEngine on one device (a GPU node's check).
 
     python benchmarks/generate_probe.py MODEL_DIR DEVICE [BATCH ...]
 
@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from cqd_mpi.engines.hf import LiveModel
+from cqd_mpi.engines.hf import TransformersEngine
 
 model_dir, device = sys.argv[1], sys.argv[2]
 batches = [int(b) for b in sys.argv[3:]] or [1, 16, 64]
-live = LiveModel(model_dir, device=device)
+live = TransformersEngine(model_dir, device=device)
 prompts = [f"def function_{i}(values):\n    return sorted(values)[{i % 7}] +" for i in range(128)]
 result = {"device": str(live.device), "dtype": str(live.dtype), "tokens_per_s": {}}
 for batch in batches:

@@ -25,9 +25,9 @@ source = ModelDir(model_dir)
 specs = wire_specs(source.layout())
 live = None
 if comm.rank > 0:
-    from cqd_mpi.engines.hf import LiveModel
+    from cqd_mpi.engines.hf import TransformersEngine
 
-    live = LiveModel(model_dir, device="auto" if device == "cuda" else device)
+    live = TransformersEngine(model_dir, device="auto" if device == "cuda" else device)
 broadcast = ModelBroadcast(comm)
 seconds = []
 for _ in range(repeats):

@@ -8,6 +8,7 @@ number, got 'high' (str)``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -15,6 +16,11 @@ from typing import Any, Literal, Union
 from cqd_mpi.errors import ConfigError
 
 _MISSING = dataclasses.MISSING
+
+
+@dataclasses.dataclass
+class NoSettings:
+    """The Settings of a task or engine kind that takes none."""
 
 
 def _describe(value: Any) -> str:
@@ -147,3 +153,26 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int, where: str = "size", *, minimum: int = 0) -> int:
+    """Bytes from '5GB', '500MiB' (decimal and binary units, as transformers reads them) or an
+    integer; ConfigError naming `where` for anything else or a value below `minimum`."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{where}: expected a size such as '5GB' or '512MiB', got {text!r}")
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE.match(str(text))
+        if not match:
+            raise ConfigError(f"{where}: expected a size such as '5GB' or '512MiB', got {text!r}")
+        number, unit = match.groups()
+        value = int(float(number) * _UNITS[(unit or "").upper()])
+    if value < minimum:
+        raise ConfigError(f"{where}: expected a size of at least {minimum} bytes, got {text!r}")
+    return value

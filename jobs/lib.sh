@@ -11,8 +11,8 @@ from cqd_mpi.run import config
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend
 run = RunDir(config.load(sys.argv[1], check_files=False).runtime.run_dir)
-tree = HDF5Backend(run.state_path).load() if run.has_state() else None
-print(tree["attrs"]["phase"] if tree else "none")
+core = HDF5Backend(run.state_path).load() if run.has_state() else None
+print(core.phase if core else "none")
 PY
 }
 

@@ -63,7 +63,7 @@ def probe_config(family: dict, run_dir: Path, **overrides) -> dict:
                   for name in family["experts"]],
         "qd": {"generations": 6, "n_bins": 4, "mutation": {"kind": "svd", "rank": 4, "w_max": 0.3}},
         "runtime": {"run_dir": str(run_dir), "seed": 3},
-        "engine": {"device": "cpu", "batch_size": 8},
+        "engine": {"device": "cpu", "settings": {"batch_size": 8}},
     }
     for key, value in overrides.items():
         section, _, leaf = key.partition(".")

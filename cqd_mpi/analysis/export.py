@@ -15,15 +15,14 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from cqd_mpi import schema
 from cqd_mpi.analysis.runstate import RunState
 from cqd_mpi.errors import ConfigError, StateError
+from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
-from cqd_mpi.qd.cycleqd import ModelRecipe, softmax
-from cqd_mpi.run.config import MutationConfig
+from cqd_mpi.qd.records import ModelRecipe
 
 
 class Exporter:
@@ -50,14 +49,10 @@ class Exporter:
     def stored_path(self, model_id: int) -> Path | None:
         """The dir holding the model's weights, or None when the run has none for it."""
         run = self.run
-        kind = run.kinds[model_id]
-        path = str(run.models["path"][model_id])
-        if kind in ("base", "expert"):
-            return run.rundir.resolve(path)
-        if kind == "child" and bool(run.models["saved"][model_id]) and path:
-            return run.rundir.resolve(path)
-        if kind == "aggregate" and bool(run.models["saved"][model_id]) and run.phase == "done":
-            return run.rundir.resolve(path)
+        record = run.models[model_id]
+        if record.kind in ("base", "expert") or (record.kind == "child" and record.saved) or (
+                record.kind == "aggregate" and record.saved and run.phase == "done"):
+            return run.rundir.weights_of(record)
         return None
 
     def _source(self, model_id: int) -> ModelDir:
@@ -75,39 +70,34 @@ class Exporter:
             from cqd_mpi.merging.builder import ModelBuilder
 
             config = self._config()
-            mutation = schema.build(MutationConfig, (config.get("qd") or {}).get("mutation") or {}, "qd.mutation")
+            mutation = schema.build(MutationSpec, (config.get("qd") or {}).get("mutation") or {}, "qd.mutation")
             runtime = config.get("runtime") or {}
             run = self.run
             self._builder = ModelBuilder(
-                base_path=run.rundir.resolve(str(run.models["path"][0])),
-                expert_paths=[str(run.rundir.resolve(str(run.models["path"][e]))) for e in run.expert_ids],
-                model_path=lambda m: self._source(m).path, resolve=run.rundir.resolve, mutation=mutation,
+                base_path=run.rundir.weights_of(run.models[0]),
+                expert_paths=[str(run.rundir.weights_of(run.models[e])) for e in run.expert_ids],
+                model_path=lambda m: self._source(m).path, mutation=mutation,
                 basis_cache=runtime.get("basis_cache"), max_shard_size=self.max_shard_size)
         return self._builder
 
     def recipe(self, model_id: int) -> ModelRecipe:
-        """How to rebuild a model that is not on disk, or StateError saying why it cannot be."""
+        """How to rebuild a model that is not on disk (the run's own recipe), or StateError
+        saying why it cannot be."""
         run = self.run
-        kind = run.kinds[model_id]
-        if kind == "child":
-            p1, p2 = run.parents(model_id)
-            missing = sorted({p for p in (p1, p2) if self.stored_path(p) is None})
+        record = run.models[model_id]
+        if record.kind == "child":
+            missing = sorted({p for p in run.parents(model_id) if self.stored_path(p) is None})
             if missing:
                 gone = ", ".join(run.describe(p) for p in missing)
                 raise StateError(
                     f"{run.describe(model_id)} is not saved: it left every archive (or never entered one), so "
                     f"its weights were deleted. It can be rebuilt from its recipe only while both parents are "
                     f"available, but {gone} {'is' if len(missing) == 1 else 'are'} not saved either.")
-            return ModelRecipe("crossover", parents=(p1, p2),
-                          weights=(float(run.models["w1"][model_id]), float(run.models["w2"][model_id])),
-                          active_task=int(run.models["active_task"][model_id]),
-                          mutation_seed=int(run.models["mutation_seed"][model_id]))
-        if kind == "average":
-            return ModelRecipe("aggregate", members=tuple(run.expert_ids), betas=(1.0 / run.k,) * run.k)
-        if kind == "aggregate":
-            members, betas = self.aggregate_members()
-            return ModelRecipe("aggregate", members=tuple(members), betas=tuple(betas))
-        raise StateError(f"{run.describe(model_id)} has no recipe to rebuild it from")
+        elif record.kind == "aggregate" and not run.has_archives:
+            raise StateError(f"{run.describe(model_id)} has no archives to aggregate yet")
+        elif record.kind not in ("average", "aggregate"):
+            raise StateError(f"{run.describe(model_id)} has no recipe to rebuild it from")
+        return run.core.recipe(model_id)
 
     # exports --------------------------------------------------------------------------------
 
@@ -118,7 +108,7 @@ class Exporter:
         if self.stored_path(model_id) is not None and not rebuild:
             source = self._source(model_id)
             return write_hf_dir(source.tensors(), out, like=source, max_shard_size=self.max_shard_size)
-        return self.builder().write(self.recipe(model_id), Path(out))
+        return self.builder().write(model_id, self.recipe(model_id), Path(out))
 
     def elite_id(self, task: str) -> int:
         archives = self.run.stored_archives()
@@ -144,15 +134,14 @@ class Exporter:
             return elites, betas
         if not (math.isfinite(temperature) and temperature > 0):
             raise ConfigError(f"--temperature: expected a number > 0, got {temperature}")
-        qualities = [run.scores[e][k] for k, e in enumerate(elites)]
-        return elites, [float(b) for b in np.asarray(softmax(qualities, temperature))]
+        return elites, run.core.aggregate_betas(temperature)
 
     def aggregate(self, out: str | Path, *, temperature: float = 1.0,
                   weights: Sequence[float] | None = None) -> tuple[list[int], list[float], Path]:
         """theta_base + sum_k beta_k tau_k over the archives' elites."""
         members, betas = self.aggregate_members(temperature=temperature, weights=weights)
         recipe = ModelRecipe("aggregate", members=tuple(members), betas=tuple(betas))
-        return members, betas, self.builder().write(recipe, Path(out))
+        return members, betas, self.builder().write(-1, recipe, Path(out))
 
 
 def check_output(out: str | Path, run: RunState, *, force: bool) -> Path:
@@ -160,8 +149,7 @@ def check_output(out: str | Path, run: RunState, *, force: bool) -> Path:
     (unless `force`, which replaces an existing dir)."""
     out = Path(out).resolve()
     protected = [run.path.resolve(), run.rundir.models_dir.resolve(), run.rundir.final_dir.resolve()]
-    sources = {run.rundir.resolve(str(p)).resolve() for p, kind in zip(run.models["path"], run.kinds)
-               if kind in ("base", "expert") and p}
+    sources = {run.rundir.weights_of(r).resolve() for r in run.models if r.kind in ("base", "expert")}
     if out == protected[0] or any(out == p or p in out.parents for p in protected[1:]) or out in sources:
         raise ConfigError(f"output {out} is part of the run or one of its source models; choose another directory")
     if out.exists():

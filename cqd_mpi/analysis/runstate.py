@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.archive import Archive, Bins
 from cqd_mpi.run.rundir import RunDir
-from cqd_mpi.run.state import read_state
+from cqd_mpi.run.state import HDF5Backend, from_tree
 
 log = logging.getLogger("cqd_mpi.analysis.runstate")
 
@@ -31,27 +30,25 @@ TIMING_PHASES = ("merge", "transfer", "eval")
 
 
 class RunState:
-    """A consistent in-memory snapshot of one run directory."""
+    """A consistent in-memory snapshot of one run directory: the core as state.h5 holds it
+    (read through run/state.py, the one reader of the file) and the file's root attributes."""
 
     def __init__(self, *, path: str | Path, tree: dict, source: Path | None = None):
         self.rundir = RunDir(path)
         self.tree = tree
         self.source = source or self.rundir.state_path
-        attrs = tree["attrs"]
-        self.task_names: list[str] = [str(n) for n in attrs["task_names"]]
-        self.phase = str(attrs["phase"])
-        self.generations = int(attrs["generations"])
-        self.generations_done = int(attrs["generations_done"])
-        self.models = tree["models"]
-        self.kinds: list[str] = [str(k) for k in self.models["kind"]]
-        self.scores = np.asarray(self.models["scores"], dtype=np.float64).reshape(len(self.kinds), self.k)
-        self.test_scores = np.asarray(self.models["test_scores"], dtype=np.float64).reshape(len(self.kinds), self.k)
-        self.history = tree["history"]
-        self.bins: list[Bins | None] = []
-        for name in self.task_names:
-            task = tree["tasks"][name]["attrs"]
-            lower = float(task["bc_lower"])
-            self.bins.append(None if math.isnan(lower) else Bins(lower, float(task["bc_upper"]), int(task["n_bins"])))
+        self.core = from_tree(tree)
+        self.task_names: list[str] = list(self.core.task_names)
+        self.phase = self.core.phase
+        self.generations = self.core.generations
+        self.generations_done = self.core.generations_done
+        self.models = self.core.models
+        self.kinds: list[str] = [r.kind for r in self.models]
+        self.scores = np.array([r.scores for r in self.models], dtype=np.float64).reshape(len(self.kinds), self.k)
+        self.test_scores = np.array([r.test_scores for r in self.models],
+                                    dtype=np.float64).reshape(len(self.kinds), self.k)
+        self.history = self.core.history
+        self.bins: list[Bins | None] = list(self.core.bins)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunState:
@@ -59,21 +56,11 @@ class RunState:
         rundir = RunDir(run_dir)
         if not rundir.path.is_dir():
             raise StateError(f"run dir {rundir.path} does not exist")
-        backup = rundir.state_path.with_name(rundir.state_path.name + ".bak")
         if not rundir.has_state():
             raise StateError(f"{rundir.path} has no state.h5: it is not a cqd_mpi run dir, or its run has "
                              "not written its first checkpoint yet")
-        try:
-            return cls(path=rundir.path, tree=read_state(rundir.state_path))
-        except StateError as exc:
-            if not backup.exists():
-                raise
-            try:
-                tree = read_state(backup)
-            except StateError:
-                raise exc from None
-            log.warning("%s; reading the previous checkpoint %s instead", exc, backup)
-            return cls(path=rundir.path, tree=tree, source=backup)
+        tree, source = HDF5Backend(rundir.state_path).read()
+        return cls(path=rundir.path, tree=tree, source=source)
 
     @property
     def path(self) -> Path:
@@ -94,7 +81,7 @@ class RunState:
     @property
     def has_archives(self) -> bool:
         """False until the experts are scored and the bins are set (phase init)."""
-        return self.phase != "init" and bool(self.tree.get("archives")) and all(b is not None for b in self.bins)
+        return self.phase != "init" and bool(self.core.archives) and all(b is not None for b in self.bins)
 
     @property
     def config_text(self) -> str:
@@ -116,7 +103,7 @@ class RunState:
         if kind == "expert":
             return f"expert {self.task_names[model_id - 1]} (#{model_id})"
         if kind == "child":
-            return f"child #{model_id} (gen {int(self.models['generation'][model_id])})"
+            return f"child #{model_id} (gen {self.models[model_id].generation})"
         return f"{kind} (#{model_id})"
 
     def format_scores(self, values: Sequence[float]) -> str:
@@ -134,13 +121,8 @@ class RunState:
 
     def stored_archives(self) -> list[Archive]:
         """The archives as checkpointed (at generation `generations_done`)."""
-        archives = self.empty_archives()
-        for name, archive in zip(self.task_names, archives):
-            group = self.tree["archives"][name]
-            archive.occupant[...] = group["occupant"]
-            archive.quality[...] = group["quality"]
-            archive.inserted[...] = group["inserted"]
-        return archives
+        self.empty_archives()
+        return [_copy_archive(a) for a in self.core.archives]
 
     def replay(self) -> Iterator[tuple[int, list[Archive]]]:
         """Yield (generation, archives) after the experts (generation 0) and after each
@@ -160,14 +142,13 @@ class RunState:
         for expert in self.expert_ids:
             offer(expert)
         yield 0, archives
-        for i, child in enumerate(self.history["child_id"]):
-            generation = int(self.history["generation"][i])
-            entered = offer(int(child))
-            if not np.array_equal(entered, np.asarray(self.history["entered"][i], dtype=bool)):
-                raise StateError(f"{self.source}: replaying generation {generation} (child {int(child)}) enters "
-                                 f"{entered.tolist()}, but the history says {list(self.history['entered'][i])}; "
+        for row in self.history:
+            entered = offer(row.child_id)
+            if not np.array_equal(entered, np.asarray(row.entered, dtype=bool)):
+                raise StateError(f"{self.source}: replaying generation {row.generation} (child {row.child_id}) "
+                                 f"enters {entered.tolist()}, but the history says {list(row.entered)}; "
                                  "the state file is inconsistent")
-            yield generation, archives
+            yield row.generation, archives
 
     def check_generation(self, generation: int | None) -> int:
         if generation is None:
@@ -208,11 +189,10 @@ class RunState:
     def timings(self, until: int | None = None) -> dict[str, np.ndarray]:
         """Per-generation seconds: generation, merge, transfer, eval, total (NaN where unknown)."""
         until = self.check_generation(until)
-        generation = np.asarray(self.history["generation"], dtype=np.int64)
-        keep = generation <= until
-        out = {"generation": generation[keep]}
+        rows = [row for row in self.history if row.generation <= until]
+        out = {"generation": np.array([row.generation for row in rows], dtype=np.int64)}
         for key in (*TIMING_PHASES, "total"):
-            out[key] = np.asarray(self.history[f"{key}_s"], dtype=np.float64)[keep]
+            out[key] = np.array([getattr(row, f"{key}_s") for row in rows], dtype=np.float64)
         return out
 
     # lineage --------------------------------------------------------------------------------
@@ -220,7 +200,7 @@ class RunState:
     def parents(self, model_id: int) -> tuple[int, ...]:
         if self.kinds[model_id] != "child":
             return ()
-        return int(self.models["parent1"][model_id]), int(self.models["parent2"][model_id])
+        return self.models[model_id].parent1, self.models[model_id].parent2
 
     def ancestors(self, model_id: int) -> set[int]:
         """Every model the given one descends from (experts included)."""
@@ -244,8 +224,8 @@ class RunState:
         def label(m: int) -> str:
             text = f"{self.describe(m)} {self.format_scores(self.scores[m])}"
             if self.kinds[m] == "child":
-                w1, w2 = float(self.models["w1"][m]), float(self.models["w2"][m])
-                active = self.task_names[int(self.models["active_task"][m])]
+                w1, w2 = self.models[m].w1, self.models[m].w2
+                active = self.task_names[self.models[m].active_task]
                 text += f"  w1={w1:.3f} w2={w2:.3f} active={active}"
             return text
 
@@ -308,7 +288,7 @@ def project(values: np.ndarray, keep: Sequence[int]) -> np.ndarray:
 def summary(run: RunState, generation: int | None = None, *, lineage_depth: int | None = None) -> str:
     """The text report of `analyze`: archives, best model per task, the final test table, lineage."""
     generation = run.check_generation(generation)
-    n_children = sum(1 for g in run.history["generation"] if g <= generation)
+    n_children = sum(1 for row in run.history if row.generation <= generation)
     status = ("in progress, analysed up to its last checkpoint" if run.in_progress else "finished")
     lines = [f"run {run.path} ({status}): phase {run.phase}, generation {generation} of "
              f"{run.generations} ({run.generations_done} done), tasks {', '.join(run.task_names)}, "
@@ -342,11 +322,10 @@ def summary(run: RunState, generation: int | None = None, *, lineage_depth: int 
 
     aggregate = [m for m, kind in enumerate(run.kinds) if kind == "aggregate"]
     if generation == run.generations_done and aggregate and np.all(np.isfinite(run.test_scores[aggregate[-1]])):
-        from cqd_mpi.qd.cycleqd import CycleQD
-        from cqd_mpi.run.report import format_report
+        from cqd_mpi.run.report import build_report, format_report
 
         lines.append("")
-        lines.append(format_report(CycleQD.from_state_dict(run.tree).report()))
+        lines.append(format_report(build_report(run.core)))
     elif generation == run.generations_done:
         lines.append("aggregate: not evaluated yet (the final phase has not run)")
 

@@ -21,40 +21,36 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from cqd_mpi.runtime import mpi
-
-    comm = mpi.world()
-    if comm is None:
-        return _demo(args, None)
-    return mpi.guarded(comm, lambda: _demo(args, comm))
-
-
-def _demo(args, comm) -> int:
     import time
 
-    from cqd_mpi.commands.run import log_to_files
     from cqd_mpi.demo import llm as demo
     from cqd_mpi.run import config as config_mod
     from cqd_mpi.runtime import launch
 
-    rank = comm.Get_rank() if comm is not None else 0
     started = time.perf_counter()
-    models = None
-    if rank == 0:
-        print("cqd_mpi demo: building or reusing the tiny demo models (a few minutes the first time)", flush=True)
-        models = demo.build(cache_dir=args.cache_dir)
-        print(f"cqd_mpi demo: models ready in {time.perf_counter() - started:.0f} s: {models.base.parent}", flush=True)
-    if comm is not None:
-        models = comm.bcast(models, root=0)
-    options = {"run_dir": Path(args.run_dir).resolve(), "seed": args.seed}
-    if args.generations is not None:
-        options["generations"] = args.generations
-    config = config_mod.from_dict(demo.demo_config(models, **options), root=Path.cwd())
-    log_to_files(config.runtime.run_dir, rank, comm.Get_size() if comm is not None else 1)
-    if rank == 0:
-        print(f"cqd_mpi demo: CycleQD, {config.qd.generations} generations, into {config.runtime.run_dir}",
-              flush=True)
-    status = launch.run(config, force=args.force)
+    rank = 0
+
+    def load(comm):
+        nonlocal rank
+        rank = comm.Get_rank() if comm is not None else 0
+        models = None
+        if rank == 0:
+            print("cqd_mpi demo: building or reusing the tiny demo models (a few minutes the first time)", flush=True)
+            models = demo.build(cache_dir=args.cache_dir)
+            print(f"cqd_mpi demo: models ready in {time.perf_counter() - started:.0f} s: {models.base.parent}",
+                  flush=True)
+        if comm is not None:
+            models = comm.bcast(models, root=0)
+        options = {"run_dir": Path(args.run_dir).resolve(), "seed": args.seed}
+        if args.generations is not None:
+            options["generations"] = args.generations
+        config = config_mod.from_dict(demo.demo_config(models, **options), root=Path.cwd())
+        if rank == 0:
+            print(f"cqd_mpi demo: CycleQD, {config.qd.generations} generations, into {config.runtime.run_dir}",
+                  flush=True)
+        return config
+
+    status = launch.start(load, force=args.force)
     if rank == 0:
         print(f"cqd_mpi demo: total {time.perf_counter() - started:.0f} s. Next: "
               f"python -m cqd_mpi analyze {args.run_dir}")

@@ -29,7 +29,7 @@ def _rank_info(rank: int) -> dict:
     import torch
 
     from cqd_mpi.cpu import describe_bf16
-    from cqd_mpi.engines.hf import resolve_device
+    from cqd_mpi.engines.devices import resolve_device
 
     return {"rank": rank, "host": socket.gethostname(),
             "device": "cpu (conductor: merges, does not evaluate)" if rank == 0 else str(resolve_device("auto")),
@@ -87,6 +87,16 @@ def _check_config(path: str) -> bool:
         print("== merging")
         print(f"  [{'WARN' if bf16 == 'no' else 'ok'}] qd.mutation.sketch_dtype: bfloat16, "
               f"this node's CPU bf16 dot products: {bf16}")
+    from cqd_mpi.engines import capabilities
+    from cqd_mpi.tasks import task_class
+
+    engine = config_mod.engine_class(config.engine)
+    print("== engine")
+    print(f"  {config.engine.kind} ({engine.__module__}:{engine.__qualname__}): "
+          f"{', '.join(capabilities(engine)) or 'no capabilities'}; settings {config.engine.settings}")
+    for task in config.tasks:
+        needed = task_class(task.kind).requires
+        print(f"  [ok] task {task.name} ({task.kind}) needs {needed.capability}")
     print("== models")
     try:
         base = ModelDir(config.base)

@@ -8,11 +8,12 @@ byte-identical files.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 from cqd_mpi.errors import ConfigError
+from cqd_mpi.merging.mutation import MutationSpec
+from cqd_mpi.qd.sampling import sample_crossover_weights, softmax
 
 HELP = "merge models once: crossover of two parents (--parents) or aggregation of experts (--aggregate)"
 
@@ -29,11 +30,6 @@ def _rank(text: str):
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected 'full' or a positive integer, got {text!r}")
     return value
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "cqd_mpi" / "basis"
 
 
 def add_arguments(parser) -> None:
@@ -86,7 +82,7 @@ def add_arguments(parser) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help=f"where expert bases are cached (default {default_cache_dir()})",
+        help="where expert bases are cached (default $XDG_CACHE_HOME/cqd_mpi/svd-basis, shared with runs)",
     )
     cross.add_argument(
         "--rank",
@@ -114,7 +110,8 @@ def add_arguments(parser) -> None:
         "--exclude", nargs="+", default=[], metavar="REGEX", help="tensor names not to mutate"
     )
     cross.add_argument(
-        "--gaussian-sigma", type=float, default=3e-4, help="std of Gaussian mutation (default 3e-4)"
+        "--gaussian-sigma", type=float, default=MutationSpec.sigma,
+        help=f"std of Gaussian mutation (default {MutationSpec.sigma}, as in a run's qd.mutation)"
     )
 
     agg = parser.add_argument_group("aggregation (--aggregate)")
@@ -151,7 +148,7 @@ def run(args) -> int:
         members = [weights.ModelDir(path) for path in args.aggregate]
         if args.scores is not None:
             _check_count("--scores", args.scores, members)
-            betas = operators.softmax(args.scores, args.temperature)
+            betas = softmax(args.scores, args.temperature)
         elif args.weights is not None:
             _check_count("--weights", args.weights, members)
             betas = list(args.weights)
@@ -182,7 +179,7 @@ def _crossover(args, base, operators, seeding, weights):
         raise ConfigError("give both --w1 and --w2, or neither")
     parent1, parent2 = (weights.ModelDir(path) for path in args.parents)
     if args.w1 is None:
-        w1, w2 = operators.sample_crossover_weights(
+        w1, w2 = sample_crossover_weights(
             seeding.numpy_rng(args.seed, 0, "crossover"), args.mu, args.sigma
         )
     else:
@@ -190,7 +187,7 @@ def _crossover(args, base, operators, seeding, weights):
         if abs(w1 + w2) < 1e-6:
             raise ConfigError(f"--w1 + --w2 must not be ~0, got {w1} + {w2}")
     w_max = args.w_max if args.w_max is not None else (0.1 if args.basis == "expert" else 0.3)
-    mutation = operators.MutationSpec(
+    mutation = MutationSpec(
         kind=args.mutation,
         basis=args.basis,
         rank=args.rank,
@@ -202,6 +199,7 @@ def _crossover(args, base, operators, seeding, weights):
     )
     basis = None
     if args.mutation == "svd" and args.basis == "expert":
+        from cqd_mpi import locations
         from cqd_mpi.merging.basis import ExpertBasis, ensure_expert_basis
 
         if not args.expert:
@@ -212,7 +210,7 @@ def _crossover(args, base, operators, seeding, weights):
             base=base,
             expert=weights.ModelDir(args.expert),
             rank=args.rank,
-            cache_dir=args.cache_dir or default_cache_dir(),
+            cache_dir=locations.basis_cache(args.cache_dir),
             exclude=args.exclude,
             niter=args.niter,
             sketch_dtype=args.sketch_dtype,

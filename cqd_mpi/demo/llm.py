@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cqd_mpi import locations
 from cqd_mpi.tasks import skills
 
 log = logging.getLogger("cqd_mpi.demo.llm")
@@ -86,10 +87,6 @@ class DemoModels:
     base: Path
     experts: dict[str, Path]
     recipe: TrainingRecipe
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cqd_mpi"
 
 
 def build_tokenizer():
@@ -255,7 +252,7 @@ def build(recipe: TrainingRecipe = TrainingRecipe(), *, cache_dir: str | os.Path
     Training writes into a private temporary dir that is renamed into place only when
     complete, so an interrupted build is never reused; leftovers of dead builds are removed.
     """
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    root = Path(cache_dir) if cache_dir is not None else locations.cache_root()
     final = root / f"demo-{recipe.version}"
     if _complete(final, recipe):
         log.info("demo: reusing the models in %s", final)

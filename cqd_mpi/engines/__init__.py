@@ -1,16 +1,36 @@
-"""Live models that tasks generate with. `hf.LiveModel`: a transformers causal LM, weights swapped in place.
+"""Engines by name: the live model a worker holds (engines/base.py has the contract).
 
-Import-light: transformers is loaded only when `LiveModel` is first used.
+A config names an engine as ``engine.kind``: a built-in name below or any Engine subclass
+as ``package.module:ClassName``. Engine modules are imported only when their kind is used,
+so an optional engine's dependencies are needed only by the runs that use it.
 """
 
 from __future__ import annotations
 
-__all__ = ["LiveModel"]
+import os
+from typing import Any
+
+from cqd_mpi.engines.base import Capability, Engine, TextGeneration, capabilities
+
+BUILTIN = {
+    "transformers": "cqd_mpi.engines.hf:TransformersEngine",
+}
+
+__all__ = ["BUILTIN", "Capability", "Engine", "TextGeneration", "capabilities", "create", "engine_class"]
 
 
-def __getattr__(name: str):
-    if name == "LiveModel":
-        from cqd_mpi.engines.hf import LiveModel
+def engine_class(kind: str, where: str = "engine.kind") -> type[Engine]:
+    """The Engine subclass for a config's `engine.kind`: a built-in name or 'module:Class'."""
+    from cqd_mpi.plugins import load_class
 
-        return LiveModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return load_class(kind, builtin=BUILTIN, base=Engine, what="engine", where=where)
+
+
+def create(kind: str, model_dir: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
+           settings: dict[str, Any] | None = None) -> Engine:
+    """Build the engine of `kind` on `model_dir`, its `settings` mapping checked by the schema."""
+    from cqd_mpi import schema
+
+    cls = engine_class(kind)
+    built = schema.build(cls.Settings, settings or {}, "engine.settings")
+    return cls(model_dir, device=device, dtype=dtype, settings=built)

@@ -1,20 +1,21 @@
-"""The live model a worker generates with: one transformers causal LM whose weights are swapped in place.
+"""`engine.kind: transformers`: one transformers causal LM whose weights are replaced in place.
 
-A worker builds one `LiveModel` at start-up and, for every child the conductor sends, copies
-the child's tensors into the existing parameters (`load_weights`), so the model is never
-re-created and no second full copy of the weights is held. Generation is greedy and batched
-with left padding (attention masked, positions taken from the mask), so an item's completion
-does not depend on which other prompts share its batch; the tests check this bit for bit on
-the CPU. On a GPU, kernels chosen per batch shape may round differently, which can flip a
-near-tie between two tokens.
+A worker builds the engine once and, for every child the conductor sends, copies the child's
+tensors into the existing parameters (`load_weights`, or straight from the `mpi` transport
+into `receive_buffer`), so the model is never re-created and no second full copy of the
+weights is held. Generation is greedy and batched with left padding (attention masked,
+positions taken from the mask), so an item's completion does not depend on which other
+prompts share its batch; the tests check this bit for bit on the CPU. On a GPU, kernels
+chosen per batch shape may round differently, which can flip a near-tie between two tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,8 +28,9 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from cqd_mpi.engines.base import Engine, NamedTensors, TextGeneration, cut_at_stop
+from cqd_mpi.engines.devices import checkpoint_dtype, resolve_device, resolve_dtype
 from cqd_mpi.engines.templates import (
-    CHAT_TEMPLATES,
     INSTRUCTION_RESPONSE,
     TemplateError,
     render_conversation,
@@ -36,80 +38,24 @@ from cqd_mpi.engines.templates import (
 )
 from cqd_mpi.errors import ConfigError, WeightsError
 
-__all__ = ["CHAT_TEMPLATES", "INSTRUCTION_RESPONSE", "LiveModel", "cut_at_stop", "resolve_device", "resolve_dtype"]
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-_LOCAL_RANK_VARIABLES = (
-    "LOCAL_RANK",
-    "SLURM_LOCALID",
-    "MPI_LOCALRANKID",
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "MV2_COMM_WORLD_LOCAL_RANK",
-    "PMI_LOCAL_RANK",
-)
+__all__ = ["TransformersEngine", "TransformersSettings"]
 
 
-def local_rank() -> int:
-    """This process's rank on its node, from the launcher's environment (0 when none is set)."""
-    for variable in _LOCAL_RANK_VARIABLES:
-        value = os.environ.get(variable)
-        if value is not None and value.strip().isdigit():
-            return int(value)
-    return 0
+@dataclasses.dataclass
+class TransformersSettings:
+    """`engine.settings` of the transformers engine.
 
+    chat_template: None (the tokenizer's own), a name from engines.templates.CHAT_TEMPLATES
+    (e.g. 'instruction-response'), or a Jinja string. batch_size: prompts generated together.
+    """
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' is cuda:<local rank mod visible GPUs> when CUDA is present, else the CPU; a bare
-    'cuda' also takes the local rank's GPU, so that the ranks of a node spread over its GPUs."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank() % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"engine device: expected 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
-    if resolved.type != "cuda":
-        return resolved
-    if not torch.cuda.is_available():
-        raise ConfigError(f"engine device: {device!r} was asked for, but CUDA is not available here")
-    count = torch.cuda.device_count()
-    if resolved.index is None:
-        return torch.device("cuda", local_rank() % count)
-    if resolved.index >= count:
-        raise ConfigError(f"engine device: {device!r} was asked for, but this process sees {count} GPU(s) "
-                          f"(cuda:0 to cuda:{count - 1}; check CUDA_VISIBLE_DEVICES)")
-    return resolved
+    chat_template: str | None = None
+    batch_size: int = 16
 
-
-def resolve_dtype(dtype: str | torch.dtype, *, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' keeps the checkpoint's dtype, except half precision on the CPU, which runs in float32."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cpu" and checkpoint_dtype in (torch.float16, torch.bfloat16):
-            return torch.float32
-        return checkpoint_dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"engine dtype: expected 'auto' or one of {', '.join(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
-def _checkpoint_dtype(config) -> torch.dtype:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(value, str):
-        value = _DTYPES.get(value, getattr(torch, value, torch.float32))
-    return value
+    def validate(self, where: str) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: expected an integer >= 1, got {self.batch_size}")
+        resolve_template(self.chat_template, where=f"{where}.chat_template")
 
 
 def _placement(device: torch.device) -> dict:
@@ -121,17 +67,6 @@ def _placement(device: torch.device) -> dict:
     except ImportError:
         return {}
     return {"device_map": {"": device.index or 0}}
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` up to (not including) the earliest occurrence of any stop string."""
-    cut = len(text)
-    for marker in stop:
-        if marker:
-            index = text.find(marker)
-            if 0 <= index < cut:
-                cut = index
-    return text[:cut]
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -149,13 +84,15 @@ class _StopOnStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class LiveModel:
+class TransformersEngine(Engine, TextGeneration):
     """One transformers causal LM and its tokenizer on this process's device, in eval mode.
 
-    `chat_template` is None (the tokenizer's own template), a name from `CHAT_TEMPLATES`,
-    or a Jinja chat template string. `tokens_generated` counts generated (non-padding)
-    tokens over the model's life, for throughput figures.
+    `tokens_generated` counts generated (non-padding) tokens over the model's life, for
+    throughput figures.
     """
+
+    kind = "transformers"
+    Settings = TransformersSettings
 
     def __init__(
         self,
@@ -163,21 +100,21 @@ class LiveModel:
         *,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype = "auto",
-        chat_template: str | None = None,
-        batch_size: int = 16,
+        settings: TransformersSettings | None = None,
     ):
+        settings = settings or TransformersSettings()
+        settings.validate("engine.settings")
+        self.settings = settings
+        self.batch_size = settings.batch_size
         self.model_dir = Path(model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise WeightsError(
                 f"{self.model_dir}: not a Hugging Face model dir (expected config.json in it)"
             )
-        if batch_size < 1:
-            raise ConfigError(f"engine batch_size: expected an integer >= 1, got {batch_size!r}")
-        self.batch_size = batch_size
         self.device = resolve_device(device)
         config = AutoConfig.from_pretrained(self.model_dir)
-        self.dtype = resolve_dtype(dtype, checkpoint_dtype=_checkpoint_dtype(config), device=self.device)
-        self.chat_template = resolve_template(chat_template, where="engine chat_template")
+        self.dtype = resolve_dtype(dtype, checkpoint_dtype=checkpoint_dtype(config), device=self.device)
+        self.chat_template = resolve_template(settings.chat_template, where="engine.settings.chat_template")
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer.padding_side = "left"
@@ -195,6 +132,7 @@ class LiveModel:
         self.model.requires_grad_(False)
         self.eos_token_ids = self._eos_token_ids()
         self._targets = self._live_tensors()
+        self._checkpoint_names = self._read_checkpoint_names()
         self.tokens_generated = 0
 
     def _eos_token_ids(self) -> list[int]:
@@ -205,8 +143,13 @@ class LiveModel:
                     ids.append(int(token_id))
         return ids
 
+    def _read_checkpoint_names(self) -> list[str]:
+        from cqd_mpi.merging.weights import ModelDir
+
+        return ModelDir(self.model_dir).names
+
     def __repr__(self) -> str:
-        return f"LiveModel({str(self.model_dir)!r}, device={str(self.device)!r}, dtype={self.dtype})"
+        return f"TransformersEngine({str(self.model_dir)!r}, device={str(self.device)!r}, dtype={self.dtype})"
 
     # ------------------------------------------------------------------ weights
 
@@ -236,28 +179,27 @@ class LiveModel:
         hint = f"; closest live names: {', '.join(close)}" if close else ""
         raise WeightsError(f"tensor {name!r} does not exist in the live model {self.model_dir}{hint}")
 
-    def live_tensor(self, name: str) -> torch.Tensor:
-        """The live parameter or buffer a checkpoint tensor `name` is copied into (for transports
-        that receive straight into the model)."""
+    def receive_buffer(self, name: str) -> torch.Tensor:
+        """The live parameter or buffer that checkpoint tensor `name` is copied into."""
         return self._targets[self._resolve_name(name)]
 
     def required_names(self) -> list[str]:
-        """The state_dict names a complete weight stream must cover (tied aliases count once)."""
-        return list(self.model.state_dict().keys())
+        """The tensor names of the base checkpoint: what every update must include."""
+        return list(self._checkpoint_names)
 
     @torch.no_grad()
-    def load_weights(self, stream: Iterable[tuple[str, torch.Tensor]], *, strict: bool = True) -> int:
-        """Copy each (name, tensor) of `stream` into the live parameter of that name, in place.
+    def load_weights(self, tensors: NamedTensors, *, strict: bool = True) -> int:
+        """Copy each (name, tensor) into the live parameter of that name, in place.
 
         Names are accepted as the checkpoint spells them or as in state_dict. Tensors are cast
         to the live dtype and moved to the live device one at a time. With `strict`, every
-        persistent tensor of the model must be written. Returns the number of tensors copied.
+        persistent tensor of the model must be written (tied aliases count once). Returns the
+        number of tensors copied.
         """
         written: dict[int, str] = {}
         count = 0
-        for name, tensor in stream:
-            target_name = self._resolve_name(name)
-            target = self._targets[target_name]
+        for name, tensor in tensors:
+            target = self.receive_buffer(name)
             if tuple(target.shape) != tuple(tensor.shape):
                 raise WeightsError(
                     f"tensor {name!r}: expected shape {tuple(target.shape)} (live model {self.model_dir}), "
@@ -275,23 +217,17 @@ class LiveModel:
             written[key] = name
             count += 1
         if strict:
-            missing = [
-                n for n in self.required_names() if self._targets[n].data_ptr() not in written
-            ]
+            missing = [n for n in self.model.state_dict() if self._targets[n].data_ptr() not in written]
             if missing:
                 shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
                 raise WeightsError(
                     f"the weight stream left {len(missing)} tensor(s) of the live model unset: {shown}"
                 )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         return count
 
-    def load_dir(self, path: str | os.PathLike) -> int:
-        """Copy the weights of the Hugging Face dir `path` into the live model, in place."""
-        from cqd_mpi.merging.weights import ModelDir
-
-        return self.load_weights(ModelDir(path).tensors())
+    def finish_update(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # --------------------------------------------------------------- generation
 

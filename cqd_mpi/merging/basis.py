@@ -21,12 +21,8 @@ from typing import Literal
 import torch
 
 from cqd_mpi.errors import ConfigError, WeightsError
-from cqd_mpi.merging.operators import (
-    MutationSpec,
-    svd_factors,
-    tensor_generator,
-    warn_if_slow_sketch,
-)
+from cqd_mpi.merging.mutation import MutationSpec, warn_if_slow_sketch
+from cqd_mpi.merging.operators import svd_factors, tensor_generator
 from cqd_mpi.merging.weights import (
     MappedFile,
     ModelDir,
@@ -49,7 +45,7 @@ def _fingerprint(model: ModelDir) -> list:
 
 def basis_names(base: ModelDir, exclude: Sequence[str] = ()) -> list[str]:
     """The matrices a basis covers: the base's 2-D floating-point tensors not excluded."""
-    spec = MutationSpec(kind="svd", exclude=tuple(exclude))
+    spec = MutationSpec(kind="svd", exclude=tuple(exclude)).validate()
     return [n for n in base.names if spec.mutates_svd(n, base.spec(n).shape, base.spec(n).dtype)]
 
 
@@ -66,7 +62,7 @@ def expert_basis_path(
     """Where the basis for these arguments is cached (it may not exist yet)."""
     spec = MutationSpec(
         kind="svd", rank=rank, exclude=tuple(exclude), niter=niter, sketch_dtype=sketch_dtype
-    )
+    ).validate()
     fields = {
         "format": FORMAT,
         "base": _fingerprint(base),
@@ -128,7 +124,7 @@ def ensure_expert_basis(
         layout[f"{name}.S"] = ((q,), torch.float32)
         layout[f"{name}.V"] = ((n, q), dtype)
 
-    sketch_spec = MutationSpec(kind="svd", rank=rank, sketch_dtype=sketch_dtype)
+    sketch_spec = MutationSpec(kind="svd", rank=rank, sketch_dtype=sketch_dtype).validate()
     warn_if_slow_sketch(sketch_spec)
     low = sketch_spec.sketch
 

@@ -9,19 +9,15 @@ split per tensor by name, so a result does not depend on iteration order or chun
 from __future__ import annotations
 
 import math
-import platform
 import re
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 
-from cqd_mpi.cpu import native_bf16_matmul
 from cqd_mpi.errors import ConfigError, WeightsError
+from cqd_mpi.merging.mutation import NO_MUTATION, MutationSpec, warn_if_slow_sketch
 from cqd_mpi.merging.weights import (
     ModelDir,
     TensorPiece,
@@ -76,111 +72,6 @@ def _lapack_threads():
     all threads gave the same merge time for about 10% more CPU time (docs/benchmarks.md)."""
     with _one_thread():
         yield
-
-
-def sample_crossover_weights(
-    rng: np.random.Generator, mu: float = 1.0, sigma: float = 0.03
-) -> tuple[float, float]:
-    """w1, w2 ~ N(mu, sigma^2) i.i.d., drawn again while |w1 + w2| < 1e-6."""
-    while True:
-        w1, w2 = (float(w) for w in rng.normal(mu, sigma, size=2))
-        if abs(w1 + w2) >= 1e-6:
-            return w1, w2
-
-
-SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-def warn_if_slow_sketch(spec: MutationSpec) -> None:
-    """Warn (once per call site) when a bf16 sketch is asked for on a CPU that lacks bf16
-    dot products, where it makes the mutation many times slower instead of faster."""
-    if spec.sketch == torch.bfloat16 and native_bf16_matmul() is False:
-        warnings.warn(
-            "mutation.sketch_dtype is 'bfloat16', but this CPU "
-            f"({platform.machine()}) has no bf16 dot-product instructions (avx512_bf16, amx_bf16 "
-            "or Arm bf16 in /proc/cpuinfo): its bf16 products run tens of times slower than "
-            "float32 ones here. Use sketch_dtype: float32 on this node.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class MutationSpec:
-    """How a child is mutated after crossover.
-
-    kind: "svd" (scale the principal components of each matrix's task vector by 1 + w_i,
-    w ~ U[0, w_max]^r), "gaussian" (add N(0, sigma^2) to every element) or "none".
-    basis: "child" (SVD of the child's own task vector) or "expert" (a cached SVD of the
-    active task's expert, see basis.py). rank: "full" or r (randomized truncated SVD with
-    `niter` subspace iterations, as torch.svd_lowrank). sketch_dtype: the precision of the
-    truncated SVD's range finder (its 2 niter + 1 products with the matrix); the projection,
-    the factors and the update stay float32 (see `randomized_svd`). "bfloat16" pays where the
-    CPU multiplies bf16 much faster than float32 and the products dominate (a fifth off the
-    rank-64 mutation on 2 AVX512-BF16 cores; nothing on a 16-core AMX node): measure with
-    benchmarks/bench_merge.py. exclude: regexes; a matching tensor name is not mutated.
-    """
-
-    kind: Literal["svd", "gaussian", "none"] = "svd"
-    basis: Literal["child", "expert"] = "child"
-    rank: Literal["full"] | int = "full"
-    w_max: float = 0.3
-    sigma: float = 3e-4
-    exclude: tuple[str, ...] = field(default_factory=tuple)
-    niter: int = 2
-    sketch_dtype: Literal["float32", "bfloat16"] = "float32"
-
-    def __post_init__(self):
-        if self.kind not in ("svd", "gaussian", "none"):
-            raise ConfigError(
-                f"mutation.kind: expected 'svd', 'gaussian' or 'none', got {self.kind!r}"
-            )
-        if self.basis not in ("child", "expert"):
-            raise ConfigError(f"mutation.basis: expected 'child' or 'expert', got {self.basis!r}")
-        if self.rank != "full" and not (
-            isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank > 0
-        ):
-            raise ConfigError(
-                f"mutation.rank: expected 'full' or a positive integer, got {self.rank!r}"
-            )
-        if not (isinstance(self.w_max, (int, float)) and self.w_max >= 0):
-            raise ConfigError(f"mutation.w_max: expected a number >= 0, got {self.w_max!r}")
-        if not (isinstance(self.sigma, (int, float)) and self.sigma >= 0):
-            raise ConfigError(f"mutation.sigma: expected a number >= 0, got {self.sigma!r}")
-        if not (isinstance(self.niter, int) and self.niter >= 0):
-            raise ConfigError(f"mutation.niter: expected an integer >= 0, got {self.niter!r}")
-        if self.sketch_dtype not in SKETCH_DTYPES:
-            raise ConfigError(
-                f"mutation.sketch_dtype: expected 'float32' or 'bfloat16', got {self.sketch_dtype!r}"
-            )
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(
-                    f"mutation.exclude: {pattern!r} is not a valid regex: {exc}"
-                ) from None
-
-    @property
-    def sketch(self) -> torch.dtype | None:
-        """The dtype a truncated SVD's range finder works in, where it is not float32."""
-        if self.rank == "full" or self.sketch_dtype == "float32":
-            return None
-        return SKETCH_DTYPES[self.sketch_dtype]
-
-    def excludes(self, name: str) -> bool:
-        return any(re.search(pattern, name) for pattern in self.exclude)
-
-    def mutates_svd(self, name: str, shape: Sequence[int], dtype: torch.dtype) -> bool:
-        """Whether this tensor gets an SVD mutation: a floating-point 2-D matrix not excluded."""
-        return (
-            self.kind == "svd"
-            and len(shape) == 2
-            and dtype.is_floating_point
-            and not self.excludes(name)
-        )
-
-
-NO_MUTATION = MutationSpec(kind="none")
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
@@ -414,6 +305,7 @@ def crossover_stream(
     """
     if abs(w1 + w2) < 1e-6:
         raise ValueError(f"crossover weights must not sum to ~0, got w1={w1}, w2={w2}")
+    mutation.validate("mutation")
     check_compatible(base, [parent1, parent2])
     svd_kind = mutation.kind == "svd"
     if svd_kind and mutation.basis == "child":
@@ -522,19 +414,6 @@ def _expert_mutated_child(
     add_scaled_components(child, u, s, v, w)
     basis.drop(u, s, v)
     return child
-
-
-def softmax(scores: Sequence[float], temperature: float = 1.0) -> list[float]:
-    """exp(f_k / T) / sum exp(f_i / T), computed stably in float64."""
-    if not scores:
-        raise ValueError("softmax needs at least one score")
-    if not temperature > 0:
-        raise ConfigError(f"temperature: expected a number > 0, got {temperature!r}")
-    values = np.asarray(scores, dtype=np.float64) / temperature
-    if not np.all(np.isfinite(values)):
-        raise ConfigError(f"scores must be finite numbers, got {list(scores)}")
-    weights = np.exp(values - values.max())
-    return [float(x) for x in weights / weights.sum()]
 
 
 def aggregate_stream(

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from cqd_mpi.errors import WeightsError
+from cqd_mpi.schema import parse_size
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -57,10 +58,22 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 _PICKLE_CHECKPOINTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
-_COPIED_FILES = re.compile(
-    r"(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json"
-    r"|vocab\.(json|txt)|merges\.txt|spiece\.model|chat_template\.(jinja|json)|.*\.tiktoken)"
+_WEIGHT_FILES = re.compile(
+    r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|npz)|model\.safetensors\.index\.json"
+    r"|.*\.(bin|safetensors)\.index\.json",
+    re.IGNORECASE,
 )
+"""Weight files of any framework: never copied from `like` into a written model."""
+
+
+def non_weight_files(model_dir: Path) -> list[Path]:
+    """The regular files at the top of a model dir that are not weights (config, tokenizer,
+    processor and generation configs, chat templates, README...), which every model written
+    `like` it carries too. Sub-directories and hidden files are left out."""
+    return [entry for entry in sorted(model_dir.iterdir())
+            if entry.is_file() and not entry.name.startswith(".") and not _WEIGHT_FILES.fullmatch(entry.name)]
+
+
 _MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE
 
@@ -505,34 +518,6 @@ class TensorStream:
             yield current, tensor
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like '5GB', '500MB', '2GiB' (decimal units as in transformers)."""
-    if isinstance(size, int):
-        if size <= 0:
-            raise WeightsError(f"max shard size must be positive, got {size}")
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not match:
-        raise WeightsError(
-            f"shard size {size!r}: expected bytes or a number with KB/MB/GB/TB (e.g. '5GB')"
-        )
-    units = {
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    value = int(float(match.group(1)) * units[(match.group(2) or "B").upper()])
-    if value <= 0:
-        raise WeightsError(f"max shard size must be positive, got {size!r}")
-    return value
-
-
 @dataclass
 class _PlannedShard:
     filename: str
@@ -674,8 +659,8 @@ def write_hf_dir(
 
     The layout (names, shapes, dtypes, order) is that of `like`; every tensor must arrive
     exactly once, in any order. Shards are named as transformers names them, with
-    model.safetensors.index.json when there is more than one. config.json,
-    generation_config.json and tokenizer files are copied from `like`. The directory is
+    model.safetensors.index.json when there is more than one. Every non-weight file of `like`
+    (`non_weight_files`: config, tokenizer, preprocessor and generation configs...) is copied. The directory is
     built next to `out_dir` and renamed into place only when complete, replacing an existing
     one; `durable=True` also fsyncs the files before the rename.
     """
@@ -691,7 +676,7 @@ def write_hf_dir(
         raise WeightsError(
             f"the stream's tensor {different!r} is {stream.layout.get(different)}, but {like.path} has {layout.get(different)}"
         )
-    shards = _plan_shards(layout, parse_size(max_shard_size))
+    shards = _plan_shards(layout, parse_size(max_shard_size, "max_shard_size", minimum=1))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -712,9 +697,8 @@ def write_hf_dir(
             (temp / INDEX_FILE).write_text(
                 json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
             )
-        for source in sorted(like.path.iterdir()):
-            if source.is_file() and _COPIED_FILES.fullmatch(source.name):
-                shutil.copyfile(source, temp / source.name)
+        for source in non_weight_files(like.path):
+            shutil.copyfile(source, temp / source.name)
         _replace_dir(temp, out_dir)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

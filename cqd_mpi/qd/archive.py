@@ -112,36 +112,3 @@ class Archive:
 
     def coverage(self) -> float:
         return float(np.count_nonzero(self.occupant >= 0) / self.occupant.size)
-
-
-def elite_weights(scores: np.ndarray, *, alpha_low: float, alpha_high: float) -> np.ndarray:
-    """Sampling probabilities of the paper's elite sampling.
-
-    `scores` is (N models, K tasks). gamma_j = prod_k (a_low + norm(f_jk) (a_high - a_low)),
-    with min/max normalisation over the N models; a task whose max == min contributes a
-    constant factor. Returns gamma / sum(gamma).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    lo = scores.min(axis=0)
-    span = scores.max(axis=0) - lo
-    normalised = np.divide(scores - lo, span, out=np.zeros_like(scores), where=span > 0)
-    gamma = np.prod(alpha_low + normalised * (alpha_high - alpha_low), axis=1)
-    return gamma / gamma.sum()
-
-
-def sample_parents(rng: np.random.Generator, members: np.ndarray, scores: np.ndarray, *,
-                   method: str, alpha_low: float, alpha_high: float) -> tuple[int, int]:
-    """Two distinct parents drawn without replacement; a single member is both parents."""
-    members = np.asarray(members)
-    if members.size == 0:
-        raise ValueError("cannot sample parents from an empty archive")
-    if members.size == 1:
-        return int(members[0]), int(members[0])
-    if method == "elite":
-        p = elite_weights(scores, alpha_low=alpha_low, alpha_high=alpha_high)
-    elif method == "random":
-        p = None
-    else:
-        raise ValueError(f"sampling method must be 'elite' or 'random', got {method!r}")
-    first, second = rng.choice(members.size, size=2, replace=False, p=p)
-    return int(members[first]), int(members[second])

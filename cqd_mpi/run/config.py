@@ -5,7 +5,9 @@ Relative paths are resolved against the config file's directory. Every error nam
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +16,10 @@ import yaml
 
 from cqd_mpi import schema
 from cqd_mpi.errors import ConfigError
+from cqd_mpi.merging.mutation import MutationSpec
+from cqd_mpi.schema import parse_size
+
+log = logging.getLogger("cqd_mpi.run.config")
 
 
 @dataclasses.dataclass
@@ -64,38 +70,13 @@ class CrossoverConfig:
 
 
 @dataclasses.dataclass
-class MutationConfig:
-    kind: Literal["svd", "gaussian", "none"] = "svd"
-    basis: Literal["child", "expert"] = "child"
-    rank: int | Literal["full"] = "full"
-    w_max: float = 0.3
-    sigma: float = 0.001
-    exclude: list[str] = dataclasses.field(default_factory=list)
-    niter: int = 2
-    sketch_dtype: Literal["float32", "bfloat16"] = "float32"
-
-    def validate(self, where: str) -> None:
-        if self.niter < 0:
-            raise ConfigError(f"{where}.niter: expected an integer >= 0, got {self.niter}")
-        if self.rank != "full" and self.rank < 1:
-            raise ConfigError(f"{where}.rank: expected 'full' or an integer >= 1, got {self.rank}")
-        if self.w_max < 0:
-            raise ConfigError(f"{where}.w_max: expected a number >= 0, got {self.w_max}")
-        for i, pattern in enumerate(self.exclude):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"{where}.exclude[{i}]: invalid regular expression {pattern!r}: {exc}") from exc
-
-
-@dataclasses.dataclass
 class QDConfig:
     generations: int
     sampling: Literal["elite", "random"] = "elite"
     alpha_low: float = 0.5
     alpha_high: float = 0.8
     crossover: CrossoverConfig = dataclasses.field(default_factory=CrossoverConfig)
-    mutation: MutationConfig = dataclasses.field(default_factory=MutationConfig)
+    mutation: MutationSpec = dataclasses.field(default_factory=MutationSpec)
     n_bins: int = 15
     bc_lower_factor: float = 0.85
     bc_upper_factor: float = 1.15
@@ -133,21 +114,20 @@ class RuntimeConfig:
             raise ConfigError(f"{where}.eval_groups: expected an integer >= 1, got {self.eval_groups}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"{where}.threads: expected an integer >= 1 or null, got {self.threads}")
-        parse_size(self.max_shard_size, f"{where}.max_shard_size")
+        parse_size(self.max_shard_size, f"{where}.max_shard_size", minimum=1)
         parse_size(self.retain_child_bytes, f"{where}.retain_child_bytes")
 
 
 @dataclasses.dataclass
 class EngineConfig:
-    kind: Literal["transformers"] = "transformers"
+    """The live model on every worker: an engine kind (engines/__init__.py: a built-in name or
+    'module:Class'), the device and dtype, and the engine's own `settings` (its Settings
+    dataclass; stored resolved, defaults included, in the frozen config)."""
+
+    kind: str = "transformers"
     device: str = "auto"
     dtype: str = "auto"
-    chat_template: str | None = None
-    batch_size: int = 16
-
-    def validate(self, where: str) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"{where}.batch_size: expected an integer >= 1, got {self.batch_size}")
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -194,22 +174,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int, where: str = "size") -> int:
-    """Bytes from '5GB', '500MiB' or an integer."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(str(text))
-    if not match:
-        raise ConfigError(f"{where}: expected a size such as '5GB' or '512MiB', got {text!r}")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[(unit or "").upper()])
-
-
 def _resolve(path: str | None, root: Path) -> str | None:
     if path is None:
         return None
@@ -226,8 +190,10 @@ def _check_model_dir(path: str, where: str) -> None:
 
 
 def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True) -> Config:
-    """Validate a config mapping; resolve paths against `root`; build each task's Settings."""
+    """Validate a config mapping; resolve paths against `root`; check each task's and the
+    engine's settings, and that the engine has the capability every task calls."""
     root = Path(root)
+    data = _moved_keys(data, warn=True)
     config = schema.build(Config, data, "")
     config.base = _resolve(config.base, root)
     for expert in config.experts:
@@ -235,11 +201,14 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True) ->
     config.runtime.run_dir = _resolve(config.runtime.run_dir, root)
     config.runtime.staging_dir = _resolve(config.runtime.staging_dir, root)
     config.runtime.basis_cache = _resolve(config.runtime.basis_cache, root)
+    engine = engine_class(config.engine)
+    config.engine.settings = schema.to_dict(engine_settings(config.engine))
     for i, task in enumerate(config.tasks):
         task.data = _resolve(task.data, root)
         if check_files and task.data is not None and not Path(task.data).exists():
             raise ConfigError(f"tasks[{i}].data: file {task.data} does not exist")
         task_settings(task, f"tasks[{i}]")
+        check_capability(task, engine, f"tasks[{i}]")
     if check_files:
         _check_model_dir(config.base, "base")
         for i, expert in enumerate(config.experts):
@@ -253,6 +222,32 @@ def task_settings(task: TaskConfig, where: str = "task"):
 
     cls = task_class(task.kind, f"{where}.kind")
     return schema.build(cls.Settings, task.settings, f"{where}.settings")
+
+
+def engine_class(engine: EngineConfig):
+    from cqd_mpi.engines import engine_class as resolve
+
+    return resolve(engine.kind, "engine.kind")
+
+
+def engine_settings(engine: EngineConfig):
+    """The engine kind's Settings dataclass built from `engine.settings`, checked key by key."""
+    return schema.build(engine_class(engine).Settings, engine.settings, "engine.settings")
+
+
+def check_capability(task: TaskConfig, engine: type, where: str) -> None:
+    """Refuse a task whose engine lacks the capability it calls, naming all three."""
+    from cqd_mpi.engines import capabilities
+    from cqd_mpi.tasks import task_class
+
+    needed = task_class(task.kind, f"{where}.kind").requires
+    if not issubclass(engine, needed):
+        has = ", ".join(capabilities(engine)) or "none"
+        raise ConfigError(
+            f"{where}: task {task.name!r} (kind {task.kind!r}) needs {needed.capability}, which engine "
+            f"{engine.kind or engine.__name__!r} ({engine.__module__}:{engine.__qualname__}) does not provide "
+            f"(it provides: {has}); choose another engine.kind"
+        )
 
 
 def load(path: str | Path, *, check_files: bool = True) -> Config:
@@ -283,9 +278,43 @@ ADDED_KEYS: dict[tuple[str, ...], Any] = {
 }
 
 
+MOVED_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("engine", "chat_template"): ("engine", "settings", "chat_template"),
+    ("engine", "batch_size"): ("engine", "settings", "batch_size"),
+}
+"""Keys that moved: (old path) -> (new path). Earlier configs are read with them moved."""
+
+
+def _moved_keys(data: Any, *, warn: bool) -> Any:
+    """`data` with every key of MOVED_KEYS at its new place (a warning per moved key)."""
+    if not isinstance(data, dict):
+        return data
+    data = copy.deepcopy(data)
+    for old, new in MOVED_KEYS.items():
+        parent = data
+        for key in old[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old[-1] not in parent:
+            continue
+        target = data
+        for key in new[:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        value = parent.pop(old[-1])
+        if new[-1] in target:
+            raise ConfigError(f"{'.'.join(old)} and {'.'.join(new)} are the same setting; give only {'.'.join(new)}")
+        target[new[-1]] = value
+        if warn:
+            log.warning("config key %s is now %s; read as such", ".".join(old), ".".join(new))
+    return data
+
+
 def upgrade(frozen: dict[str, Any]) -> dict[str, Any]:
-    """A config frozen by an earlier version, with the keys added since at the values that
-    reproduce what that version did, so that resuming its run is not refused over them."""
+    """A config frozen by an earlier version, with moved keys in their new place and the keys
+    added since at the values that reproduce what that version did, so that resuming its run
+    is not refused over them."""
+    frozen = _moved_keys(frozen, warn=False)
     for path, value in ADDED_KEYS.items():
         node = frozen
         for key in path[:-1]:

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cqd_mpi.errors import TaskError
-from cqd_mpi.qd.cycleqd import Split
+from cqd_mpi.qd.records import Split
 from cqd_mpi.tasks.base import ItemResult, Task
 
 log = logging.getLogger("cqd_mpi.run.evaluation")

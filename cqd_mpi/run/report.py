@@ -1,8 +1,41 @@
-"""Plain-text tables of a run's results: the final test-split table and the time breakdown."""
+"""A run's results: report.json (test-split scores of the models a run ends with), its
+plain-text table, and the time breakdown."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+
+import numpy as np
+
+from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.records import MODEL_KINDS
+from cqd_mpi.run.rundir import stored_path
+
+
+def build_report(core: CycleQD) -> dict:
+    """Test-split scores of the base, experts, naive average, elites and aggregate."""
+    def number(x: float) -> float | None:
+        return None if math.isnan(x) else float(x)
+
+    def entry(m: int) -> dict:
+        r = core.models[m]
+        return {"id": m, "kind": r.kind, "path": stored_path(r),
+                "test_scores": {n: number(s) for n, s in zip(core.task_names, r.test_scores)},
+                "mean": number(float(np.mean(r.test_scores))),
+                "search_scores": {n: number(s) for n, s in zip(core.task_names, r.scores)}}
+
+    by_kind = {kind: [r.id for r in core.models if r.kind == kind] for kind in MODEL_KINDS}
+    return {
+        "tasks": list(core.task_names),
+        "generations": core.generations_done,
+        "base": entry(core.base_id),
+        "experts": {n: entry(e) for n, e in zip(core.task_names, core.expert_ids)},
+        "naive_average": entry(by_kind["average"][-1]) if by_kind["average"] else None,
+        "elites": {n: entry(e) for n, e in zip(core.task_names, core.elites())} if core.archives else {},
+        "aggregate": entry(by_kind["aggregate"][-1]) if by_kind["aggregate"] else None,
+        "aggregate_betas": [float(b) for b in core.aggregate_betas()] if core.archives else [],
+    }
 
 
 def _row(label: str, entry: Mapping | None, tasks: list[str]) -> str:

@@ -6,6 +6,11 @@
     RUN_DIR/final/          the aggregated model (HF dir) and report.json
     RUN_DIR/plots/          PNGs from `analyze`
     RUN_DIR/logs/           per-rank logs
+    RUN_DIR/staging/        children written for transport `file` (unless runtime.staging_dir)
+    RUN_DIR/work/           the tasks' scratch space, per rank
+
+This module is the one place that knows these names; `stored_path` is how state.h5's
+`path` column spells where a model's weights are.
 """
 
 from __future__ import annotations
@@ -21,10 +26,26 @@ from typing import Any
 import yaml
 
 from cqd_mpi.errors import StateError
+from cqd_mpi.qd.records import ModelRecord
 from cqd_mpi.run import config as config_mod
-from cqd_mpi.run.state import HDF5Backend
 
 log = logging.getLogger("cqd_mpi.run.rundir")
+
+MODELS = "models"
+FINAL = "final"
+
+
+def stored_path(record: ModelRecord) -> str:
+    """Where the run keeps a model's weights: the user's dir for the base and the experts,
+    models/<id> for a child that entered an archive (whether or not it is still there),
+    final for the aggregate, "" otherwise (relative paths are relative to RUN_DIR)."""
+    if record.kind in ("base", "expert"):
+        return record.source
+    if record.kind == "child" and record.archived:
+        return f"{MODELS}/{record.id}"
+    if record.kind == "aggregate":
+        return FINAL
+    return ""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -42,16 +63,19 @@ class RunDir:
 
     config_path = property(lambda self: self.path / "config.yaml")
     state_path = property(lambda self: self.path / "state.h5")
-    models_dir = property(lambda self: self.path / "models")
-    final_dir = property(lambda self: self.path / "final")
+    models_dir = property(lambda self: self.path / MODELS)
+    final_dir = property(lambda self: self.path / FINAL)
     plots_dir = property(lambda self: self.path / "plots")
     logs_dir = property(lambda self: self.path / "logs")
+    backup_path = property(lambda self: self.path / "state.h5.bak")
+    work_dir = property(lambda self: self.path / "work")
 
-    def backend(self, *, keep_backup: bool = True) -> HDF5Backend:
-        return HDF5Backend(self.state_path, keep_backup=keep_backup)
+    def staging_dir(self, configured: str | os.PathLike | None = None) -> Path:
+        """Where transport `file` writes children: `runtime.staging_dir`, else RUN_DIR/staging."""
+        return Path(configured) if configured else self.path / "staging"
 
     def has_state(self) -> bool:
-        return self.state_path.exists() or self.state_path.with_name("state.h5.bak").exists()
+        return self.state_path.exists() or self.backup_path.exists()
 
     def prepare(self, config: config_mod.Config, *, force: bool = False) -> None:
         """Create the directory and freeze the config, or check it against the frozen one."""
@@ -91,7 +115,15 @@ class RunDir:
         return p if p.is_absolute() else self.path / p
 
     def model_dir(self, model_id: int) -> Path:
+        """Where a child that enters an archive is written."""
         return self.models_dir / str(model_id)
+
+    def weights_of(self, record: ModelRecord) -> Path:
+        """The directory holding a model's weights (see `stored_path`)."""
+        path = stored_path(record)
+        if not path:
+            raise StateError(f"model {record.id} ({record.kind}) has no weights in the run")
+        return self.resolve(path)
 
     def sweep(self, saved_ids: set[int]) -> list[int]:
         """Delete model dirs that the state does not mark as saved, and unfinished temp dirs."""

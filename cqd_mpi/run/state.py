@@ -1,10 +1,11 @@
-"""Where the CycleQD state lives between generations: in memory or in an HDF5 file.
+"""Where the CycleQD state lives between generations, and the one definition of its layout.
 
-Both backends store the tree of `CycleQD.state_dict()` (schema v1, documented in the
-README) and give it back unchanged. The HDF5 backend writes a new file next to the old
-one, fsyncs it and renames it into place, keeping the previous checkpoint as state.h5.bak,
-so the file on disk is always a complete checkpoint, readers never block the writer, and a
-truncated or corrupt state.h5 falls back to the backup.
+`to_tree` and `from_tree` are the only code that knows how a core becomes the schema-v1 tree
+(documented in the README for h5py users) and back; the run, `analyze` and `export` all read
+a state through them. Two backends store the tree behind one interface: in memory, or in an
+HDF5 file written next to the old one, fsynced and renamed into place, keeping the previous
+checkpoint as state.h5.bak, so the file on disk is always a complete checkpoint, readers
+never block the writer, and a truncated or corrupt state.h5 falls back to the backup.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import abc
 import copy
 import logging
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +23,31 @@ import numpy as np
 
 from cqd_mpi import __version__, faults
 from cqd_mpi.errors import StateError
+from cqd_mpi.qd.archive import Archive, Bins
+from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.records import SPLITS, HistoryRow, Job, ModelRecipe, ModelRecord, Split
+from cqd_mpi.run.rundir import stored_path
 
 SCHEMA_VERSION = 1
 log = logging.getLogger("cqd_mpi.run.state")
 
 
 class StateBackend(abc.ABC):
-    """Save and load a state tree; `attrs` are extra root attributes (config text, world size)."""
+    """Save and load a core; `attrs` are extra root attributes (config text, world size)."""
+
+    def save(self, core: CycleQD, *, attrs: Mapping[str, Any] | None = None) -> None:
+        self.save_tree(to_tree(core), attrs=attrs)
+
+    def load(self) -> CycleQD | None:
+        """The core as last saved, or None if nothing was ever saved."""
+        tree = self.load_tree()
+        return None if tree is None else from_tree(tree)
 
     @abc.abstractmethod
-    def save(self, tree: Mapping[str, Any], *, attrs: Mapping[str, Any] | None = None) -> None: ...
+    def save_tree(self, tree: Mapping[str, Any], *, attrs: Mapping[str, Any] | None = None) -> None: ...
 
     @abc.abstractmethod
-    def load(self) -> dict[str, Any] | None:
+    def load_tree(self) -> dict[str, Any] | None:
         """The last saved tree, or None if nothing was ever saved."""
 
 
@@ -43,12 +57,12 @@ class MemoryBackend(StateBackend):
     def __init__(self):
         self._tree: dict[str, Any] | None = None
 
-    def save(self, tree, *, attrs=None):
+    def save_tree(self, tree, *, attrs=None):
         tree = copy.deepcopy(dict(tree))
         tree["attrs"] = {**tree.get("attrs", {}), **_root_attrs(attrs)}
         self._tree = tree
 
-    def load(self):
+    def load_tree(self):
         return copy.deepcopy(self._tree)
 
 
@@ -60,7 +74,7 @@ class HDF5Backend(StateBackend):
         self.backup = self.path.with_name(self.path.name + ".bak")
         self.keep_backup = keep_backup
 
-    def save(self, tree, *, attrs=None):
+    def save_tree(self, tree, *, attrs=None):
         import h5py
 
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
@@ -81,17 +95,22 @@ class HDF5Backend(StateBackend):
         finally:
             tmp.unlink(missing_ok=True)
 
-    def load(self):
+    def load_tree(self):
         if not self.path.exists() and not self.backup.exists():
             return None
+        return self.read()[0]
+
+    def read(self) -> tuple[dict[str, Any], Path]:
+        """The newest readable checkpoint and the file it came from: state.h5, or state.h5.bak
+        when state.h5 is missing, truncated or corrupt."""
         try:
-            return read_state(self.path)
+            return read_state(self.path), self.path
         except StateError as exc:
             if not self.backup.exists():
                 raise
             log.warning("%s; falling back to the previous checkpoint %s", exc, self.backup)
             try:
-                return read_state(self.backup)
+                return read_state(self.backup), self.backup
             except StateError as exc_bak:
                 raise StateError(f"{exc}; and the backup is unusable too: {exc_bak}") from None
 
@@ -187,3 +206,206 @@ def _read_group(group) -> dict[str, Any]:
     if not tree["attrs"] and group.name != "/":
         del tree["attrs"]
     return tree
+
+
+def to_tree(core: CycleQD) -> dict:
+    """The core as the schema-v1 tree: dicts are groups, an "attrs" key holds a group's
+    attributes, numpy arrays and lists of str are datasets (the layout the README documents)."""
+    k = core.k
+    models = core.models
+    n = len(models)
+    tree: dict = {
+        "attrs": {
+            "seed": core.seed, "task_names": list(core.task_names), "phase": core.phase,
+            "generations": core.generations, "generations_done": core.generations_done,
+            "next_stamp": core.next_stamp, "sampling": core.sampling,
+            "alpha_low": core.alpha_low, "alpha_high": core.alpha_high,
+            "crossover_mu": core.crossover_mu, "crossover_sigma": core.crossover_sigma,
+            "pipeline_depth": core.pipeline_depth, "n_bins": core.n_bins,
+            "bc_lower_factor": core.bc_lower_factor, "bc_upper_factor": core.bc_upper_factor,
+            "rng": "numpy SeedSequence([seed, generation, crc32(purpose)])",
+        },
+        "tasks": {},
+        "archives": {},
+        "models": {
+            "id": np.array([r.id for r in models], dtype=np.int64),
+            "kind": [r.kind for r in models],
+            "generation": np.array([r.generation for r in models], dtype=np.int64),
+            "parent1": np.array([r.parent1 for r in models], dtype=np.int64),
+            "parent2": np.array([r.parent2 for r in models], dtype=np.int64),
+            "active_task": np.array([r.active_task for r in models], dtype=np.int64),
+            "w1": np.array([r.w1 for r in models], dtype=np.float64),
+            "w2": np.array([r.w2 for r in models], dtype=np.float64),
+            "mutation_seed": np.array([r.mutation_seed for r in models], dtype=np.int64),
+            "scores": np.array([r.scores for r in models], dtype=np.float64).reshape(n, k),
+            "test_scores": np.array([r.test_scores for r in models], dtype=np.float64).reshape(n, k),
+            "n_errors": np.array([r.n_errors for r in models], dtype=np.int64),
+            "test_errors": np.array([r.test_errors for r in models], dtype=np.int64),
+            "saved": np.array([r.saved for r in models], dtype=bool),
+            "path": [stored_path(r) for r in models],
+        },
+        "history": _history_columns(core.history, k),
+        "pending": _pending_columns(core, k),
+        "items": {},
+    }
+    for t, name in enumerate(core.task_names):
+        bins = core.bins[t]
+        tree["tasks"][name] = {
+            "attrs": {"bc_lower": bins.lower if bins else math.nan,
+                      "bc_upper": bins.upper if bins else math.nan,
+                      "n_bins": bins.n_bins if bins else core.n_bins,
+                      "auto_bins": core.auto_bins[t]},
+            "search_ids": list(core.splits[name].search),
+            "test_ids": list(core.splits[name].test),
+        }
+        group = {}
+        for split in SPLITS:
+            width = len(core.splits[name].ids(split))
+            matrix = np.full((n, width), np.nan, dtype=np.float32)
+            for m, per_task in core.item_scores[split].items():
+                matrix[m] = per_task[name]
+            group[split] = matrix
+        tree["items"][name] = group
+    for name, archive in zip(core.task_names, core.archives):
+        tree["archives"][name] = {
+            "attrs": {"quality_task": name,
+                      "bc_tasks": [core.task_names[t] for t in archive.bc_tasks]},
+            "occupant": archive.occupant.copy(),
+            "quality": archive.quality.copy(),
+            "inserted": archive.inserted.copy(),
+        }
+    return tree
+
+
+
+def from_tree(tree: Mapping) -> CycleQD:
+    """The core a schema-v1 tree describes (as `to_tree` wrote it, or an earlier version)."""
+    attrs = tree["attrs"]
+    names = [str(n) for n in attrs["task_names"]]
+    splits = {n: Split(tuple(tree["tasks"][n]["search_ids"]), tuple(tree["tasks"][n]["test_ids"]))
+              for n in names}
+    columns = tree["models"]
+    kinds = [str(x) for x in columns["kind"]]
+    core = CycleQD.__new__(CycleQD)
+    core.task_names = tuple(names)
+    core.splits = splits
+    for key in ("generations", "seed", "generations_done", "next_stamp", "pipeline_depth", "n_bins"):
+        setattr(core, key, int(attrs[key]))
+    for key in ("alpha_low", "alpha_high", "crossover_mu", "crossover_sigma",
+                "bc_lower_factor", "bc_upper_factor"):
+        setattr(core, key, float(attrs[key]))
+    core.sampling = str(attrs["sampling"])
+    core.phase = str(attrs["phase"])
+    core.bins = []
+    core.auto_bins = []
+    for name in names:
+        task_attrs = tree["tasks"][name]["attrs"]
+        lower = float(task_attrs["bc_lower"])
+        core.auto_bins.append(bool(task_attrs["auto_bins"]))
+        core.bins.append(None if math.isnan(lower) else
+                         Bins(lower, float(task_attrs["bc_upper"]), int(task_attrs["n_bins"])))
+    core.models = []
+    for i, kind in enumerate(kinds):
+        core.models.append(ModelRecord(
+            id=int(columns["id"][i]), kind=kind, generation=int(columns["generation"][i]),
+            n_tasks=len(names), parent1=int(columns["parent1"][i]), parent2=int(columns["parent2"][i]),
+            active_task=int(columns["active_task"][i]), w1=float(columns["w1"][i]),
+            w2=float(columns["w2"][i]), mutation_seed=int(columns["mutation_seed"][i]),
+            saved=bool(columns["saved"][i]),
+            source=str(columns["path"][i]) if kind in ("base", "expert") else "",
+            archived=kind == "child" and bool(str(columns["path"][i])),
+            scores=np.array(columns["scores"][i], dtype=np.float64),
+            test_scores=np.array(columns["test_scores"][i], dtype=np.float64),
+            n_errors=int(columns["n_errors"][i]), test_errors=int(columns["test_errors"][i])))
+    core.archives = []
+    for q, name in enumerate(names):
+        if name not in tree["archives"]:
+            continue
+        bc = [t for t in range(len(names)) if t != q]
+        archive = Archive(quality_task=q, bc_tasks=bc, bins=[core.bins[t] for t in bc])
+        group = tree["archives"][name]
+        archive.occupant[...] = group["occupant"]
+        archive.quality[...] = group["quality"]
+        archive.inserted[...] = group["inserted"]
+        core.archives.append(archive)
+    core.history = _history_rows(tree["history"])
+    core.pending = _pending_jobs(tree["pending"])
+    core.item_scores = {s: {} for s in SPLITS}
+    for split in SPLITS:
+        for m in range(len(core.models)):
+            rows = {n: np.asarray(tree["items"][n][split][m], dtype=np.float32) for n in names}
+            if not all(np.isnan(r).all() for r in rows.values()):
+                core.item_scores[split][m] = rows
+    core._dispatched = 0
+    return core
+
+
+
+
+_HISTORY_FLOATS = ("merge_s", "transfer_s", "eval_s", "total_s")
+
+
+def _history_columns(rows: Sequence[HistoryRow], k: int) -> dict:
+    return {
+        "generation": np.array([r.generation for r in rows], dtype=np.int64),
+        "active_task": np.array([r.active_task for r in rows], dtype=np.int64),
+        "child_id": np.array([r.child_id for r in rows], dtype=np.int64),
+        "entered": np.array([r.entered for r in rows], dtype=bool).reshape(len(rows), k),
+        "eval_errors": np.array([r.eval_errors for r in rows], dtype=np.int64),
+        "qd_score": np.array([r.qd_score for r in rows], dtype=np.float64).reshape(len(rows), k),
+        "coverage": np.array([r.coverage for r in rows], dtype=np.float64).reshape(len(rows), k),
+        **{key: np.array([getattr(r, key) for r in rows], dtype=np.float64) for key in _HISTORY_FLOATS},
+    }
+
+
+def _history_rows(columns: Mapping) -> list[HistoryRow]:
+    return [
+        HistoryRow(generation=int(columns["generation"][i]), active_task=int(columns["active_task"][i]),
+                   child_id=int(columns["child_id"][i]), entered=np.array(columns["entered"][i], dtype=bool),
+                   eval_errors=int(columns["eval_errors"][i]),
+                   qd_score=np.array(columns["qd_score"][i], dtype=np.float64),
+                   coverage=np.array(columns["coverage"][i], dtype=np.float64),
+                   **{key: float(columns[key][i]) for key in _HISTORY_FLOATS})
+        for i in range(len(columns["generation"]))
+    ]
+
+
+def _pending_columns(core: CycleQD, k: int) -> dict:
+    jobs = core.pending
+    members = np.full((len(jobs), k), -1, dtype=np.int64)
+    betas = np.full((len(jobs), k), np.nan, dtype=np.float64)
+    for i, job in enumerate(jobs):
+        members[i, : len(job.recipe.members)] = job.recipe.members
+        betas[i, : len(job.recipe.betas)] = job.recipe.betas
+    return {
+        "model_id": np.array([j.model_id for j in jobs], dtype=np.int64),
+        "generation": np.array([j.generation for j in jobs], dtype=np.int64),
+        "phase": [j.phase for j in jobs],
+        "split": [j.split for j in jobs],
+        "recipe": [j.recipe.kind for j in jobs],
+        "path": [stored_path(core.models[j.model_id]) if j.recipe.kind == "stored" else "" for j in jobs],
+        "parent1": np.array([j.recipe.parents[0] for j in jobs], dtype=np.int64),
+        "parent2": np.array([j.recipe.parents[1] for j in jobs], dtype=np.int64),
+        "w1": np.array([j.recipe.weights[0] for j in jobs], dtype=np.float64),
+        "w2": np.array([j.recipe.weights[1] for j in jobs], dtype=np.float64),
+        "active_task": np.array([j.recipe.active_task for j in jobs], dtype=np.int64),
+        "mutation_seed": np.array([j.recipe.mutation_seed for j in jobs], dtype=np.int64),
+        "members": members,
+        "betas": betas,
+    }
+
+
+def _pending_jobs(columns: Mapping) -> list[Job]:
+    jobs = []
+    for i in range(len(columns["model_id"])):
+        members = tuple(int(m) for m in columns["members"][i] if m >= 0)
+        kind = str(columns["recipe"][i])
+        recipe = ModelRecipe(
+            "stored" if kind == "dir" else kind,
+            parents=(int(columns["parent1"][i]), int(columns["parent2"][i])),
+            weights=(float(columns["w1"][i]), float(columns["w2"][i])),
+            active_task=int(columns["active_task"][i]), mutation_seed=int(columns["mutation_seed"][i]),
+            members=members, betas=tuple(float(b) for b in columns["betas"][i][: len(members)]))
+        jobs.append(Job(int(columns["model_id"][i]), int(columns["generation"][i]), str(columns["phase"][i]),
+                        str(columns["split"][i]), recipe))
+    return jobs

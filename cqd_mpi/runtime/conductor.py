@@ -21,7 +21,8 @@ import numpy as np
 from cqd_mpi import __version__
 from cqd_mpi.merging.builder import ModelBuilder
 from cqd_mpi.merging.weights import ModelDir, TensorStream, write_hf_dir
-from cqd_mpi.qd.cycleqd import CycleQD, Job
+from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.records import Job
 from cqd_mpi.run.evaluation import combine, make_chunks
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import StateBackend
@@ -48,7 +49,7 @@ class Conductor:
         self.config_text = config_text
         self.world_size = world_size
         self.echo = echo
-        self.staging_dir = Path(staging_dir) if staging_dir else rundir.path / "staging"
+        self.staging_dir = Path(staging_dir) if staging_dir else rundir.staging_dir()
         self.prebuild = prebuild
         self.ready: deque[Job] = deque()
         self.staged: dict[int, tuple[Path, float]] = {}
@@ -103,27 +104,27 @@ class Conductor:
         if self.prebuild and not self.ready and all(g.busy for g in self.groups):
             job = self.core.ask()
             if job is not None:
-                if job.recipe.kind != "dir":
+                if job.recipe.kind != "stored":
                     self._stage(job)
                 self.ready.append(job)
 
     def _stage(self, job: Job) -> None:
         start = time.perf_counter()
-        path = self.builder.write(job.recipe, self.staging_dir / str(job.model_id))
+        path = self.builder.write(job.model_id, job.recipe, self.staging_dir / str(job.model_id))
         self.staged[job.model_id] = (path, time.perf_counter() - start)
 
     def _submit(self, group: EvalGroup, job: Job) -> None:
         chunks = make_chunks(self.core.splits, job.split, self.batch_sizes)
-        if group.needs_path and job.recipe.kind != "dir" and job.model_id not in self.staged:
+        if group.needs_path and job.recipe.kind != "stored" and job.model_id not in self.staged:
             self._stage(job)
         group.submit(job, chunks, self._source(job))
 
     def _source(self, job: Job) -> ModelSource:
         path, staged_s = self.staged.get(job.model_id, (None, 0.0))
-        if path is None and job.recipe.kind == "dir":
-            path = self.builder.resolve(job.recipe.path)
+        if path is None and job.recipe.kind == "stored":
+            path = self.builder.model_path(job.model_id)
         if path is None:
-            stream = TimedStream(self.builder.stream(job.recipe), retain=self.retain)
+            stream = TimedStream(self.builder.stream(job.model_id, job.recipe), retain=self.retain)
             self.built[job.model_id] = stream
             return ModelSource(stream, self.builder.base.layout())
         stored = ModelDir(path)
@@ -179,10 +180,10 @@ class Conductor:
             write_hf_dir(retained_stream(self.builder.base, built.retained), out_dir, like=self.builder.base,
                          max_shard_size=self.builder.max_shard_size)
         else:
-            self.builder.write(job.recipe, out_dir)
+            self.builder.write(job.model_id, job.recipe, out_dir)
 
     def checkpoint(self) -> None:
-        self.backend.save(self.core.state_dict(), attrs={
+        self.backend.save(self.core, attrs={
             "config": self.config_text, "world_size": self.world_size, "package_version": __version__})
 
     def _progress_line(self, job: Job, metrics: np.ndarray, entered: Sequence[str], n_errors: int) -> str:
@@ -200,9 +201,9 @@ class Conductor:
         return f"{job.phase:<6} {label:<16} {job.split:<6} {scores}{errors} {elapsed:7.1f}s"
 
     def _finish(self) -> None:
-        from cqd_mpi.run.report import format_report, format_times
+        from cqd_mpi.run.report import build_report, format_report, format_times
 
-        report = self.core.report()
+        report = build_report(self.core)
         report["phase_seconds"] = dict(self.phase_seconds)
         self.rundir.write_json(self.rundir.final_dir / "report.json", report)
         self.echo(format_times(self.phase_seconds, time.perf_counter() - self._started))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cqd_mpi import faults
-from cqd_mpi.qd.cycleqd import Job
+from cqd_mpi.qd.records import Job
 from cqd_mpi.run.evaluation import ItemChunk
 from cqd_mpi.runtime.worker import Worker
 from cqd_mpi.tasks.base import ItemResult
@@ -113,7 +113,7 @@ class InProcessGroup(EvalGroup):
     def __init__(self, worker: Worker):
         self.worker = worker
         self._outcome: Outcome | None = None
-        _ = worker.model  # built now, so that start-up is not billed to the first model
+        _ = worker.engine  # built now, so that start-up is not billed to the first model
 
     @property
     def busy(self) -> bool:

@@ -1,8 +1,12 @@
-"""Starting or resuming a run: run dir, state, core, tasks, builder, evaluation groups.
+"""Starting or resuming a run: the one place that decides between one process and MPI.
 
-`run(config)` is what `python -m cqd_mpi run CONFIG` calls on every rank. Under MPI with
-more than one rank it hands over to runtime/mpi.py; with one rank (or no MPI) rank 0
-evaluates in-process through the same conductor.
+`start(load)` is what `python -m cqd_mpi run CONFIG` (and the demo) calls on every rank: it
+finds the MPI world, loads the config (`load(comm)`), sends each rank's log to
+RUN_DIR/logs, and runs; under MPI, an exception on any rank aborts every rank with that
+rank's traceback (`mpi.guarded`). `run(config)` pins the torch thread count first
+(`runtime.threads`, on every rank), then: with one rank (or no MPI), rank 0 evaluates
+in-process through the conductor; with more, rank 0 conducts and every other rank serves
+as a worker (runtime/mpi.py).
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from collections.abc import Callable, Mapping
 from cqd_mpi.errors import StateError
 from cqd_mpi.merging.builder import ModelBuilder
 from cqd_mpi.qd.archive import Bins
-from cqd_mpi.qd.cycleqd import CycleQD, make_splits
+from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.records import make_splits
 from cqd_mpi.run.config import BinsConfig, Config, parse_size
 from cqd_mpi.run.rundir import RunDir
+from cqd_mpi.run.state import HDF5Backend
+from cqd_mpi.runtime import mpi
 from cqd_mpi.runtime.conductor import Conductor
 from cqd_mpi.runtime.groups import EvalGroup, InProcessGroup
 from cqd_mpi.runtime.signals import StopFlag
@@ -40,8 +47,8 @@ def new_core(config: Config, tasks: Mapping[str, Task]) -> CycleQD:
         crossover_sigma=qd.crossover.sigma, pipeline_depth=config.runtime.pipeline_depth)
 
 
-def restore_core(tree: dict, config: Config, tasks: Mapping[str, Task]) -> CycleQD:
-    core = CycleQD.from_state_dict(tree)
+def check_restored(core: CycleQD, config: Config, tasks: Mapping[str, Task]) -> CycleQD:
+    """A core read back from state.h5, checked against the config and the tasks' data."""
     if list(core.task_names) != config.task_names:
         raise StateError(f"state.h5 holds tasks {list(core.task_names)}, the config {config.task_names}")
     for name, task in tasks.items():
@@ -62,27 +69,28 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
     rundir.prepare(config, force=force)
     lock = rundir.lock()
     try:
-        backend = rundir.backend(keep_backup=config.runtime.keep_backup)
+        backend = HDF5Backend(rundir.state_path, keep_backup=config.runtime.keep_backup)
         tasks = build_tasks(config, rank=0, world_size=world_size)
-        tree = backend.load()
-        if tree is None:
+        core = backend.load()
+        fresh = core is None
+        if fresh:
             core = new_core(config, tasks)
         else:
-            core = restore_core(tree, config, tasks)
+            check_restored(core, config, tasks)
             echo(f"resuming {rundir.path}: phase {core.phase}, generation {core.generations_done}/"
                  f"{core.generations}")
         builder = ModelBuilder(
             base_path=config.base, expert_paths=[config.expert_path(n) for n in config.task_names],
-            model_path=lambda m: rundir.resolve(core.models[m].path), resolve=rundir.resolve,
+            model_path=lambda m: rundir.weights_of(core.models[m]),
             mutation=config.qd.mutation, basis_cache=config.runtime.basis_cache,
             max_shard_size=config.runtime.max_shard_size)
-        if tree is None:
+        if fresh:
             builder.check()
         groups = make_groups(tasks) if make_groups else [InProcessGroup(Worker(config, tasks=tasks))]
         stop = (stop if stop is not None else StopFlag()).install()
         conductor = Conductor(core=core, tasks=tasks, builder=builder, groups=groups, rundir=rundir,
                               backend=backend, stop=stop, config_text=config.to_yaml(),
-                              world_size=world_size, staging_dir=config.runtime.staging_dir,
+                              world_size=world_size, staging_dir=rundir.staging_dir(config.runtime.staging_dir),
                               prebuild=config.runtime.pipeline_depth > 0,
                               retain_bytes=parse_size(config.runtime.retain_child_bytes), echo=echo)
         try:
@@ -97,16 +105,58 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
         lock.close()
 
 
-def run(config: Config, *, force: bool = False, echo=print) -> int:
-    """Entry point on every rank: exit status 0 when done or cleanly stopped for requeue."""
-    from cqd_mpi.runtime import mpi
-
+def pin_threads(config: Config) -> None:
+    """`runtime.threads` torch threads in this process (results depend on the count)."""
     if config.runtime.threads is not None:
         import torch
 
         torch.set_num_threads(config.runtime.threads)
-    comm = mpi.world()
-    if comm is not None and comm.Get_size() > 1:
-        return mpi.run(comm, config, force=force, echo=echo)
-    conduct(config, force=force, echo=echo)
+
+
+def run(config: Config, *, force: bool = False, comm=None, echo=print) -> int:
+    """Entry point on every rank (`comm`: MPI.COMM_WORLD, or None for one process): exit
+    status 0 when done or cleanly stopped for requeue."""
+    pin_threads(config)
+    import torch
+
+    log.info("rank %d: %d torch thread(s)", comm.Get_rank() if comm is not None else 0, torch.get_num_threads())
+    if comm is None or comm.Get_size() == 1:
+        conduct(config, force=force, echo=echo)
+        return 0
+    if comm.Get_rank() == 0:
+        stop = StopFlag()
+        conduct(config, force=force, world_size=comm.Get_size(), stop=stop, echo=echo,
+                make_groups=lambda _tasks: mpi.conductor_groups(comm, config, stop))
+    else:
+        mpi.serve(comm, config)
+    comm.Barrier()
     return 0
+
+
+def log_to_files(run_dir: str, rank: int) -> None:
+    """Every rank logs to RUN_DIR/logs/rank-N.log; rank 0 also to the console, workers only
+    their warnings."""
+    logs = RunDir(run_dir).logs_dir
+    logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs / f"rank-{rank}.log")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if rank > 0:
+        for h in root.handlers:
+            if h is not handler:
+                h.setLevel(logging.WARNING)
+
+
+def start(load: Callable[[object], Config], *, force: bool = False, echo=print) -> int:
+    """Load the config on every rank (`load(comm)`, comm None outside MPI) and run it."""
+    comm = mpi.world()
+
+    def job() -> int:
+        config = load(comm)
+        log_to_files(config.runtime.run_dir, comm.Get_rank() if comm is not None else 0)
+        return run(config, force=force, comm=comm, echo=echo)
+
+    if comm is None or comm.Get_size() == 1:
+        return job()
+    return mpi.guarded(comm, job)

@@ -22,10 +22,8 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from cqd_mpi.errors import ConfigError, require
 from cqd_mpi.run.config import Config
@@ -268,7 +266,7 @@ def worker_loop(comm, worker: Worker, stop: StopFlag) -> None:
         if header["path"] is not None:
             worker.load_dir(header["path"])
         else:
-            broadcast.receive(worker.model, header["specs"])
+            worker.receive(broadcast, header["specs"])
         loaded = time.perf_counter()
         mine = shard(header["chunks"], n_workers, my_index)
         results = worker.evaluate(mine)
@@ -278,47 +276,24 @@ def worker_loop(comm, worker: Worker, stop: StopFlag) -> None:
         comm.send({"results": results, "eval_s": eval_s, "stop": bool(stop)}, dest=0, tag=TAG_RESULT)
 
 
-def run(comm, config: Config, *, force: bool = False, echo=print) -> int:
-    """Every rank's job under MPI with more than one rank."""
-    from cqd_mpi.runtime.launch import conduct
+def serve(comm, config: Config, *, stop: StopFlag | None = None) -> None:
+    """A worker rank's whole job: join its eval group, build its engine, score what comes."""
 
     rank = comm.Get_rank()
     comms, members = group_comms(comm, config.runtime.eval_groups)
-    if rank == 0:
-        stop_flag = StopFlag()
-
-        def make_groups(_tasks):
-            return [MPIGroup(c, index=i, transport=config.runtime.transport, stop=stop_flag)
-                    for i, c in enumerate(comms)]
-
-        conduct(config, force=force, world_size=comm.Get_size(), make_groups=make_groups,
-                echo=echo, stop=stop_flag)
-    else:
-        my_group = next(i for i, ranks in enumerate(members) if rank in ranks)
-        stop = StopFlag().install()
-        worker = Worker(config, rank=rank, world_size=comm.Get_size())
-        log.info("worker rank %d (pid %d) in eval group %d", rank, os.getpid(), my_group)
-        _ = worker.model  # build the live model before the first model arrives
-        try:
-            worker_loop(comms[my_group], worker, stop)
-        finally:
-            stop.uninstall()
-            worker.close()
-    comm.Barrier()
-    return 0
+    my_group = next(i for i, ranks in enumerate(members) if rank in ranks)
+    stop = (stop or StopFlag()).install()
+    worker = Worker(config, rank=rank, world_size=comm.Get_size())
+    log.info("worker rank %d (pid %d) in eval group %d", rank, os.getpid(), my_group)
+    _ = worker.engine  # build the live model before the first model arrives
+    try:
+        worker_loop(comms[my_group], worker, stop)
+    finally:
+        stop.uninstall()
+        worker.close()
 
 
-def device_report(comm) -> list[dict]:
-    """What each rank would use (for `doctor`): host, local rank, device."""
-    import socket
-
-    from cqd_mpi.engines.hf import resolve_device
-
-    info = {"rank": comm.Get_rank(), "host": socket.gethostname(),
-            "device": str(resolve_device("auto")) if comm.Get_rank() > 0 else "cpu (conductor)",
-            "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0}
-    return comm.gather(info, root=0)
-
-
-def staging_path(config: Config) -> Path:
-    return Path(config.runtime.staging_dir or Path(config.runtime.run_dir) / "staging")
+def conductor_groups(comm, config: Config, stop: StopFlag) -> list[MPIGroup]:
+    """Rank 0's end of every eval group (collective with the workers' `serve`)."""
+    comms, _ = group_comms(comm, config.runtime.eval_groups)
+    return [MPIGroup(c, index=i, transport=config.runtime.transport, stop=stop) for i, c in enumerate(comms)]

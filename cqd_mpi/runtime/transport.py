@@ -16,8 +16,9 @@ inter-node path on a single machine).
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -83,26 +84,55 @@ class ModelBroadcast:
                 np.copyto(slot, piece)
                 self._spread(slot)
 
-    def receive(self, live, specs: Sequence[tuple[str, tuple[int, ...], str]]) -> None:
-        """A worker: receive the tensors named in `specs` into the live model's parameters."""
+    def receive(self, engine, specs: Sequence[tuple[str, tuple[int, ...], str]]) -> None:
+        """A worker: receive the tensors named in `specs` into the engine.
+
+        A tensor the engine has a receive buffer for is written straight into it, chunk by
+        chunk; the others are assembled one at a time and handed to `engine.load_weights` as
+        they arrive, so no more than one tensor is ever held outside the engine.
+        """
+        names = {name for name, _, _ in specs}
+        missing = [n for n in engine.required_names() if n not in names]
+        if missing:
+            raise RuntimeError(f"the conductor's model lacks {len(missing)} tensor(s) the engine needs, "
+                               f"e.g. {', '.join(missing[:3])}")
+        unbuffered = self._receive_buffered(engine, specs)
+        first = next(unbuffered, None)
+        if first is not None:
+            engine.load_weights(itertools.chain([first], unbuffered))
+            for _ in unbuffered:
+                raise RuntimeError("the engine's load_weights returned before it took every tensor")
+
+    def _receive_buffered(self, engine, specs) -> Iterator[tuple[str, torch.Tensor]]:
+        """Receive every tensor in spec order: into its receive buffer when the engine has one,
+        else into a new tensor that is yielded."""
         for name, shape, dtype_name in specs:
             dtype = getattr(torch, dtype_name)
-            target = live.live_tensor(name)
+            target = engine.receive_buffer(name)
+            if target is None:
+                tensor = torch.empty(tuple(shape), dtype=dtype)
+                self._receive_into(tensor, dtype)
+                yield name, tensor
+                continue
             if tuple(target.shape) != tuple(shape):
                 raise RuntimeError(f"tensor {name}: the sender has shape {tuple(shape)}, "
                                    f"the live model {tuple(target.shape)}")
-            itemsize = dtype.itemsize
-            nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
-            flat = target.data.view(-1)
-            direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
-            for start in range(0, nbytes, self.chunk_bytes):
-                slot = self._next_slot(min(self.chunk_bytes, nbytes - start))
-                self._spread(slot)
-                if direct:
-                    np.copyto(byte_view(flat)[start:start + slot.size], slot)
-                else:
-                    piece = torch.from_numpy(slot).view(dtype)
-                    flat[start // itemsize:(start + slot.size) // itemsize].copy_(piece)
+            self._receive_into(target, dtype)
+
+    def _receive_into(self, target: torch.Tensor, dtype: torch.dtype) -> None:
+        """Fill `target` with the next tensor's bytes, sent as `dtype` (cast when it differs)."""
+        itemsize = dtype.itemsize
+        nbytes = target.numel() * itemsize
+        flat = target.data.view(-1)
+        direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+        for start in range(0, nbytes, self.chunk_bytes):
+            slot = self._next_slot(min(self.chunk_bytes, nbytes - start))
+            self._spread(slot)
+            if direct:
+                np.copyto(byte_view(flat)[start:start + slot.size], slot)
+            else:
+                piece = torch.from_numpy(slot).view(dtype)
+                flat[start // itemsize:(start + slot.size) // itemsize].copy_(piece)
 
     def close(self) -> None:
         from mpi4py import MPI

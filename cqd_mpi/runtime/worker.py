@@ -1,7 +1,7 @@
-"""What every evaluating process holds: the task instances and one live model.
+"""What every evaluating process holds: the task instances and one live engine.
 
 The same Worker runs inside rank 0 when there is one rank, and on every worker rank under
-MPI. Each model the conductor sends replaces the live model's weights in place.
+MPI. Each model the conductor sends replaces the engine's weights in place.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from cqd_mpi import faults
+from cqd_mpi.engines import Engine, create
 from cqd_mpi.run.config import Config, task_settings
 from cqd_mpi.run.evaluation import ItemChunk, evaluate_chunks
+from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.tasks import Task, TaskContext, task_class
 from cqd_mpi.tasks.base import ItemResult
 
@@ -25,7 +27,7 @@ def build_tasks(config: Config, *, rank: int = 0, world_size: int = 1,
                 work_root: Path | None = None) -> dict[str, Task]:
     """One instance of every configured task for this process, in config order."""
     tasks = {}
-    work_root = Path(work_root or Path(config.runtime.run_dir) / "work")
+    work_root = Path(work_root or RunDir(config.runtime.run_dir).work_dir)
     for i, task_config in enumerate(config.tasks):
         cls = task_class(task_config.kind, f"tasks[{i}].kind")
         work_dir = work_root / f"rank-{rank}" / task_config.name
@@ -40,36 +42,43 @@ def build_tasks(config: Config, *, rank: int = 0, world_size: int = 1,
 
 
 class Worker:
-    """Task instances and a lazily built live model (from the base model's directory)."""
+    """Task instances and a lazily built engine (on the base model's directory)."""
 
     def __init__(self, config: Config, *, rank: int = 0, world_size: int = 1,
                  tasks: dict[str, Task] | None = None):
         self.config = config
         self.rank = rank
         self.tasks = tasks if tasks is not None else build_tasks(config, rank=rank, world_size=world_size)
-        self._model = None
+        self._engine: Engine | None = None
 
     @property
-    def model(self):
-        if self._model is None:
-            from cqd_mpi.engines.hf import LiveModel
-
+    def engine(self) -> Engine:
+        if self._engine is None:
             engine = self.config.engine
-            self._model = LiveModel(self.config.base, device=engine.device, dtype=engine.dtype,
-                                    chat_template=engine.chat_template, batch_size=engine.batch_size)
-            log.info("rank %d: live model %s", self.rank, self._model)
-        return self._model
+            self._engine = create(engine.kind, self.config.base, device=engine.device, dtype=engine.dtype,
+                                  settings=engine.settings)
+            log.info("rank %d: engine %s", self.rank, self._engine.describe())
+        return self._engine
 
     def load(self, stream: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.model.load_weights(stream)
+        """A complete update from a stream of named tensors."""
+        self.engine.update(stream)
 
     def load_dir(self, path: str | Path) -> None:
-        self.model.load_dir(path)
+        """A complete update from a Hugging Face dir (transport `file`)."""
+        self.engine.update_from_dir(path)
+
+    def receive(self, broadcast, specs) -> None:
+        """A complete update through the `mpi` transport (runtime/transport.py)."""
+        broadcast.receive(self.engine, specs)
+        self.engine.finish_update()
 
     def evaluate(self, chunks: Sequence[ItemChunk]) -> dict[int, list[ItemResult]]:
         faults.point("eval")
-        return evaluate_chunks(self.tasks, self.model, chunks)
+        return evaluate_chunks(self.tasks, self.engine, chunks)
 
     def close(self) -> None:
         for task in self.tasks.values():
             task.close()
+        if self._engine is not None:
+            self._engine.close()

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
-from cqd_mpi.errors import ConfigError
 from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task, TaskContext
 
 BUILTIN = {
@@ -18,18 +15,6 @@ __all__ = ["BUILTIN", "BackendStatus", "ItemResult", "Task", "TaskContext", "tas
 
 def task_class(kind: str, where: str = "kind") -> type[Task]:
     """The Task subclass for a config's `kind:`; built-in name or 'module:Class'."""
-    target = BUILTIN.get(kind, kind)
-    if ":" not in target:
-        raise ConfigError(
-            f"{where}: unknown task kind {kind!r}; expected one of {', '.join(BUILTIN)} "
-            "or 'package.module:ClassName'"
-        )
-    module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import module {module_name!r} for task kind {kind!r}: {exc}") from exc
-    cls = getattr(module, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Task)):
-        raise ConfigError(f"{where}: {target!r} is not a cqd_mpi Task subclass")
-    return cls
+    from cqd_mpi.plugins import load_class
+
+    return load_class(kind, builtin=BUILTIN, base=Task, what="task", where=where)

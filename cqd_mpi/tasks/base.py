@@ -6,7 +6,8 @@ across workers, so a model's metric does not depend on the number of ranks.
 
 To add a task kind: subclass Task in a new module under cqd_mpi/tasks/, give it a `kind`,
 a `Settings` dataclass (its keys are the `settings:` of the task in the config, checked by
-cqd_mpi.schema), and implement `item_ids` and `evaluate`. Register the module in
+cqd_mpi.schema), the capability it calls on the live model (`requires`: text generation
+unless it says otherwise), and implement `item_ids` and `evaluate`. Register the module in
 cqd_mpi/tasks/__init__.py, or name it in the config as ``kind: package.module:ClassName``.
 """
 
@@ -17,7 +18,10 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
+
+from cqd_mpi.engines.base import Capability, TextGeneration
+from cqd_mpi.schema import NoSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,29 +59,13 @@ class TaskContext:
         return logging.getLogger("cqd_mpi.tasks")
 
 
-class Generator(Protocol):
-    """What tasks need from a model: greedy batched completion and chat (see engines/hf.py)."""
-
-    def generate(
-        self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = ()
-    ) -> list[str]: ...
-
-    def chat(
-        self, conversations: Sequence[list[dict[str, str]]], *, max_new_tokens: int,
-        stop: Sequence[str] = (),
-    ) -> list[str]: ...
-
-
-@dataclasses.dataclass
-class NoSettings:
-    """For task kinds without settings."""
-
-
 class Task(abc.ABC):
     """Base class of task kinds. Subclasses set `kind` and `Settings` and implement two methods."""
 
     kind: ClassVar[str]
     Settings: ClassVar[type] = NoSettings
+    requires: ClassVar[type[Capability]] = TextGeneration
+    """The capability of the live model this task calls (engines/base.py)."""
     batch_size: int = 16
 
     def __init__(self, *, name: str, data: str | None, settings: Any, context: TaskContext):
@@ -91,8 +79,9 @@ class Task(abc.ABC):
         """All item ids, in a fixed order that every rank reproduces."""
 
     @abc.abstractmethod
-    def evaluate(self, model: Generator, item_ids: Sequence[str]) -> list[ItemResult]:
-        """Score the given items with the live model; one result per id, in the same order."""
+    def evaluate(self, model: Any, item_ids: Sequence[str]) -> list[ItemResult]:
+        """Score the given items with the live model (an engine with `requires`); one result
+        per id, in the same order."""
 
     def reference_results(self, item_ids: Sequence[str]) -> list[ItemResult]:
         """Score the items' reference solutions through the same harness (check-tasks)."""

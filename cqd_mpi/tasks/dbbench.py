@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cqd_mpi.engines.base import TextGeneration
 from cqd_mpi.errors import BackendUnavailable, ConfigError, TaskError, require
 from cqd_mpi.sandboxes.mysql import (
     RESULT_CHARS,
@@ -54,7 +55,7 @@ from cqd_mpi.sandboxes.mysql import (
     pymysql_module,
     unique_name,
 )
-from cqd_mpi.tasks.base import BackendStatus, Generator, ItemResult, Task
+from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task
 
 log = logging.getLogger("cqd_mpi.tasks.dbbench")
 
@@ -472,7 +473,7 @@ class DBBenchTask(Task):
 
     # -------------------------------------------------------------- protocol
 
-    def evaluate(self, model: Generator, item_ids: Sequence[str]) -> list[ItemResult]:
+    def evaluate(self, model: TextGeneration, item_ids: Sequence[str]) -> list[ItemResult]:
         settings = self.settings
 
         def respond(episodes: Sequence[Episode]) -> list[str]:

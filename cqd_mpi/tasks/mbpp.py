@@ -23,8 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
+from cqd_mpi.engines.base import TextGeneration
 from cqd_mpi.errors import ConfigError, TaskError, require
-from cqd_mpi.tasks.base import BackendStatus, Generator, ItemResult, Task
+from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task
 
 HARNESS = Path(__file__).resolve().parents[1] / "sandboxes" / "evalplus_harness.py"
 
@@ -270,7 +271,7 @@ class MbppPlusTask(Task):
         extra = INSTRUCTION_RESPONSE_STOP if self.settings.prompt_format == "instruction-response" else ()
         return [*EOS, *CHAT_STOP, *extra]
 
-    def completions(self, model: Generator, item_ids: Sequence[str]) -> list[str]:
+    def completions(self, model: TextGeneration, item_ids: Sequence[str]) -> list[str]:
         """The model's raw completions, one per item (greedy, batched by the engine)."""
         settings = self.settings
         stop = self.stop_strings()
@@ -390,7 +391,7 @@ class MbppPlusTask(Task):
 
     # -------------------------------------------------------------- protocol
 
-    def evaluate(self, model: Generator, item_ids: Sequence[str]) -> list[ItemResult]:
+    def evaluate(self, model: TextGeneration, item_ids: Sequence[str]) -> list[ItemResult]:
         item_ids = list(item_ids)
         for item_id in item_ids:
             self._problem(item_id)

@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from cqd_mpi.engines.base import TextGeneration
 from cqd_mpi.errors import ConfigError, TaskError
-from cqd_mpi.tasks.base import Generator, ItemResult, Task
+from cqd_mpi.tasks.base import ItemResult, Task
 
 _SHIFTED = str.maketrans(string.ascii_lowercase, string.ascii_lowercase[1:] + "a")
 
@@ -116,7 +117,7 @@ class SkillsTask(Task):
     def item_ids(self) -> list[str]:
         return list(self._items)
 
-    def evaluate(self, model: Generator, item_ids: Sequence[str]) -> list[ItemResult]:
+    def evaluate(self, model: TextGeneration, item_ids: Sequence[str]) -> list[ItemResult]:
         unknown = [i for i in item_ids if i not in self._items]
         if unknown:
             raise TaskError(f"task {self.name!r}: unknown item ids {unknown[:3]}")

@@ -11,7 +11,7 @@ from cqd_mpi.analysis.export import Exporter, check_output
 from cqd_mpi.analysis.runstate import RunState
 from cqd_mpi.errors import ConfigError, StateError
 from cqd_mpi.merging.weights import ModelDir
-from cqd_mpi.qd.cycleqd import Split
+from cqd_mpi.qd.records import Split
 from cqd_mpi.run import config as config_mod
 from cqd_mpi.run.evaluation import combine, make_chunks
 from cqd_mpi.runtime.worker import Worker, build_tasks
@@ -61,7 +61,7 @@ def test_explicit_betas_give_base_plus_weighted_task_vectors(run3, tmp_path):
     weights = [0.5, -0.25, 1.5]
     members, betas, out = Exporter(run3).aggregate(tmp_path / "agg", weights=weights)
     assert betas == weights
-    base = tensors(run3.rundir.resolve(str(run3.models["path"][0])))
+    base = tensors(run3.rundir.weights_of(run3.models[0]))
     member_tensors = [tensors(Exporter(run3).stored_path(m)) for m in members]
     got = tensors(out)
     for name, theta in base.items():
@@ -136,11 +136,11 @@ def test_an_unsaved_child_is_rebuilt_and_scores_what_the_run_measured(run3, tmp_
 
 def test_a_child_whose_parents_are_gone_cannot_be_rebuilt(runs, tmp_path):
     cases = [(run, m) for run in runs for m, kind in enumerate(run.kinds)
-             if kind == "child" and not run.models["saved"][m]
-             and not all(run.models["saved"][p] for p in run.parents(m))]
+             if kind == "child" and not run.models[m].saved
+             and not all(run.models[p].saved for p in run.parents(m))]
     assert cases, "no run has an unsaved child with an unsaved parent"
     run, child = cases[0]
-    gone = next(p for p in run.parents(child) if not run.models["saved"][p])
+    gone = next(p for p in run.parents(child) if not run.models[p].saved)
     with pytest.raises(StateError, match=rf"child #{child} .* is not saved: it left every archive .*"
                                          rf"only while both parents are available, but child #{gone} .* not saved"):
         Exporter(run).model(child, tmp_path / "child")
@@ -162,7 +162,7 @@ def test_naive_average_base_and_aggregate_by_id(run3, tmp_path):
 
 def test_outputs_inside_the_run_or_existing_ones_are_refused(run3, tmp_path):
     for inside in (run3.path, run3.rundir.final_dir, run3.rundir.models_dir / "new",
-                   run3.rundir.resolve(str(run3.models["path"][1]))):
+                   run3.rundir.weights_of(run3.models[1])):
         with pytest.raises(ConfigError, match="is part of the run or one of its source models"):
             check_output(inside, run3, force=True)
     existing = tmp_path / "existing"

@@ -48,8 +48,8 @@ def test_replayed_qd_score_and_coverage_equal_the_history(run_dir):
     run = RunState.load(run_dir)
     progress = run.progress()
     assert progress.generation.tolist() == list(range(GENERATIONS + 1))
-    np.testing.assert_array_equal(progress.qd_score[1:], run.history["qd_score"])
-    np.testing.assert_array_equal(progress.coverage[1:], run.history["coverage"])
+    np.testing.assert_array_equal(progress.qd_score[1:], np.array([row.qd_score for row in run.history]))
+    np.testing.assert_array_equal(progress.coverage[1:], np.array([row.coverage for row in run.history]))
     assert np.all(np.diff(progress.best_quality, axis=0) >= 0)
     assert np.all(np.diff(progress.coverage, axis=0) >= 0)
     for q in range(run.k):
@@ -64,7 +64,7 @@ def test_past_archives_hold_only_models_of_their_time_and_only_improve(run3):
     for generation, archives in snapshots.items():
         for archive in archives:
             members = archive.members()
-            assert all(run3.models["generation"][m] <= generation for m in members)
+            assert all(run3.models[m].generation <= generation for m in members)
             assert all(run3.kinds[m] in ("expert", "child") for m in members)
     for generation in range(GENERATIONS):
         for before, after in zip(snapshots[generation], snapshots[generation + 1]):
@@ -72,7 +72,7 @@ def test_past_archives_hold_only_models_of_their_time_and_only_improve(run3):
             assert np.all(after.occupant[filled] >= 0)
             assert np.all(after.quality[filled] >= before.quality[filled])
             changed = after.occupant != before.occupant
-            child = int(run3.history["child_id"][generation])
+            child = run3.history[generation].child_id
             assert set(after.occupant[changed].tolist()) <= {child}
     assert set(snapshots[0][0].members().tolist()) <= set(run3.expert_ids)
 
@@ -94,7 +94,7 @@ def test_lineage_of_every_elite_ends_at_experts(run3):
         ancestors = run3.ancestors(elite)
         leaves = {m for m in ancestors | {elite} if not run3.parents(m)}
         assert leaves <= set(run3.expert_ids) and leaves
-        assert all(run3.models["generation"][a] < run3.models["generation"][elite] or run3.kinds[elite] != "child"
+        assert all(run3.models[a].generation < run3.models[elite].generation or run3.kinds[elite] != "child"
                    for a in ancestors)
         lines = run3.lineage_lines(elite)
         assert lines[0].startswith(run3.describe(elite))
@@ -165,7 +165,7 @@ def test_generation_out_of_range_is_refused(run3):
 def test_run_in_progress_is_read_up_to_its_last_checkpoint(in_progress):
     run = RunState.load(in_progress)
     assert run.in_progress and run.phase == "search" and run.generations_done == 3
-    assert len(run.history["generation"]) == 3
+    assert len(run.history) == 3
     assert_same_archives(run.archives_at([3])[3], run.stored_archives())
     text = summary(run)
     assert "in progress, analysed up to its last checkpoint" in text

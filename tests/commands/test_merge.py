@@ -12,14 +12,13 @@ import torch
 
 from cqd_mpi import seeding
 from cqd_mpi.cli import main
+from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.operators import (
-    MutationSpec,
     aggregate_stream,
     crossover_stream,
-    sample_crossover_weights,
-    softmax,
 )
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
+from cqd_mpi.qd.sampling import sample_crossover_weights, softmax
 from tests.conftest import subprocess_env
 from tests.tiny_llama import logits, save_tiny_llama, state_dict
 
@@ -236,10 +235,10 @@ def test_aggregation_with_scores_and_with_explicit_weights(bf16, tmp_path, capsy
         ),
         (["--seed", "1", "--scores", "1", "2"], "--scores and --weights apply to --aggregate"),
         (["--seed", "1", "--w-max", "-1"], "mutation.w_max: expected a number >= 0, got -1.0"),
-        (["--seed", "1", "--exclude", "("], "mutation.exclude: '(' is not a valid regex"),
+        (["--seed", "1", "--exclude", "("], "mutation.exclude[0]: invalid regular expression '('"),
         (
             ["--seed", "1", "--max-shard-size", "huge"],
-            "shard size 'huge': expected bytes or a number",
+            "max_shard_size: expected a size such as '5GB' or '512MiB', got 'huge'",
         ),
     ],
 )

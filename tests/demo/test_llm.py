@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cqd_mpi import locations
 from cqd_mpi.demo import llm as demo
 from cqd_mpi.run import config as run_config
 from cqd_mpi.tasks import skills
@@ -132,9 +133,9 @@ def test_leftovers_of_dead_builds_are_removed(tmp_path):
 
 def test_cache_root_honours_xdg_cache_home(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert demo.cache_root() == tmp_path / "cqd_mpi"
+    assert locations.cache_root() == tmp_path / "cqd_mpi"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert demo.cache_root() == Path(os.path.expanduser("~")) / ".cache" / "cqd_mpi"
+    assert locations.cache_root() == Path(os.path.expanduser("~")) / ".cache" / "cqd_mpi"
 
 
 def test_training_batches_follow_the_mix_and_skip_held_out_items():

@@ -18,6 +18,6 @@ def tiny_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def live_a(tiny_dirs):
-    from cqd_mpi.engines.hf import LiveModel
+    from cqd_mpi.engines.hf import TransformersEngine
 
-    return LiveModel(tiny_dirs["a"], device="cpu")
+    return TransformersEngine(tiny_dirs["a"], device="cpu")

@@ -1,18 +1,13 @@
-"""LiveModel: in-place weight swaps, batch-invariant greedy generation, stop strings, chat templates."""
+"""TransformersEngine: in-place weight swaps, batch-invariant greedy generation, stop strings, chat templates."""
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from cqd_mpi.engines.hf import (
-    CHAT_TEMPLATES,
-    INSTRUCTION_RESPONSE,
-    LiveModel,
-    cut_at_stop,
-    local_rank,
-    resolve_device,
-    resolve_dtype,
-)
+from cqd_mpi.engines.base import cut_at_stop
+from cqd_mpi.engines.devices import local_rank, resolve_device, resolve_dtype
+from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
+from cqd_mpi.engines.templates import CHAT_TEMPLATES, INSTRUCTION_RESPONSE
 from cqd_mpi.errors import ConfigError, WeightsError
 
 PROMPTS = [
@@ -38,7 +33,7 @@ def live_storage(model):
 
 @pytest.fixture
 def live_b(tiny_dirs):
-    return LiveModel(tiny_dirs["b"], device="cpu")
+    return TransformersEngine(tiny_dirs["b"], device="cpu")
 
 
 def test_batched_generation_equals_unbatched(live_a):
@@ -58,7 +53,7 @@ def test_batched_generation_equals_unbatched(live_a):
 
 def test_in_place_weights_generate_like_a_fresh_load(tiny_dirs, live_b):
     fresh_b = live_b.generate(PROMPTS, max_new_tokens=16)
-    live = LiveModel(tiny_dirs["a"], device="cpu")
+    live = TransformersEngine(tiny_dirs["a"], device="cpu")
     before_a = live.generate(PROMPTS, max_new_tokens=16)
     assert before_a != fresh_b
     module, storage = live.model, live_storage(live)
@@ -74,21 +69,21 @@ def test_in_place_weights_generate_like_a_fresh_load(tiny_dirs, live_b):
 
 
 def test_load_dir_reads_an_hf_dir(tiny_dirs, live_b):
-    live = LiveModel(tiny_dirs["a"], device="cpu")
-    live.load_dir(tiny_dirs["b"])
+    live = TransformersEngine(tiny_dirs["a"], device="cpu")
+    live.update_from_dir(tiny_dirs["b"])
     for (name, got), (_, want) in zip(live.model.state_dict().items(), live_b.model.state_dict().items()):
         assert torch.equal(got, want), name
 
 
 def test_names_with_or_without_the_base_prefix(tiny_dirs, live_b):
-    live = LiveModel(tiny_dirs["a"], device="cpu")
+    live = TransformersEngine(tiny_dirs["a"], device="cpu")
     renamed = ((name.removeprefix("model."), tensor) for name, tensor in checkpoint_stream(tiny_dirs["b"]))
     live.load_weights(renamed)
     assert live.generate(PROMPTS[:2], max_new_tokens=8) == live_b.generate(PROMPTS[:2], max_new_tokens=8)
 
 
 def test_weights_cast_to_the_live_dtype(tiny_dirs, live_b):
-    live = LiveModel(tiny_dirs["a"], device="cpu")
+    live = TransformersEngine(tiny_dirs["a"], device="cpu")
     halves = ((name, tensor.to(torch.bfloat16)) for name, tensor in checkpoint_stream(tiny_dirs["b"]))
     live.load_weights(halves)
     embed = live.model.get_input_embeddings().weight
@@ -108,7 +103,7 @@ def test_shape_mismatch_names_tensor_and_shapes(live_a):
 
 
 def test_incomplete_stream_is_refused_when_strict(tiny_dirs):
-    live = LiveModel(tiny_dirs["a"], device="cpu")
+    live = TransformersEngine(tiny_dirs["a"], device="cpu")
     partial = [(n, t) for n, t in checkpoint_stream(tiny_dirs["b"]) if "layers.1." not in n]
     with pytest.raises(WeightsError, match=r"left 9 tensor\(s\) of the live model unset: model.layers.1"):
         live.load_weights(partial)
@@ -116,7 +111,7 @@ def test_incomplete_stream_is_refused_when_strict(tiny_dirs):
 
 
 def test_tied_embeddings_take_one_tensor_and_refuse_two_different(tiny_dirs, tmp_path):
-    live = LiveModel(tiny_dirs["tied"], device="cpu")
+    live = TransformersEngine(tiny_dirs["tied"], device="cpu")
     head = live.model.get_output_embeddings().weight
     embed = live.model.get_input_embeddings().weight
     assert head.data_ptr() == embed.data_ptr()
@@ -146,7 +141,7 @@ def test_stop_strings_cut_the_completion(live_a):
 
 
 def test_generation_ends_at_eos(tiny_dirs):
-    live = LiveModel(tiny_dirs["a"], device="cpu")
+    live = TransformersEngine(tiny_dirs["a"], device="cpu")
     full = live.generate(PROMPTS, max_new_tokens=24)
     eos = live.tokenizer.eos_token_id
     first_token = live.tokenizer(full[0], add_special_tokens=False)["input_ids"][2]
@@ -160,7 +155,7 @@ def test_generation_ends_at_eos(tiny_dirs):
 
 
 def test_instruction_response_template_and_prefill(tiny_dirs):
-    live = LiveModel(tiny_dirs["a"], device="cpu", chat_template=INSTRUCTION_RESPONSE)
+    live = TransformersEngine(tiny_dirs["a"], device="cpu", settings=TransformersSettings(chat_template=INSTRUCTION_RESPONSE))
     conversation = [
         {"role": "system", "content": "You are a coder. "},
         {"role": "user", "content": "Add two numbers."},
@@ -187,9 +182,9 @@ def test_chat_template_from_tokenizer_or_jinja_string(tmp_path):
 
     jinja = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
     model_dir = build_tiny_llama(tmp_path / "m", seed=4, chat_template=jinja)
-    own = LiveModel(model_dir, device="cpu")
+    own = TransformersEngine(model_dir, device="cpu")
     assert own.render_chat([{"role": "user", "content": "hi"}]) == "<user>hi<bot>"
-    given = LiveModel(model_dir, device="cpu", chat_template=CHAT_TEMPLATES[INSTRUCTION_RESPONSE])
+    given = TransformersEngine(model_dir, device="cpu", settings=TransformersSettings(chat_template=CHAT_TEMPLATES[INSTRUCTION_RESPONSE]))
     assert given.render_chat([{"role": "user", "content": "hi"}]) == "@@ Instruction:\nhi\n\n@@ Response:\n"
 
 
@@ -200,11 +195,11 @@ def test_chat_without_any_template_says_how_to_give_one(live_a):
 
 def test_bad_settings_are_config_errors(tiny_dirs, tmp_path):
     with pytest.raises(ConfigError, match=r"chat_template: expected one of 'instruction-response'"):
-        LiveModel(tiny_dirs["a"], device="cpu", chat_template="alpaca")
+        TransformersEngine(tiny_dirs["a"], device="cpu", settings=TransformersSettings(chat_template="alpaca"))
     with pytest.raises(ConfigError, match="dtype: expected 'auto' or one of"):
         resolve_dtype("float64", checkpoint_dtype=torch.float32, device=torch.device("cpu"))
     with pytest.raises(WeightsError, match=r"expected config\.json"):
-        LiveModel(tmp_path, device="cpu")
+        TransformersEngine(tmp_path, device="cpu")
 
 
 def test_device_and_dtype_resolution(monkeypatch):
@@ -230,17 +225,17 @@ def test_half_precision_checkpoint_runs_in_float32_on_cpu(tmp_path):
     from cqd_mpi.engines.tiny import build_tiny_llama
 
     model_dir = build_tiny_llama(tmp_path / "half", seed=5, dtype=torch.bfloat16)
-    live = LiveModel(model_dir, device="cpu")
+    live = TransformersEngine(model_dir, device="cpu")
     assert live.dtype == torch.float32
     assert next(live.model.parameters()).dtype == torch.float32
-    explicit = LiveModel(model_dir, device="cpu", dtype="bfloat16")
+    explicit = TransformersEngine(model_dir, device="cpu", dtype="bfloat16")
     assert next(explicit.model.parameters()).dtype == torch.bfloat16
     assert all(t.dtype == torch.bfloat16 for _, t in checkpoint_stream(model_dir))
 
 
 @pytest.mark.cuda
 def test_cuda_forward_and_greedy_generation_match_the_cpu(tiny_dirs, live_a):
-    on_gpu = LiveModel(tiny_dirs["a"], device="cuda", dtype="float32")
+    on_gpu = TransformersEngine(tiny_dirs["a"], device="cuda", dtype="float32")
     assert on_gpu.device == torch.device("cuda", 0)
     assert {p.device for p in on_gpu.model.parameters()} == {torch.device("cuda", 0)}
     batch = live_a.tokenizer(PROMPTS, return_tensors="pt", padding=True)
@@ -259,16 +254,16 @@ def test_cuda_bf16_checkpoint_runs_in_bf16_and_casts_streamed_weights_on_arrival
     from cqd_mpi.merging.weights import ModelDir
 
     bf16_dir = build_tiny_llama(tmp_path / "bf16", seed=1, dtype=torch.bfloat16)
-    live = LiveModel(bf16_dir, device="cuda")
+    live = TransformersEngine(bf16_dir, device="cuda")
     assert live.dtype == torch.bfloat16
     before = {name: p.data_ptr() for name, p in live.model.named_parameters()}
-    assert live.load_dir(tiny_dirs["b"]) > 0
+    assert live.update_from_dir(tiny_dirs["b"]) > 0
     assert {name: p.data_ptr() for name, p in live.model.named_parameters()} == before
     for name, tensor in ModelDir(tiny_dirs["b"]).tensors():
-        got = live.live_tensor(name)
+        got = live.receive_buffer(name)
         assert got.device.type == "cuda" and got.dtype == torch.bfloat16
         assert torch.equal(got.cpu(), tensor.to(torch.bfloat16)), name
-    fresh = LiveModel(tiny_dirs["b"], device="cuda", dtype="bfloat16")
+    fresh = TransformersEngine(tiny_dirs["b"], device="cuda", dtype="bfloat16")
     assert live.generate(PROMPTS, max_new_tokens=16) == fresh.generate(PROMPTS, max_new_tokens=16)
 
 

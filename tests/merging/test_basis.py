@@ -8,11 +8,11 @@ import warnings
 import pytest
 import torch
 
+from cqd_mpi import cpu
 from cqd_mpi.errors import ConfigError, WeightsError
-from cqd_mpi.merging import operators
 from cqd_mpi.merging.basis import ExpertBasis, basis_names, ensure_expert_basis, expert_basis_path
+from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.operators import (
-    MutationSpec,
     crossover_stream,
     randomized_svd,
     tensor_generator,
@@ -101,7 +101,7 @@ def test_a_bf16_sketch_basis_is_cached_apart_and_sketched_in_bf16(bf16, tmp_path
 def test_a_bf16_sketch_basis_warns_once_when_built_not_when_read_from_cache_or_used(
     bf16, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(operators, "native_bf16_matmul", lambda: False)
+    monkeypatch.setattr(cpu, "native_bf16_matmul", lambda: False)
     base, expert = ModelDir(bf16["base"]), ModelDir(bf16["p3"])
     with pytest.warns(RuntimeWarning, match=r"no bf16 dot-product instructions"):
         path = ensure_expert_basis(

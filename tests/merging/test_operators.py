@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
+from cqd_mpi import cpu
 from cqd_mpi.errors import ConfigError, WeightsError
-from cqd_mpi.merging import operators
+from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.operators import (
-    MutationSpec,
     aggregate_stream,
     crossover_stream,
     model_similarity,
     randomized_svd,
-    sample_crossover_weights,
-    softmax,
     tensor_generator,
 )
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
@@ -47,26 +43,6 @@ def dirs(models, *keys):
 
 def is_mutated_matrix(name, tensor, exclude=()):
     return tensor.ndim == 2 and not any(__import__("re").search(p, name) for p in exclude)
-
-
-def test_sample_crossover_weights_is_seeded_and_resamples_near_zero_sums():
-    assert sample_crossover_weights(np.random.default_rng(5)) == sample_crossover_weights(
-        np.random.default_rng(5)
-    )
-    w1, w2 = sample_crossover_weights(np.random.default_rng(5), 1.0, 0.03)
-    assert 0.8 < w1 < 1.2 and 0.8 < w2 < 1.2
-    rng, raw = np.random.default_rng(11), np.random.default_rng(11)
-    rejected = 0
-    for _ in range(100):
-        w1, w2 = sample_crossover_weights(rng, 0.0, 1e-6)
-        assert abs(w1 + w2) >= 1e-6
-        while True:
-            a, b = raw.normal(0.0, 1e-6, size=2)
-            if abs(a + b) >= 1e-6:
-                break
-            rejected += 1
-        assert (a, b) == (w1, w2)
-    assert rejected > 10
 
 
 def test_lerp_on_16_bit_tensors_is_float32_lerp_rounded_once():
@@ -358,45 +334,13 @@ def test_written_child_loads_with_transformers_and_gives_the_dense_logits(fp32, 
     torch.testing.assert_close(logits(out), logits(dense), rtol=0.02, atol=0.02)
 
 
-def test_mutation_spec_rejects_bad_values():
-    with pytest.raises(
-        ConfigError, match=r"mutation.kind: expected 'svd', 'gaussian' or 'none', got 'big'"
-    ):
-        MutationSpec(kind="big")
-    with pytest.raises(
-        ConfigError, match=r"mutation.basis: expected 'child' or 'expert', got 'parent'"
-    ):
-        MutationSpec(basis="parent")
-    for rank in (0, -3, "half", True, 2.5):
-        with pytest.raises(
-            ConfigError, match=r"mutation.rank: expected 'full' or a positive integer"
-        ):
-            MutationSpec(rank=rank)
-    with pytest.raises(ConfigError, match=r"mutation.w_max: expected a number >= 0, got -0.1"):
-        MutationSpec(w_max=-0.1)
-    with pytest.raises(ConfigError, match=r"mutation.sigma"):
-        MutationSpec(sigma=-1.0)
-    with pytest.raises(ConfigError, match=r"mutation.exclude: '\(' is not a valid regex"):
-        MutationSpec(exclude=("(",))
-    with pytest.raises(
-        ConfigError, match=r"mutation.sketch_dtype: expected 'float32' or 'bfloat16', got 'float16'"
-    ):
-        MutationSpec(sketch_dtype="float16")
-
-
-def test_a_low_precision_sketch_exists_only_for_a_truncated_svd():
-    assert MutationSpec(rank=4, sketch_dtype="bfloat16").sketch == torch.bfloat16
-    assert MutationSpec(rank="full", sketch_dtype="bfloat16").sketch is None
-    assert MutationSpec(rank=4).sketch is None
-
-
 @pytest.mark.parametrize("native", [False, True, None])
 @pytest.mark.parametrize("sketch_dtype", ["bfloat16", "float32"])
 def test_a_bf16_sketch_on_a_cpu_without_bf16_instructions_warns(
     bf16, monkeypatch, native, sketch_dtype
 ):
     """On a 2-core AVX2 host the bf16 sketch made a rank-64 merge 770 s instead of 19 s."""
-    monkeypatch.setattr(operators, "native_bf16_matmul", lambda: native)
+    monkeypatch.setattr(cpu, "native_bf16_matmul", lambda: native)
     base, p1, p2 = dirs(bf16, "base", "p1", "p2")
     mutation = MutationSpec(kind="svd", rank=3, sketch_dtype=sketch_dtype)
     slow = slow_sketch_warnings(base, p1, p2, mutation)
@@ -417,7 +361,7 @@ def slow_sketch_warnings(base, p1, p2, mutation):
 
 @pytest.mark.parametrize("kind", ["none", "gaussian"])
 def test_no_slow_sketch_warning_where_the_child_gets_no_randomized_svd(bf16, monkeypatch, kind):
-    monkeypatch.setattr(operators, "native_bf16_matmul", lambda: False)
+    monkeypatch.setattr(cpu, "native_bf16_matmul", lambda: False)
     base, p1, p2 = dirs(bf16, "base", "p1", "p2")
     mutation = MutationSpec(kind=kind, rank=3, sketch_dtype="bfloat16")
     assert mutation.sketch == torch.bfloat16
@@ -437,18 +381,6 @@ def test_crossover_rejects_bad_inputs(bf16, fp32):
         match=r"has shape .* BF16 in .*bf16-family\d*/base/model.safetensors but shape .* F32 in .*fp32",
     ):
         crossover_stream(base=base, parent1=p1, parent2=ModelDir(fp32["p2"]), w1=W1, w2=W2)
-
-
-def test_softmax():
-    assert softmax([0.0, 0.0]) == [0.5, 0.5]
-    betas = softmax([0.2, 0.5, 0.9], temperature=0.5)
-    expected = np.exp(np.array([0.2, 0.5, 0.9]) / 0.5)
-    np.testing.assert_allclose(betas, expected / expected.sum(), rtol=1e-12)
-    assert softmax([1000.0, 1000.0]) == [0.5, 0.5]
-    with pytest.raises(ConfigError, match=r"temperature: expected a number > 0"):
-        softmax([1.0], temperature=0.0)
-    with pytest.raises(ConfigError, match=r"scores must be finite"):
-        softmax([1.0, math.nan])
 
 
 @pytest.mark.parametrize("betas", [[0.2, 0.3, 0.5], [1 / 3] * 3, [0.7, 0.6, -0.1]])

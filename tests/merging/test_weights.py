@@ -20,7 +20,6 @@ from cqd_mpi.merging.weights import (
     TensorReader,
     TensorStream,
     check_compatible,
-    parse_size,
     write_hf_dir,
     write_safetensors,
 )
@@ -479,19 +478,6 @@ def test_write_safetensors_file_with_metadata(tmp_path):
     loaded = load_file(path)
     assert all(torch.equal(loaded[n], values[n]) for n in values)
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
-
-
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("500MB") == 5 * 10**8
-    assert parse_size("2GiB") == 2 * 2**30
-    assert parse_size(1234) == 1234
-    with pytest.raises(
-        WeightsError, match=r"shard size 'lots': expected bytes or a number with KB/MB/GB/TB"
-    ):
-        parse_size("lots")
-    with pytest.raises(WeightsError, match=r"must be positive"):
-        parse_size(0)
 
 
 def test_output_dir_is_readable_by_safetensors_and_keeps_permissions(models, tmp_path):

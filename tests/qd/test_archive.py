@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cqd_mpi.qd.archive import Archive, Bins, elite_weights, sample_parents
+from cqd_mpi.qd.archive import Archive, Bins
 
 
 def test_bins_index_clips_and_splits_evenly():
@@ -54,43 +54,3 @@ def test_elite_prefers_quality_then_most_recent():
     archive.offer(4, [0.7, 0.6, 0.1], stamp=3)
     assert archive.elite() == 4
     np.testing.assert_array_equal(np.sort(archive.members()), [1, 2, 3, 4])
-
-
-def test_elite_weights_match_formula():
-    scores = np.array([[0.2, 1.0], [0.6, 0.5], [1.0, 0.0]])
-    norm = np.array([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
-    gamma = np.prod(0.5 + norm * 0.3, axis=1)
-    np.testing.assert_allclose(elite_weights(scores, alpha_low=0.5, alpha_high=0.8), gamma / gamma.sum())
-
-
-def test_elite_weights_constant_task_contributes_constant():
-    scores = np.array([[0.3, 0.2], [0.3, 0.8]])
-    p = elite_weights(scores, alpha_low=0.5, alpha_high=0.8)
-    np.testing.assert_allclose(p, [0.5 / 1.3, 0.8 / 1.3])
-
-
-def test_sample_parents_distinct_and_weighted():
-    rng = np.random.default_rng(0)
-    members = np.array([10, 11, 12])
-    scores = np.array([[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]])
-    draws = [sample_parents(rng, members, scores, method="elite", alpha_low=0.5, alpha_high=0.8)
-             for _ in range(3000)]
-    assert all(a != b for a, b in draws)
-    counts = {m: sum(m in d for d in draws) for m in members}
-    assert counts[12] > counts[11] > counts[10]
-
-
-def test_sample_parents_single_member_is_both_parents():
-    rng = np.random.default_rng(0)
-    assert sample_parents(rng, np.array([5]), np.array([[0.1]]), method="random",
-                          alpha_low=0.5, alpha_high=0.8) == (5, 5)
-
-
-def test_sample_parents_random_is_uniform():
-    rng = np.random.default_rng(1)
-    members = np.array([1, 2, 3, 4])
-    scores = np.array([[0.0], [0.1], [0.9], [1.0]])
-    draws = [sample_parents(rng, members, scores, method="random", alpha_low=0.5, alpha_high=0.8)
-             for _ in range(4000)]
-    counts = np.array([sum(m in d for d in draws) for m in members])
-    assert np.all(np.abs(counts / 4000 - 0.5) < 0.05)

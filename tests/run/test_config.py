@@ -83,3 +83,14 @@ def test_differences_ignore_result_neutral_keys(good, tmp_path):
 @pytest.mark.parametrize(("text", "size"), [("5GB", 5 * 10**9), ("512MiB", 512 * 2**20), ("100", 100), (7, 7)])
 def test_parse_size(text, size):
     assert config_mod.parse_size(text) == size
+
+
+def test_parse_size_is_one_function_for_the_config_and_the_writer():
+    from cqd_mpi import schema
+    from cqd_mpi.merging import weights
+
+    assert config_mod.parse_size is schema.parse_size is weights.parse_size
+    with pytest.raises(ConfigError, match=r"max_shard_size: expected a size of at least 1 bytes, got 0"):
+        schema.parse_size(0, "max_shard_size", minimum=1)
+    with pytest.raises(ConfigError, match=r"runtime.retain_child_bytes: expected a size such as '5GB'"):
+        schema.parse_size("lots", "runtime.retain_child_bytes")

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from cqd_mpi.engines.hf import LiveModel
+from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
 from cqd_mpi.errors import TaskError
-from cqd_mpi.qd.cycleqd import make_splits
+from cqd_mpi.qd.records import make_splits
 from cqd_mpi.run.evaluation import combine, evaluate_chunks, make_chunks, shard
 from cqd_mpi.tasks.base import ItemResult, TaskContext
 from tests.runtime.probe_task import ProbeSettings, ProbeTask
@@ -14,7 +14,7 @@ def setup(tiny_family):
     tasks = {name: ProbeTask(name=name, data=None, settings=ProbeSettings(n_items=13, salt=name),
                              context=TaskContext()) for name in ("a", "b")}
     splits = make_splits({n: t.item_ids() for n, t in tasks.items()}, seed=0)
-    model = LiveModel(tiny_family["base"], device="cpu", batch_size=4)
+    model = TransformersEngine(tiny_family["base"], device="cpu", settings=TransformersSettings(batch_size=4))
     return tasks, splits, model
 
 

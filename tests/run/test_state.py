@@ -3,8 +3,14 @@ import numpy as np
 import pytest
 
 from cqd_mpi.errors import StateError
-from cqd_mpi.qd.cycleqd import CycleQD
-from cqd_mpi.run.state import SCHEMA_VERSION, HDF5Backend, MemoryBackend, read_state
+from cqd_mpi.run.state import (
+    SCHEMA_VERSION,
+    HDF5Backend,
+    MemoryBackend,
+    from_tree,
+    read_state,
+    to_tree,
+)
 from tests.qd.test_cycleqd import assert_trees_equal, fake_scores, make_core, run
 
 
@@ -29,11 +35,11 @@ def test_empty_backend_loads_none(backend):
 
 def test_reloaded_state_equals_original(backend):
     core = midway_core()
-    backend.save(core.state_dict(), attrs={"config": "qd: {}\n", "world_size": 3})
-    tree = backend.load()
+    backend.save(core, attrs={"config": "qd: {}\n", "world_size": 3})
+    tree = backend.load_tree()
     assert tree["attrs"]["schema_version"] == SCHEMA_VERSION
     assert tree["attrs"]["world_size"] == 3 and tree["attrs"]["config"] == "qd: {}\n"
-    expected = core.state_dict()
+    expected = to_tree(core)
     for key in ("schema_version", "package_version", "config", "world_size"):
         tree["attrs"].pop(key)
     assert_trees_equal(expected, tree)
@@ -41,8 +47,8 @@ def test_reloaded_state_equals_original(backend):
 
 def test_reloaded_core_continues_like_the_original_rng_included(backend):
     core = midway_core()
-    backend.save(core.state_dict())
-    restored = CycleQD.from_state_dict(backend.load())
+    backend.save(core)
+    restored = backend.load()
     while not core.done:
         a, b = core.ask(), restored.ask()
         assert a == b
@@ -50,25 +56,25 @@ def test_reloaded_core_continues_like_the_original_rng_included(backend):
         core.tell(a.model_id, scores)
         restored.tell(b.model_id, scores)
     assert restored.done
-    assert_trees_equal(core.state_dict(), restored.state_dict())
+    assert_trees_equal(to_tree(core), to_tree(restored))
 
 
 def test_saving_again_replaces_the_state(backend):
     core = midway_core()
-    backend.save(core.state_dict())
+    backend.save(core)
     run(core)
-    backend.save(core.state_dict())
-    assert backend.load()["attrs"]["phase"] == "done"
+    backend.save(core)
+    assert backend.load().phase == "done"
 
 
 def test_hdf5_keeps_previous_checkpoint_as_backup(tmp_path):
     backend = HDF5Backend(tmp_path / "state.h5")
     core = midway_core()
-    backend.save(core.state_dict())
+    backend.save(core)
     done_before = core.generations_done
     job = core.ask()
     core.tell(job.model_id, fake_scores(job.model_id))
-    backend.save(core.state_dict())
+    backend.save(core)
     assert read_state(tmp_path / "state.h5.bak")["attrs"]["generations_done"] == done_before
     assert read_state(tmp_path / "state.h5")["attrs"]["generations_done"] == core.generations_done
     assert not list(tmp_path.glob("*.tmp-*"))
@@ -78,13 +84,12 @@ def test_hdf5_keeps_previous_checkpoint_as_backup(tmp_path):
 def test_corrupt_state_falls_back_to_backup(tmp_path, damage, caplog):
     backend = HDF5Backend(tmp_path / "state.h5")
     core = midway_core()
-    backend.save(core.state_dict())
-    backend.save(core.state_dict())
+    backend.save(core)
+    backend.save(core)
     path = tmp_path / "state.h5"
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 100, "empty": b""}[damage])
-    tree = backend.load()
-    assert tree["attrs"]["generations_done"] == core.generations_done
+    assert backend.load().generations_done == core.generations_done
     assert "falling back" in caplog.text and "state.h5" in caplog.text
 
 
@@ -97,7 +102,7 @@ def test_corrupt_state_without_backup_is_a_clear_error(tmp_path):
 
 def test_other_schema_version_is_refused(tmp_path):
     path = tmp_path / "state.h5"
-    HDF5Backend(path, keep_backup=False).save(midway_core().state_dict())
+    HDF5Backend(path, keep_backup=False).save(midway_core())
     with h5py.File(path, "a") as f:
         f.attrs["schema_version"] = 0
     with pytest.raises(StateError, match=r"schema version 0; this cqd_mpi .* reads version 1"):
@@ -107,7 +112,7 @@ def test_other_schema_version_is_refused(tmp_path):
 def test_state_file_is_readable_with_plain_h5py(tmp_path):
     path = tmp_path / "state.h5"
     core = midway_core()
-    HDF5Backend(path).save(core.state_dict(), attrs={"config": "x: 1\n", "world_size": 1})
+    HDF5Backend(path).save(core, attrs={"config": "x: 1\n", "world_size": 1})
     with h5py.File(path, "r") as f:
         assert list(f.attrs["task_names"]) == list(core.task_names)
         assert f["models/scores"].shape == (len(core.models), 3)
@@ -117,3 +122,12 @@ def test_state_file_is_readable_with_plain_h5py(tmp_path):
         assert f["tasks/os"].attrs["n_bins"] == 5
         assert len(f["tasks/os/search_ids"]) + len(f["tasks/os/test_ids"]) == 10
         assert f["history/qd_score"].shape == (core.generations_done, 3)
+
+
+def test_tree_roundtrip_continues_identically():
+    original = make_core(pipeline_depth=1)
+    run(original, stop_after=9)
+    restored = from_tree(to_tree(original))
+    run(original)
+    run(restored)
+    assert_trees_equal(to_tree(original), to_tree(restored))

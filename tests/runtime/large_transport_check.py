@@ -14,12 +14,15 @@ from cqd_mpi.runtime.transport import ModelBroadcast, byte_view
 
 
 class Slots:
-    """The part of a live model the transport touches: one tensor per name."""
+    """The part of an engine the transport touches: one receive buffer per name."""
 
     def __init__(self, tensors):
         self.tensors = tensors
 
-    def live_tensor(self, name):
+    def required_names(self):
+        return list(self.tensors)
+
+    def receive_buffer(self, name):
         return self.tensors[name]
 
 

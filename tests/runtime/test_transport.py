@@ -47,7 +47,7 @@ def test_every_worker_ends_with_the_sent_weights(bf16_pair, source, live_dtype, 
     if chunk % 8:
         chunk += 8 - chunk % 8
     env = subprocess_env(**({"CQD_MPI_RANKS_PER_NODE": ranks_per_node} if ranks_per_node else {}))
-    result = run_command(["mpiexec", "-n", "3", sys.executable, str(CHECK), str(bf16_pair[source]),
+    result = run_command(["mpiexec", "-n", "3", sys.executable, "-m", "mpi4py", str(CHECK), str(bf16_pair[source]),
                           str(bf16_pair["live"]), live_dtype, str(chunk), device], env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transport ok on 3 ranks" in result.stdout
@@ -60,7 +60,7 @@ def test_a_tensor_of_more_than_2_31_bytes_arrives_whole():
     elements = 2**30 + 2**19 + 3
     assert elements * 2 > 2**31
     env = subprocess_env(CQD_MPI_RANKS_PER_NODE="2")
-    result = run_command(["mpiexec", "-n", "3", sys.executable, str(LARGE_CHECK), str(elements)],
+    result = run_command(["mpiexec", "-n", "3", sys.executable, "-m", "mpi4py", str(LARGE_CHECK), str(elements)],
                          env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "large transport ok on 3 ranks" in result.stdout

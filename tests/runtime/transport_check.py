@@ -10,7 +10,7 @@ import sys
 import torch
 from mpi4py import MPI
 
-from cqd_mpi.engines.hf import LiveModel
+from cqd_mpi.engines.hf import TransformersEngine
 from cqd_mpi.merging.weights import ModelDir
 from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs
 
@@ -20,14 +20,14 @@ comm = MPI.COMM_WORLD
 source = ModelDir(source_dir)
 specs = wire_specs(source.layout())
 broadcast = ModelBroadcast(comm, chunk_bytes=chunk)
-live = None if comm.rank == 0 else LiveModel(live_dir, device=device, dtype=live_dtype)
+live = None if comm.rank == 0 else TransformersEngine(live_dir, device=device, dtype=live_dtype)
 for _ in range(2):
     if comm.rank == 0:
         broadcast.send(source.tensors())
     else:
         broadcast.receive(live, specs)
         for name, tensor in source.tensors():
-            got = live.live_tensor(name)
+            got = live.receive_buffer(name)
             assert got.dtype == getattr(torch, live_dtype), (name, got.dtype)
             assert got.device.type == device, (name, got.device)
             assert torch.equal(got.cpu(), tensor.to(got.dtype)), f"rank {comm.rank}: {name} differs"

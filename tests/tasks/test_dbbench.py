@@ -1,6 +1,6 @@
 """AgentBench's DB task: its protocol, metric and isolation, with scripted policies on a real server.
 
-The policies below stand in for a model (they answer `chat` like LiveModel does); the MySQL
+The policies below stand in for a model (they answer `chat` like TransformersEngine does); the MySQL
 server is always real: CQD_TEST_MYSQL_DSN, default mysql://root@127.0.0.1:3306. The data is
 AgentBench's dbbench dev.jsonl (tests/fixtures/dbbench/dev.jsonl, unchanged): items 0-19 are
 SELECT-style, 20-39 INSERT, 40-59 UPDATE.
@@ -496,10 +496,10 @@ def test_several_worker_processes_share_one_server():
 
 @pytest.mark.slow
 def test_a_tiny_transformers_llama_runs_through_the_task(tmp_path):
-    from cqd_mpi.engines.hf import LiveModel
+    from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
     from cqd_mpi.engines.tiny import build_tiny_llama
 
-    model = LiveModel(build_tiny_llama(tmp_path / "tiny", seed=0), device="cpu", chat_template="instruction-response")
+    model = TransformersEngine(build_tiny_llama(tmp_path / "tiny", seed=0), device="cpu", settings=TransformersSettings(chat_template="instruction-response"))
     with make_task(max_new_tokens=8) as task:
         results = task.evaluate(model, ["0", "20", "40"])
         assert [r.item_id for r in results] == ["0", "20", "40"]

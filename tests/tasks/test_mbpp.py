@@ -342,11 +342,11 @@ def test_check_backends_reports_data_and_sandbox(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_engine(tmp_path_factory):
-    from cqd_mpi.engines.hf import LiveModel
+    from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
     from cqd_mpi.engines.tiny import build_tiny_llama
 
     model_dir = build_tiny_llama(tmp_path_factory.mktemp("mbpp-llama") / "m", seed=11)
-    return LiveModel(model_dir, device="cpu", chat_template="instruction-response", batch_size=2)
+    return TransformersEngine(model_dir, device="cpu", settings=TransformersSettings(chat_template="instruction-response", batch_size=2))
 
 
 def test_evaluate_with_a_real_model_and_sandbox(tiny_engine):

@@ -117,14 +117,14 @@ def trained_models(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("skill", ["reverse", "sort"])
 def test_scores_of_a_real_model_match_one_by_one_greedy_decoding(trained_models, skill):
-    """Batched, left-padded scoring through LiveModel equals decoding each prompt alone."""
+    """Batched, left-padded scoring through TransformersEngine equals decoding each prompt alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cqd_mpi.engines.hf import LiveModel
+    from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
 
     recipe, expert = trained_models.recipe, trained_models.experts[skill]
     task = make_task(**recipe.task_settings(skill))
-    results = task.evaluate(LiveModel(expert, device="cpu", batch_size=64), task.item_ids())
+    results = task.evaluate(TransformersEngine(expert, device="cpu", settings=TransformersSettings(batch_size=64)), task.item_ids())
 
     model = AutoModelForCausalLM.from_pretrained(expert)
     tokenizer = AutoTokenizer.from_pretrained(expert)

@@ -1,0 +1,132 @@
+"""The model contract: what the runtime and the tasks need from a live model.
+
+An engine holds one model on its process's device for the whole run; every model the
+conductor sends replaces that model's weights in place, so the engine is built once.
+
+The runtime's side, which every engine has:
+
+- `required_names()`: the checkpoint tensor names a complete update must include;
+- `load_weights(tensors)`: take `(name, tensor)` pairs, one at a time, in the checkpoint's
+  own names (an engine that fuses or shards weights, as vLLM does, maps them itself);
+  the stream is never materialised, so memory stays bounded by one tensor;
+- `receive_buffer(name)`: optionally, a tensor whose storage the `mpi` transport may write
+  `name`'s bytes into directly (zero-copy); engines without one get `load_weights`;
+- `finish_update()`: called once after every complete update (synchronise a device,
+  reset a prefix cache).
+
+The tasks' side are capabilities: abstract mixins naming the calls a task makes. An engine
+has a capability by subclassing it, and a task says which one it needs (`Task.requires`),
+so a config that pairs them wrongly is refused when it is loaded.
+
+To add an engine, write one module with a subclass of `Engine` and of the capabilities it
+provides, with a `kind` and a `Settings` dataclass (the keys of `engine.settings:` in the
+config, checked by cqd_mpi.schema), and name it in the config as
+``engine: {kind: package.module:ClassName}``. tests/engines/plugin_engine.py is one.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from cqd_mpi.schema import NoSettings
+
+if TYPE_CHECKING:
+    import torch
+
+NamedTensors = Iterable[tuple[str, "torch.Tensor"]]
+
+
+class Capability(abc.ABC):
+    """A family of calls that tasks make on a live model."""
+
+    capability: ClassVar[str]
+
+
+class TextGeneration(Capability):
+    """Greedy text generation: completions of prompts, and replies to chat conversations.
+
+    Both are batched; an item's output must not depend on which other items share its
+    batch. Generation stops at the model's end-of-sequence token or `max_new_tokens`, and
+    the text is cut before the earliest stop string (`cut_at_stop`), so every engine
+    returns the same text for the same tokens.
+    """
+
+    capability = "text generation"
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+        """Greedy completions of `prompts` (the tokenizer adds its special tokens, e.g. BOS)."""
+
+    @abc.abstractmethod
+    def chat(self, conversations: Sequence[list[dict[str, str]]], *, max_new_tokens: int,
+             stop: Sequence[str] = ()) -> list[str]:
+        """Greedy replies to `conversations` rendered with the chat template; a conversation
+        that ends with an assistant message is continued from that message's text."""
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cut = len(text)
+    for marker in stop:
+        if marker:
+            index = text.find(marker)
+            if 0 <= index < cut:
+                cut = index
+    return text[:cut]
+
+
+class Engine(abc.ABC):
+    """One live model on this process's device whose weights are replaced per child.
+
+    Built as ``cls(model_dir, device=..., dtype=..., settings=cls.Settings(...))``:
+    `model_dir` is the base model's Hugging Face directory, `device` and `dtype` come from
+    the config's `engine.device` / `engine.dtype` ("auto" lets the engine choose).
+    """
+
+    kind: ClassVar[str] = ""
+    Settings: ClassVar[type] = NoSettings
+
+    @abc.abstractmethod
+    def required_names(self) -> list[str]:
+        """Checkpoint tensor names that every update must include."""
+
+    @abc.abstractmethod
+    def load_weights(self, tensors: NamedTensors) -> int:
+        """Copy each `(name, tensor)` into the live model, one tensor at a time; returns how many."""
+
+    def receive_buffer(self, name: str) -> torch.Tensor | None:
+        """A tensor the transport may write `name`'s bytes into in place, or None."""
+        return None
+
+    def finish_update(self) -> None:
+        """Called once after every complete update, whichever way the tensors came."""
+
+    def update(self, tensors: NamedTensors) -> int:
+        """A complete update from a stream: `load_weights`, then `finish_update`."""
+        count = self.load_weights(tensors)
+        self.finish_update()
+        return count
+
+    def update_from_dir(self, path: str | os.PathLike) -> int:
+        """A complete update from the Hugging Face dir `path`."""
+        from cqd_mpi.merging.weights import ModelDir
+
+        return self.update(ModelDir(path).tensors())
+
+    def describe(self) -> str:
+        """One line for logs and `doctor`."""
+        return f"{type(self).__name__} ({self.kind or type(self).__module__})"
+
+    def close(self) -> None:
+        """Release the device and any engine processes."""
+
+
+def capabilities(engine: type[Engine] | Engine) -> list[str]:
+    """The capability names an engine class provides, in its method resolution order."""
+    cls = engine if isinstance(engine, type) else type(engine)
+    return [c.capability for c in cls.__mro__
+            if isinstance(c, type) and issubclass(c, Capability) and c is not Capability and "capability" in vars(c)]
+
