@@ -354,6 +354,31 @@ def test_write_single_file_round_trip_copies_config_and_tokenizer(models, tmp_pa
     assert not [p for p in tmp_path.iterdir() if p.name != "out"]
 
 
+def test_written_models_keep_every_non_weight_file_of_the_base(models, tmp_path):
+    """A processor config (SAM), a chat template, a README travel with every child; weights of
+    other formats, hidden files and sub-directories do not."""
+    import shutil
+
+    source = tmp_path / "base"
+    shutil.copytree(models["base"], source)
+    extras = {"preprocessor_config.json": '{"do_resize": true}', "chat_template.jinja": "{{ messages }}",
+              "README.md": "# base\n", "special_tokens_map.json": "{}"}
+    for name, text in extras.items():
+        (source / name).write_text(text)
+    for name in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", ".hidden", "model.safetensors.index.json.bak"):
+        (source / name).write_bytes(b"x")
+    (source / "original").mkdir()
+    (source / "original" / "consolidated.00.pth").write_bytes(b"x")
+    base = ModelDir(source)
+    out = write_hf_dir(base.tensors(), tmp_path / "out", like=base)
+    for name, text in extras.items():
+        assert (out / name).read_text() == text, name
+    assert not (out / "pytorch_model.bin").exists() and not (out / "tf_model.h5").exists()
+    assert not (out / "flax_model.msgpack").exists() and not (out / ".hidden").exists()
+    assert not (out / "original").exists()
+    assert (out / "model.safetensors.index.json.bak").exists()
+
+
 def test_write_sharded_like_transformers(models, tmp_path):
     base = ModelDir(models["base"])
     out = write_hf_dir(base.tensors(), tmp_path / "out", like=base, max_shard_size="10KB")
