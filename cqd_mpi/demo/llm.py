@@ -311,5 +311,5 @@ def demo_config(models: DemoModels, *, run_dir: str | os.PathLike = "cqd-demo", 
             "search_fraction": 0.5,
         },
         "runtime": {"run_dir": str(run_dir), "seed": seed, "threads": 1},
-        "engine": {"device": "cpu", "dtype": "float32", "batch_size": recipe.n_items},
+        "engine": {"device": "cpu", "dtype": "float32", "settings": {"batch_size": recipe.n_items}},
     }
