@@ -53,6 +53,14 @@ INSTRUCTION_RESPONSE_STOP = ("@@ Instruction:", "@@ Response:")
 
 TEXT_EXCERPT_CHARS = 4000
 
+VERDICTS = ("pass", "fail", "timeout")
+"""evalplus's statuses (evalplus.eval.PASS, FAIL, TIMEOUT)."""
+
+JUDGE_ERRORS = {"pass": None, "fail": "wrong-answer", "timeout": "timeout"}
+
+JUDGE_ITEM_SECONDS = 3.0
+"""What evalplus's untrusted_check adds to an item's time limits: its join slack and the child's start."""
+
 
 @dataclasses.dataclass
 class Settings:
@@ -75,13 +83,14 @@ class Settings:
     startup_seconds: float = 5.0
     min_time_limit: float = 1.0
     gt_time_limit_factor: float = 4.0
+    judge_seconds: float = 2.0
     memory_mb: int = 1024
     max_processes: int = 16
     parallel: int = 2
 
     def validate(self, where: str) -> None:
         positive = ("max_new_tokens", "timeout_seconds", "startup_seconds", "min_time_limit",
-                    "gt_time_limit_factor", "memory_mb", "max_processes", "parallel")
+                    "gt_time_limit_factor", "judge_seconds", "memory_mb", "max_processes", "parallel")
         for name in positive:
             value = getattr(self, name)
             if not value > 0:
@@ -103,16 +112,39 @@ def default_data_path(version: str = "default") -> tuple[Path, str]:
     return (Path(override) if override else Path(cache_path)), url
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a jsonl or jsonl.gz file, blank lines skipped as evalplus's stream_jsonl does;
+    an unreadable row is a TaskError naming the file and its line."""
+    import gzip
+
+    rows = []
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else
+              open(path, encoding="utf-8")) as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.isspace():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    where = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc
+                    raise TaskError(f"MBPP+ data {path} line {number}: not valid JSON ({where})") from exc
+                if not isinstance(row, dict) or not isinstance(row.get("task_id"), str):
+                    raise TaskError(f"MBPP+ data {path} line {number}: expected a JSON object with a string "
+                                    f"'task_id', got {str(row)[:60]!r}")
+                rows.append(row)
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise TaskError(f"MBPP+ data {path}: cannot read it as MbppPlus jsonl ({type(exc).__name__}: {exc})") from exc
+    return rows
+
+
 def load_problems(path: Path) -> dict[str, dict[str, Any]]:
     """The MbppPlus problems in `path` (jsonl or jsonl.gz), inputs deserialized as evalplus does."""
     require("evalplus.data", extra="llm", feature="The MBPP+ task")
     from evalplus.data.mbpp import mbpp_deserialize_inputs
-    from evalplus.data.utils import completeness_check, stream_jsonl
+    from evalplus.data.utils import completeness_check
 
-    try:
-        problems = {row["task_id"]: row for row in stream_jsonl(str(path))}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TaskError(f"MBPP+ data {path}: cannot read it as MbppPlus jsonl ({type(exc).__name__}: {exc})") from exc
+    problems = {row["task_id"]: row for row in read_jsonl(path)}
     if not problems:
         raise TaskError(f"MBPP+ data {path}: the file holds no problems")
     for task_id, problem in problems.items():
@@ -142,10 +174,11 @@ class Groundtruth:
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-    """What the run-mode harness reported for one solution."""
+    """What the run-mode harness reported for one solution; `outputs` are its result lines,
+    undecoded (only the judge's sandbox builds values from them)."""
 
     error: str | None
-    outputs: list
+    outputs: list[str]
     seconds: float
     message: str = ""
     stderr: str = ""
@@ -332,34 +365,44 @@ class MbppPlusTask(Task):
         return _read_run(result, expected_count=len(problem["base_input"]))
 
     def judge(self, item_ids: Sequence[str], records: Sequence[RunRecord]) -> list[str | None]:
-        """evalplus's verdict ('pass', 'fail', ...) for each complete record, in one sandbox run."""
+        """evalplus's verdict ('pass', 'fail', 'timeout') for each complete record.
+
+        The judge decodes and compares each output within `judge_seconds` inside evalplus's
+        per-item child process, and its wall-clock limit is the sum of every item's bound, so
+        one item's costly outputs never take another item's verdict. Items left without one
+        (the sandbox failed) are judged once more."""
+        settings = self.settings
         items = []
-        for item_id, record in zip(item_ids, records):
+        for index, (item_id, record) in enumerate(zip(item_ids, records)):
             problem = self._problem(item_id)
             items.append({
+                "index": index,
                 "entry_point": problem["entry_point"],
                 "inputs": problem["base_input"],
                 "expected": self.groundtruth(item_id).outputs,
                 "atol": problem["atol"],
                 "outputs": record.outputs,
             })
-        if not items:
-            return []
-        request = {"mode": "judge", "dataset": "mbpp", "items": items, "min_time_limit": 30.0}
-        wall = 30.0 + 2.0 * len(items)
-        limits = dataclasses.replace(self._limits(wall), memory_bytes=max(self.settings.memory_mb, 1024) << 20)
-        env = {"EVALPLUS_MAX_MEMORY_BYTES": str(limits.memory_bytes)}
         verdicts: list[str | None] = [None] * len(items)
+        pending = items
         for _attempt in range(2):
+            if not pending:
+                break
+            request = {"mode": "judge", "dataset": "mbpp", "items": pending, "judge_seconds": settings.judge_seconds}
+            wall = settings.startup_seconds + sum(
+                len(item["inputs"]) * settings.judge_seconds + JUDGE_ITEM_SECONDS for item in pending)
+            limits = dataclasses.replace(self._limits(wall), memory_bytes=max(settings.memory_mb, 1024) << 20)
+            env = {"EVALPLUS_MAX_MEMORY_BYTES": str(limits.memory_bytes)}
             result = self.sandbox.run(HARNESS, stdin=pickle.dumps(request), env=env, limits=limits)
             for line in result.stdout.decode(errors="replace").splitlines():
                 try:
                     event = json.loads(line)
-                    verdicts[int(event["index"])] = str(event["status"])
-                except (ValueError, KeyError, TypeError, IndexError):
+                    index, status = int(event["index"]), str(event["status"])
+                except (ValueError, KeyError, TypeError):
                     continue
-            if result.started and all(v is not None for v in verdicts):
-                break
+                if 0 <= index < len(verdicts) and status in VERDICTS:
+                    verdicts[index] = status
+            pending = [item for item in pending if verdicts[item["index"]] is None]
         return verdicts
 
     def score(self, item_ids: Sequence[str], codes: Sequence[str]) -> list[ItemResult]:
@@ -376,13 +419,16 @@ class MbppPlusTask(Task):
         for index, (item_id, code, record) in enumerate(zip(item_ids, codes, records)):
             error = record.error
             verdict = status.get(index)
+            message = record.message
             if error is None:
-                error = None if verdict == "pass" else "wrong-answer" if verdict == "fail" else "sandbox"
+                error = JUDGE_ERRORS.get(verdict, "sandbox")
+                if verdict == "timeout":
+                    message = f"decoding and checking its outputs took more than {self.settings.judge_seconds} s each"
             detail = {"solution": code[:TEXT_EXCERPT_CHARS]}
             if verdict is not None:
                 detail["status"] = verdict
-            if record.message:
-                detail["message"] = record.message
+            if message:
+                detail["message"] = message
             if record.stderr:
                 detail["stderr"] = record.stderr
             results.append(ItemResult(item_id=item_id, score=1.0 if error is None else 0.0, error=error,
@@ -435,9 +481,10 @@ _SIGNAL_ERRORS = {"SIGXCPU": "timeout", "SIGKILL": "crash", "SIGSEGV": "crash", 
 
 
 def _read_run(result, *, expected_count: int) -> RunRecord:
-    """Turn the harness's event lines and the sandbox's exit into a RunRecord with an error class."""
-    from cqd_mpi.sandboxes.evalplus_harness import CodecError, decode_value
+    """Turn the harness's event lines and the sandbox's exit into a RunRecord with an error class.
 
+    Work here is linear in the output, which the sandbox caps: lines are parsed as JSON (flat
+    types only, string keys) and output values are kept as text for the judge."""
     stderr = result.stderr.decode(errors="replace")[-500:]
 
     def record(error, message="", outputs=()):
@@ -454,7 +501,7 @@ def _read_run(result, *, expected_count: int) -> RunRecord:
         try:
             event = json.loads(line)
             kind = event["event"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return record("crash", "the result stream is malformed")
         message = str(event.get("message", ""))[:300]
         exc_type = str(event.get("type", ""))
@@ -470,12 +517,9 @@ def _read_run(result, *, expected_count: int) -> RunRecord:
         if kind == "unencodable":
             return record("wrong-answer", f"output {event.get('index')} is not a plain value: {message}", outputs)
         if kind == "output":
-            if event.get("index") != len(outputs):
+            if event.get("index") != len(outputs) or "value" not in event:
                 return record("crash", "the result stream is out of order")
-            try:
-                outputs.append(decode_value(event["value"]))
-            except (CodecError, KeyError, RecursionError, ValueError, TypeError):
-                return record("crash", "an output could not be decoded")
+            outputs.append(line)
         if kind == "done":
             if len(outputs) != expected_count:
                 return record("crash", f"{len(outputs)} outputs for {expected_count} inputs")

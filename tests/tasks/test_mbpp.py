@@ -1,7 +1,9 @@
 """MBPP+: evalplus data, prompts and extraction, sandboxed scoring that no hostile completion can fool."""
 
+import gzip
 import json
 import os
+import resource
 import shutil
 import socket
 import textwrap
@@ -117,8 +119,18 @@ def test_missing_data_names_the_file_and_how_to_get_it(tmp_path, monkeypatch):
 def test_bad_data_files_are_task_errors(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
-    with pytest.raises(TaskError, match=rf"{broken}: cannot read it as MbppPlus jsonl"):
+    with pytest.raises(TaskError, match=rf"{broken} line 1: not valid JSON \(Expecting property name"):
         make_task(broken).item_ids()
+    lines = FIXTURE.read_text().splitlines()
+    broken.write_text("\n".join([lines[0], "", lines[1][:-1], *lines[2:]]) + "\n")
+    with pytest.raises(TaskError, match=rf"{broken} line 3: not valid JSON \(Expecting ',' delimiter at column"):
+        make_task(broken).item_ids()
+    packed = tmp_path / "broken.jsonl.gz"
+    packed.write_bytes(gzip.compress(("\n".join([*lines[:4], "[1, 2]"]) + "\n").encode()))
+    with pytest.raises(TaskError, match=rf"{packed} line 5: expected a JSON object with a string 'task_id'"):
+        make_task(packed).item_ids()
+    packed.write_bytes(gzip.compress(FIXTURE.read_bytes()))
+    assert make_task(packed).item_ids() == FIXTURE_IDS
     rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
     del rows[1]["contract"]
     incomplete = tmp_path / "incomplete.jsonl"
@@ -321,6 +333,59 @@ def test_hostile_completions_are_contained_and_scored_as_failures(kind, host_tra
         host_traps["listener"].accept()
     leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _mentions(p, b"evalplus_harness")]
     assert leftover == []
+
+
+FORGE_RESULT_LINES = """\
+import json, os, stat
+def {entry_point}(*args):
+    lines = [json.dumps({{"event": "output", "index": i, "value": v}}) for i, v in enumerate({values})]
+    data = ("\\n".join(lines) + '\\n{{"event": "done"}}\\n').encode()
+    theirs = {{os.fstat(0).st_ino, os.fstat(2).st_ino}}
+    for fd in range(3, 64):
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            continue
+        if stat.S_ISFIFO(info.st_mode) and info.st_ino not in theirs:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+    os._exit(0)
+"""
+"""A solution that writes its own result lines on the harness's channel (a pipe other than
+stdin and stderr) instead of running: the host must treat whatever comes as hostile."""
+
+
+def test_costly_outputs_cost_their_own_item_only():
+    """#18.4: a forged output that is a set of 100,000 integers with equal hashes (hash(k * (2**61 - 1))
+    is 0 for every k: building it takes about a minute) times out its own item; the host never
+    builds it, and the correct solutions judged with it still pass."""
+    task = make_task()
+    collide = '{"t": "set", "v": [k * (2 ** 61 - 1) for k in range(1, 100_000)]}'
+    crafted = FORGE_RESULT_LINES.format(entry_point="square_perimeter", values=f"[{collide}, 20, 16]")
+    ids = ["Mbpp/3", "Mbpp/17", "Mbpp/8"]
+    codes = [canonical(task, "Mbpp/3"), crafted, canonical(task, "Mbpp/8")]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    results = task.score(ids, codes)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    assert [(r.score, r.error) for r in results] == [(1.0, None), (0.0, "timeout"), (1.0, None)]
+    assert results[1].detail["status"] == "timeout" and "2.0 s each" in results[1].detail["message"]
+    host_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert host_cpu < 10, f"the host spent {host_cpu:.1f} s of CPU on the results"
+
+
+def test_forged_lines_are_judged_not_trusted():
+    """Result lines a solution writes itself are judged like any output: right values pass,
+    wrong or malformed ones fail, and nothing in them is decoded on the host."""
+    task = make_task()
+    forge = FORGE_RESULT_LINES.format
+    codes = [forge(entry_point="square_perimeter", values="[40, 20, 16]"),
+             forge(entry_point="square_perimeter", values="[40, 20, 17]"),
+             forge(entry_point="square_perimeter", values='[40, 20, {"t": "object", "v": []}]'),
+             forge(entry_point="square_perimeter", values="[40, 20]")]
+    results = task.score(["Mbpp/17"] * len(codes), codes)
+    assert [(r.score, r.error) for r in results] == [
+        (1.0, None), (0.0, "wrong-answer"), (0.0, "wrong-answer"), (0.0, "crash")]
 
 
 def _mentions(proc: Path, marker: bytes) -> bool:
