@@ -58,7 +58,7 @@ EVALPLUS_EOS = ["<|endoftext|>", "<|endofmask|>", "</s>", "\nif __name__", "\nde
 """evalplus's stop strings for every model (provider/utility.py:3-10)."""
 
 EVALPLUS_CHAT_STOP = [*EVALPLUS_EOS, "\n```\n"]
-"""...and for a model with a chat template (provider/hf.py:85-86, provider/vllm.py:185-186)."""
+"""...and for a model with a chat template (provider/hf.py:38-41, provider/vllm.py:33-36)."""
 
 MBPP_PLUS_PROBLEMS = {"v0.1.0": 399, "v0.2.0": 378}
 """Problems in each MbppPlus release: v0.1.0 is the paper's count; evalplus 0.3.1 loads v0.2.0."""

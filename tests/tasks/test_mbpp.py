@@ -258,7 +258,7 @@ def test_evalplus_oracles_decide_the_verdict():
 
 
 def test_plus_tests_run_after_the_base_tests():
-    """tests 'base+plus' (evalplus's MBPP+: evaluate.py:306-313 counts a pass only when the base
+    """tests 'base+plus' (evalplus's MBPP+: evaluate.py:303-314 counts a pass only when the base
     and the plus check pass) against 'base' (the authors' mbpp_base_pass@1, tasks/mbpp.py:86)."""
     base_only = "def is_not_prime(n):\n    return n in (1, 10, 35)"
     honest = "def is_not_prime(n):\n    return n < 2 or any(n % k == 0 for k in range(2, int(n ** 0.5) + 1))"

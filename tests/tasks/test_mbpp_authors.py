@@ -83,7 +83,7 @@ def test_each_protocol_gives_its_own_reference_verdict_on_the_edge_cases():
     """The authors' text sanitizer and evalplus's tree-sitter one disagree on most edge cases;
     each preset reproduces its own reference's verdict (evalplus: sanitize.py keeps any function
     with a return statement, its dependencies and top-level assignments; codegen turns tabs
-    into four spaces, provider/hf.py:149)."""
+    into four spaces, provider/hf.py:104 and vllm.py:68)."""
     ids = ["Mbpp/17"] * len(EDGE_CASES)
     for protocol, column in (("paper", 3), ("reference", 4)):
         task = make_task(protocol=protocol, min_time_limit=0.5)
