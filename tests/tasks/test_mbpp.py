@@ -398,7 +398,7 @@ def test_costly_outputs_cost_their_own_item_only():
     """#18.4: a forged output that is a set of 100,000 integers with equal hashes (hash(k * (2**61 - 1))
     is 0 for every k: building it takes about a minute) times out its own item; the host never
     builds it, and the correct solutions judged with it still pass."""
-    task = make_task()
+    task = make_task(judge_seconds=0.5)
     collide = '{"t": "set", "v": [k * (2 ** 61 - 1) for k in range(1, 100_000)]}'
     crafted = FORGE_RESULT_LINES.format(entry_point="square_perimeter", values=f"[{collide}, 20, 16]")
     ids = ["Mbpp/3", "Mbpp/17", "Mbpp/8"]
@@ -407,7 +407,7 @@ def test_costly_outputs_cost_their_own_item_only():
     results = task.score(ids, codes)
     after = resource.getrusage(resource.RUSAGE_SELF)
     assert [(r.score, r.error) for r in results] == [(1.0, None), (0.0, "timeout"), (1.0, None)]
-    assert results[1].detail["status"] == "timeout" and "2.0 s each" in results[1].detail["message"]
+    assert results[1].detail["status"] == "timeout" and "0.5 s each" in results[1].detail["message"]
     host_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert host_cpu < 10, f"the host spent {host_cpu:.1f} s of CPU on the results"
 
