@@ -105,7 +105,8 @@ EXCERPT_CHARS = 2000
 class Settings:
     """`settings:` of a dbbench task in the config.
 
-    max_rounds: SQL executions allowed before the final answer (AgentBench v0.2's default, 5).
+    max_rounds: SQL executions allowed before the final answer (AgentBench v0.2's code default, 5;
+    its dbbench config runs 15).
     max_new_tokens: per reply (AgentBench's agents use 512, greedy).
     statement_seconds: time limit of one statement. parallel: threads that set up databases
     and run one round's statements of a batch. item_ids: a subset of the file's items, or the
