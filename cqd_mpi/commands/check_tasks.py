@@ -29,7 +29,8 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="cqd-check-") as scratch:
         tasks = build_tasks(config, work_root=Path(scratch))
         incomplete = False
-        print(f"{'task':<16}{'kind':<12}{'items':>7}{'ceiling':>9}{'errors':>8}{'seconds':>9}")
+        protocol = {t.name: t.protocol or "-" for t in config.tasks}
+        print(f"{'task':<16}{'kind':<12}{'protocol':<11}{'items':>7}{'ceiling':>9}{'errors':>8}{'seconds':>9}")
         try:
             for name, task in tasks.items():
                 if args.task and name not in args.task:
@@ -40,7 +41,7 @@ def run(args) -> int:
                 seconds = time.perf_counter() - start
                 ceiling = task.metric(results)
                 errors = sum(r.error is not None for r in results)
-                print(f"{name:<16}{task.kind:<12}{len(ids):>7}{ceiling:>9.3f}{errors:>8}{seconds:>9.1f}")
+                print(f"{name:<16}{task.kind:<12}{protocol[name]:<11}{len(ids):>7}{ceiling:>9.3f}{errors:>8}{seconds:>9.1f}")
                 failing = [r for r in results if r.score < 1.0][: args.show_failures]
                 for r in failing:
                     print(f"    {r.item_id}: score {r.score:.2f} error={r.error} {r.detail.get('message', '')}"[:200])

@@ -18,6 +18,7 @@ from cqd_mpi import schema
 from cqd_mpi.errors import ConfigError
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.schema import parse_size
+from cqd_mpi.tasks import protocols
 
 log = logging.getLogger("cqd_mpi.run.config")
 
@@ -45,9 +46,13 @@ class BinsConfig:
 
 @dataclasses.dataclass
 class TaskConfig:
+    """One task. `protocol` names a preset of the kind's settings (tasks/protocols.py; null: the
+    config's `protocol`); loading resolves it into `settings`, as the frozen config records."""
+
     name: str
     kind: str
     data: str | None = None
+    protocol: str | None = None
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     bins: Literal["auto"] | BinsConfig = "auto"
     batch_size: int = 16
@@ -138,8 +143,11 @@ class Config:
     qd: QDConfig
     runtime: RuntimeConfig
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    protocol: str = protocols.DEFAULT
+    """The evaluation protocol of tasks that name none: 'paper' or 'reference' (docs/protocols.md)."""
 
     def validate(self, where: str) -> None:
+        protocols.check_default(self.protocol)
         names = [t.name for t in self.tasks]
         if not names:
             raise ConfigError("tasks: expected at least one task, got none")
@@ -207,6 +215,9 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True) ->
         task.data = _resolve(task.data, root)
         if check_files and task.data is not None and not Path(task.data).exists():
             raise ConfigError(f"tasks[{i}].data: file {task.data} does not exist")
+        task.protocol, task.settings = protocols.resolve(
+            task_class_of(task, f"tasks[{i}]"), name=task.protocol, default=config.protocol,
+            settings=task.settings, where=f"tasks[{i}]")
         task_settings(task, f"tasks[{i}]")
         check_capability(task, engine, f"tasks[{i}]")
     if check_files:
@@ -216,12 +227,15 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True) ->
     return config
 
 
-def task_settings(task: TaskConfig, where: str = "task"):
-    """The task kind's Settings dataclass built from `task.settings`, checked key by key."""
+def task_class_of(task: TaskConfig, where: str = "task"):
     from cqd_mpi.tasks import task_class
 
-    cls = task_class(task.kind, f"{where}.kind")
-    return schema.build(cls.Settings, task.settings, f"{where}.settings")
+    return task_class(task.kind, f"{where}.kind")
+
+
+def task_settings(task: TaskConfig, where: str = "task"):
+    """The task kind's Settings dataclass built from `task.settings`, checked key by key."""
+    return schema.build(task_class_of(task, where).Settings, task.settings, f"{where}.settings")
 
 
 def engine_class(engine: EngineConfig):
@@ -268,14 +282,22 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
-    ("engine", "device"),
+    ("engine", "device"), ("protocol",),
 })
+"""Keys that cannot change a run's results. The run-wide `protocol` is one: what it changes is
+resolved into each task's `protocol` and `settings`, which are compared."""
 
 
 ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("qd", "mutation", "niter"): 2,
     ("qd", "mutation", "sketch_dtype"): "float32",
+    ("protocol",): protocols.DEFAULT,
+    ("tasks", "*", "protocol"): None,
 }
+"""Keys added since a run could have been frozen, at the values that reproduce what the older
+version did ('*' stands for every element of a list). Tasks frozen without a protocol kept
+only the settings their config gave; resuming one whose kind has presets lists the preset's
+values as changes (the scores would differ), so that needs --force."""
 
 
 MOVED_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
@@ -316,11 +338,15 @@ def upgrade(frozen: dict[str, Any]) -> dict[str, Any]:
     is not refused over them."""
     frozen = _moved_keys(frozen, warn=False)
     for path, value in ADDED_KEYS.items():
-        node = frozen
+        nodes = [frozen]
         for key in path[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.setdefault(path[-1], value)
+            if key == "*":
+                nodes = [item for node in nodes if isinstance(node, list) for item in node]
+            else:
+                nodes = [node.get(key) for node in nodes if isinstance(node, dict)]
+        for node in nodes:
+            if isinstance(node, dict):
+                node.setdefault(path[-1], copy.deepcopy(value))
     return frozen
 
 

@@ -9,8 +9,12 @@ no trick inside it (patching the checker, custom ``__eq__``, forged lines) can f
 Mode ``judge`` (trusted replay): evalplus's own ``untrusted_check`` scores each item against
 the expected outputs, with a stand-in entry point that returns the recorded outputs in order.
 Its verdicts therefore include evalplus's special oracles, float tolerance and set equality.
+The recorded outputs arrive as the run's own result lines, still encoded: the stand-in decodes
+each one inside evalplus's per-item child process, under its time limit, so an output that is
+costly to build (a set of integers with equal hashes) costs its own item a timeout and nothing
+else, and the host never builds a value from sandbox output.
 
-Both read a pickled request on stdin (written by the host). Values cross back to the host as
+Both read a pickled request on stdin (written by the host). Values cross the boundary as
 tagged JSON (`encode_value` / `decode_value`), which decodes only to plain Python types.
 Stdlib only at import time; evalplus is imported inside the modes.
 """
@@ -159,22 +163,34 @@ def run_solution(request: dict, channel: _Channel) -> None:
     channel.send(event="done")
 
 
+def recorded_output(line: str):
+    """The value of one ``output`` result line of a run, decoded."""
+    event = json.loads(line)
+    if not isinstance(event, dict) or "value" not in event:
+        raise CodecError("an output line without a value")
+    return decode_value(event["value"])
+
+
 def _replay_code(entry_point: str) -> str:
     return (
         "import cqd_replay as _replay\n"
         "_outputs = iter(_replay.outputs)\n"
         f"def {entry_point}(*args):\n"
-        "    return next(_outputs)\n"
+        "    return _replay.recorded_output(next(_outputs))\n"
     )
 
 
 def judge(request: dict, channel: _Channel) -> None:
-    """Score recorded outputs with evalplus's untrusted_check, one verdict line per item."""
+    """Score recorded outputs with evalplus's untrusted_check, one verdict line per item.
+
+    Each output may take `judge_seconds` to decode and compare (evalplus's per-input limit,
+    inside its per-item child process, which it kills past the item's total)."""
     from evalplus.eval import untrusted_check
 
     replay = types.ModuleType("cqd_replay")
+    replay.recorded_output = recorded_output
     sys.modules["cqd_replay"] = replay
-    for index, item in enumerate(request["items"]):
+    for item in request["items"]:
         replay.outputs = item["outputs"]
         status, details = untrusted_check(
             request.get("dataset", "mbpp"),
@@ -185,10 +201,10 @@ def judge(request: dict, channel: _Channel) -> None:
             atol=item["atol"],
             ref_time=[0.0] * len(item["inputs"]),
             fast_check=True,
-            min_time_limit=request.get("min_time_limit", 1.0),
+            min_time_limit=request["judge_seconds"],
             gt_time_limit_factor=1.0,
         )
-        channel.send(index=index, status=status, details=[bool(d) for d in details])
+        channel.send(index=int(item["index"]), status=status, details=[bool(d) for d in details])
 
 
 def main() -> None:

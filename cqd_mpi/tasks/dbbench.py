@@ -15,6 +15,11 @@ up to 5 rounds):
 - the metric is AgentBench's `overall_cat_accuracy`: the mean of the SELECT, INSERT and UPDATE
   categories' accuracies (SELECT holds every type other than INSERT and UPDATE).
 
+Those are the Settings defaults (AgentBench's code defaults). A config always goes through a
+protocol (cqd_mpi.tasks.protocols.DBBENCH): `paper` (the CycleQD authors' 341 items, 5 rounds,
+an Operation reply without SQL read for its answer, pooled accuracy) or `reference`
+(AgentBench v0.2's configs: 15 rounds); docs/protocols.md has each point and its source.
+
 Deliberate differences, for isolation: AgentBench runs every item as root in a database named
 after its table and lets a statement string hold several statements; here each item has its
 own database and user (cqd_mpi.sandboxes.mysql), several statements are refused, and
@@ -36,7 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cqd_mpi.engines.base import TextGeneration
 from cqd_mpi.errors import BackendUnavailable, ConfigError, TaskError, require
@@ -55,6 +60,7 @@ from cqd_mpi.sandboxes.mysql import (
     pymysql_module,
     unique_name,
 )
+from cqd_mpi.tasks import protocols
 from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task
 
 log = logging.getLogger("cqd_mpi.tasks.dbbench")
@@ -99,10 +105,16 @@ EXCERPT_CHARS = 2000
 class Settings:
     """`settings:` of a dbbench task in the config.
 
-    max_rounds: SQL executions allowed before the final answer (AgentBench v0.2's default, 5).
+    max_rounds: SQL executions allowed before the final answer (AgentBench v0.2's code default, 5;
+    its dbbench config runs 15).
     max_new_tokens: per reply (AgentBench's agents use 512, greedy).
     statement_seconds: time limit of one statement. parallel: threads that set up databases
-    and run one round's statements of a batch. item_ids: a subset of the file's items.
+    and run one round's statements of a batch. item_ids: a subset of the file's items, or the
+    name of a list shipped with the package (cqd_mpi/tasks/items/dbbench-<name>.json).
+    operation_without_sql: an Operation reply without a ```sql block fails the item ('fail',
+    AgentBench) or is read for its Final Answer ('read-answer', the CycleQD authors).
+    metric: 'category-mean' (AgentBench's overall_cat_accuracy) or 'pooled' (the authors'
+    accuracy over all items).
     """
 
     server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
@@ -112,7 +124,9 @@ class Settings:
     statement_seconds: float = 10.0
     result_chars: int = RESULT_CHARS
     parallel: int = 4
-    item_ids: list[str] | None = None
+    item_ids: list[str] | str | None = None
+    operation_without_sql: Literal["fail", "read-answer"] = "fail"
+    metric: Literal["category-mean", "pooled"] = "category-mean"
 
     def validate(self, where: str) -> None:
         for name in ("max_rounds", "max_new_tokens", "result_chars", "parallel"):
@@ -274,6 +288,7 @@ class Episode:
 
     item: Item
     max_rounds: int
+    operation_without_sql: str = "fail"
     history: list[dict[str, str]] = dataclasses.field(default_factory=list)
     rounds: int = 0
     status: str | None = None
@@ -302,12 +317,13 @@ class Episode:
         action = ACTION.search(reply)
         if action and action.group(1) == "Operation" and self.rounds < self.max_rounds:
             block = SQL_BLOCK.search(reply)
-            if not block:
+            if block:
+                sql = block.group(1).strip().replace("\n", " ")
+                self.statements.append(sql)
+                return sql
+            if self.operation_without_sql == "fail":
                 self.status = "validation-failed"
                 return None
-            sql = block.group(1).strip().replace("\n", " ")
-            self.statements.append(sql)
-            return sql
         final = FINAL_ANSWER.search(reply)
         if final:
             self.answer = final.group(1)
@@ -356,6 +372,7 @@ class DBBenchTask(Task):
 
     kind = "dbbench"
     Settings = Settings
+    presets = protocols.DBBENCH
 
     def __init__(self, *, name, data, settings, context):
         super().__init__(name=name, data=data, settings=settings or Settings(), context=context)
@@ -381,11 +398,16 @@ class DBBenchTask(Task):
             if not path.is_file():
                 raise TaskError(f"task {self.name!r}: dbbench data file {path} does not exist")
             items = {item.item_id: item for item in load_items(path)}
-            wanted = self.settings.item_ids
+            wanted = protocols.item_ids(self.kind, self.settings.item_ids, f"task {self.name!r}: settings.item_ids")
+            if isinstance(self.settings.item_ids, str):
+                mismatch = protocols.list_data_mismatch(self.kind, self.settings.item_ids, path)
+                if mismatch:
+                    log.warning("task %s: %s", self.name, mismatch)
             if wanted is not None:
                 unknown = [i for i in wanted if i not in items]
                 if unknown:
-                    raise TaskError(f"task {self.name!r}: settings.item_ids names {', '.join(map(repr, unknown))}, "
+                    shown = ", ".join(map(repr, unknown[:5])) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+                    raise TaskError(f"task {self.name!r}: settings.item_ids names {shown}, "
                                     f"but {path} has ids 0..{len(items) - 1}")
                 items = {i: items[i] for i in sorted(set(wanted), key=int)}
             self._items = items
@@ -444,7 +466,8 @@ class DBBenchTask(Task):
     def run_episodes(self, item_ids: Sequence[str], respond: Respond) -> list[ItemResult]:
         """Play the items round by round: one `respond` call per round for every running item,
         then that round's statements on the items' databases in parallel."""
-        episodes = [Episode(item=self._item(i), max_rounds=self.settings.max_rounds) for i in item_ids]
+        episodes = [Episode(item=self._item(i), max_rounds=self.settings.max_rounds,
+                            operation_without_sql=self.settings.operation_without_sql) for i in item_ids]
         if not episodes:
             return []
         self.server  # noqa: B018 (reach or start it here, not in a pool thread, and fail before any item)
@@ -492,8 +515,12 @@ class DBBenchTask(Task):
         return self.run_episodes(item_ids, lambda episodes: [reference_reply(e) for e in episodes])
 
     def metric(self, results: Sequence[ItemResult]) -> float:
-        """AgentBench's overall_cat_accuracy: the mean over SELECT, INSERT and UPDATE of each
-        category's accuracy; a category with no items counts 0, as in AgentBench."""
+        """settings.metric 'category-mean': AgentBench's overall_cat_accuracy, the mean over SELECT,
+        INSERT and UPDATE of each category's accuracy (a category with no items counts 0, as in
+        AgentBench); 'pooled': the CycleQD authors' overall_cat_accuracy, correct items over all
+        items (each item is in exactly one of the three categories)."""
+        if self.settings.metric == "pooled":
+            return super().metric(results)
         return category_accuracy([(self._item(r.item_id).category, r.score) for r in results])["overall"]
 
     def check_backends(self) -> list[BackendStatus]:

@@ -1,11 +1,15 @@
-"""MBPP+ (evalplus): pass@1 on the base tests, greedy decoding, generated code run in a sandbox.
+"""MBPP+ (evalplus): greedy pass@1, generated code run in a sandbox, scored as a protocol says.
 
 Data come from evalplus's MbppPlus jsonl (its release in evalplus's cache dir, the file named
-by MBPP_OVERRIDE_PATH, or `data:` in the task config), read with evalplus's own loader
-functions; nothing is downloaded. Prompts, stop strings and code extraction follow evalplus's
-codegen and sanitize. Each completion runs in a fresh sandbox (cqd_mpi.sandboxes) that never
-sees the expected outputs; evalplus's `untrusted_check` then scores the recorded outputs in a
-second sandbox run, so a completion cannot fake its own verdict. See docs/benchmarks-mbpp.md.
+by MBPP_OVERRIDE_PATH, or `data:` in the task config), read with evalplus's own deserializer;
+nothing is downloaded. How a problem becomes a prompt, a completion becomes code, and code a
+verdict is a set of settings, tabled by protocol in cqd_mpi.tasks.protocols: `paper` (the
+CycleQD authors' instruction, format, stops and text sanitizer, base tests of MbppPlus v0.1.0;
+tasks/mbpp_authors.py) or `reference` (evalplus 0.3.1's codegen, sanitizer and evaluate on
+v0.2.0, base and extra tests). Each completion runs in a fresh sandbox (cqd_mpi.sandboxes)
+that never sees the expected outputs; evalplus's `untrusted_check` then scores the recorded
+outputs in a second sandbox run, so a completion cannot fake its own verdict. docs/mbpp.md and
+docs/protocols.md have the details.
 """
 
 from __future__ import annotations
@@ -25,63 +29,70 @@ from typing import Any, Literal
 
 from cqd_mpi.engines.base import TextGeneration
 from cqd_mpi.errors import ConfigError, TaskError, require
+from cqd_mpi.tasks import mbpp_authors, protocols
 from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task
 
 HARNESS = Path(__file__).resolve().parents[1] / "sandboxes" / "evalplus_harness.py"
 
-INSTRUCTION_PREFIX = (
-    "Please provide a self-contained Python script that solves the following problem in a markdown code block:"
-)
-"""evalplus codegen's instruction for chat models (evalplus.codegen.run_codegen)."""
-
-RESPONSE_PREFIX = (
-    "Below is a Python script with a self-contained function that solves the problem and passes "
-    "corresponding tests:"
-)
-"""evalplus codegen's response prefix for chat models (evalplus.codegen.run_codegen)."""
-
-SYSTEM_MESSAGE = (
-    "You are an exceptionally intelligent coding assistant that consistently delivers accurate and "
-    "reliable responses to user instructions."
-)
-"""The system message of the CycleQD authors' MBPP task."""
+INSTRUCTION_PREFIX = protocols.EVALPLUS_INSTRUCTION_PREFIX
+RESPONSE_PREFIX = protocols.EVALPLUS_RESPONSE_PREFIX
+SYSTEM_MESSAGE = protocols.AUTHORS_SYSTEM_MESSAGE
 
 CHAT_STOP = ("\n```\n",)
-"""Extra stop strings for chat prompts (evalplus's HF decoder), added to evalplus's EOS list."""
-
-INSTRUCTION_RESPONSE_STOP = ("@@ Instruction:", "@@ Response:")
+"""evalplus's extra stop string for a model with a chat template, added to its EOS list."""
 
 TEXT_EXCERPT_CHARS = 4000
+
+VERDICTS = ("pass", "fail", "timeout")
+"""evalplus's statuses (evalplus.eval.PASS, FAIL, TIMEOUT)."""
+
+JUDGE_ERRORS = {"pass": None, "fail": "wrong-answer", "timeout": "timeout"}
+
+JUDGE_ITEM_SECONDS = 3.0
+"""What evalplus's untrusted_check adds to an item's time limits: its join slack and the child's start."""
+
+_DEFAULT = protocols.MBPP[protocols.DEFAULT]
 
 
 @dataclasses.dataclass
 class Settings:
-    """`settings:` of an MBPP+ task in the config.
+    """`settings:` of an MBPP+ task in the config; the defaults are the `paper` preset's.
 
-    prompt_format: 'instruction-response' (the authors' code format, rendered by the task and
-    sent through generate), 'chat' (the engine's chat template) or 'completion' (base models:
-    the raw prompt, evalplus's direct-completion stops).
+    prompt_format: 'instruction-response' (the authors' format, rendered by the task and sent
+    through generate), 'chat' (the engine's chat template, continued from `response_prefix`)
+    or 'completion' (base models: the raw prompt). instruction: 'assertion' (the authors': the
+    problem text and its first assert) or 'evalplus' (instruction_prefix and the prompt in a
+    fence). response_prefix: the text right after the response marker ('instruction-response')
+    or the assistant turn to continue ('chat'). stop: null for evalplus's stop strings of the
+    prompt format. sanitizer: 'authors' (their text sanitizer) or 'evalplus' (evalplus's
+    codegen and tree-sitter sanitize). tests: 'base' or 'base+plus' (evalplus's MBPP+).
+    judge_seconds: the time to decode and check one output.
     """
 
     task_ids: list[str] | None = None
-    version: str = "default"
-    prompt_format: Literal["instruction-response", "chat", "completion"] = "instruction-response"
-    system_message: str | None = SYSTEM_MESSAGE
+    version: str = _DEFAULT["version"]
+    prompt_format: Literal["instruction-response", "chat", "completion"] = _DEFAULT["prompt_format"]
+    system_message: str | None = _DEFAULT["system_message"]
+    instruction: Literal["assertion", "evalplus"] = _DEFAULT["instruction"]
     instruction_prefix: str = INSTRUCTION_PREFIX
-    response_prefix: str = RESPONSE_PREFIX
-    max_new_tokens: int = 512
+    response_prefix: str = _DEFAULT["response_prefix"]
+    stop: list[str] | None = dataclasses.field(default_factory=lambda: list(_DEFAULT["stop"]))
+    max_new_tokens: int = _DEFAULT["max_new_tokens"]
+    sanitizer: Literal["authors", "evalplus"] = _DEFAULT["sanitizer"]
+    tests: Literal["base", "base+plus"] = _DEFAULT["tests"]
     sandbox: Literal["auto", "bwrap", "unshare"] = "auto"
-    timeout_seconds: float = 20.0
+    timeout_seconds: float = _DEFAULT["timeout_seconds"]
     startup_seconds: float = 5.0
-    min_time_limit: float = 1.0
-    gt_time_limit_factor: float = 4.0
-    memory_mb: int = 1024
+    min_time_limit: float = _DEFAULT["min_time_limit"]
+    gt_time_limit_factor: float = _DEFAULT["gt_time_limit_factor"]
+    judge_seconds: float = 2.0
+    memory_mb: int = _DEFAULT["memory_mb"]
     max_processes: int = 16
     parallel: int = 2
 
     def validate(self, where: str) -> None:
         positive = ("max_new_tokens", "timeout_seconds", "startup_seconds", "min_time_limit",
-                    "gt_time_limit_factor", "memory_mb", "max_processes", "parallel")
+                    "gt_time_limit_factor", "judge_seconds", "memory_mb", "max_processes", "parallel")
         for name in positive:
             value = getattr(self, name)
             if not value > 0:
@@ -90,6 +101,8 @@ class Settings:
             raise ConfigError(f"{where}.memory_mb: expected at least 64 (the interpreter needs it), got {self.memory_mb}")
         if self.task_ids is not None and not self.task_ids:
             raise ConfigError(f"{where}.task_ids: expected a non-empty list of task ids or null, got []")
+        if self.stop is not None and not all(self.stop):
+            raise ConfigError(f"{where}.stop: expected non-empty strings or null, got {self.stop!r}")
 
 
 def default_data_path(version: str = "default") -> tuple[Path, str]:
@@ -103,16 +116,39 @@ def default_data_path(version: str = "default") -> tuple[Path, str]:
     return (Path(override) if override else Path(cache_path)), url
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a jsonl or jsonl.gz file, blank lines skipped as evalplus's stream_jsonl does;
+    an unreadable row is a TaskError naming the file and its line."""
+    import gzip
+
+    rows = []
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else
+              open(path, encoding="utf-8")) as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.isspace():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as exc:
+                    where = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc
+                    raise TaskError(f"MBPP+ data {path} line {number}: not valid JSON ({where})") from exc
+                if not isinstance(row, dict) or not isinstance(row.get("task_id"), str):
+                    raise TaskError(f"MBPP+ data {path} line {number}: expected a JSON object with a string "
+                                    f"'task_id', got {str(row)[:60]!r}")
+                rows.append(row)
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise TaskError(f"MBPP+ data {path}: cannot read it as MbppPlus jsonl ({type(exc).__name__}: {exc})") from exc
+    return rows
+
+
 def load_problems(path: Path) -> dict[str, dict[str, Any]]:
     """The MbppPlus problems in `path` (jsonl or jsonl.gz), inputs deserialized as evalplus does."""
     require("evalplus.data", extra="llm", feature="The MBPP+ task")
     from evalplus.data.mbpp import mbpp_deserialize_inputs
-    from evalplus.data.utils import completeness_check, stream_jsonl
+    from evalplus.data.utils import completeness_check
 
-    try:
-        problems = {row["task_id"]: row for row in stream_jsonl(str(path))}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TaskError(f"MBPP+ data {path}: cannot read it as MbppPlus jsonl ({type(exc).__name__}: {exc})") from exc
+    problems = {row["task_id"]: row for row in read_jsonl(path)}
     if not problems:
         raise TaskError(f"MBPP+ data {path}: the file holds no problems")
     for task_id, problem in problems.items():
@@ -142,20 +178,22 @@ class Groundtruth:
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord:
-    """What the run-mode harness reported for one solution."""
+    """What the run-mode harness reported for one solution; `outputs` are its result lines,
+    undecoded (only the judge's sandbox builds values from them)."""
 
     error: str | None
-    outputs: list
+    outputs: list[str]
     seconds: float
     message: str = ""
     stderr: str = ""
 
 
 class MbppPlusTask(Task):
-    """MBPP+ as the paper evaluates it: greedy pass@1 on the base tests (see the module docstring)."""
+    """MBPP+ greedy pass@1, scored as the task's protocol says (see the module docstring)."""
 
     kind = "mbpp"
     Settings = Settings
+    presets = protocols.MBPP
 
     def __init__(self, *, name, data, settings, context):
         super().__init__(name=name, data=data, settings=settings or Settings(), context=context)
@@ -188,14 +226,24 @@ class MbppPlusTask(Task):
                         f"which {path} does not hold (it has {', '.join(list(problems)[:3])}, ...)"
                     )
                 problems = {t: p for t, p in problems.items() if t in set(wanted)}
+            else:
+                self._check_release(path, len(problems))
             self._problems = problems
         return self._problems
+
+    def _check_release(self, path: Path, count: int) -> None:
+        """Warn when the file's problem count is not that of the release settings.version names."""
+        expected = protocols.MBPP_PLUS_PROBLEMS.get(self.settings.version)
+        if expected is not None and count != expected:
+            self.context.log.warning(
+                "task %s: %s holds %d problems, but MbppPlus %s (settings.version) has %d; scores will not "
+                "compare with that release's", self.name, path, count, self.settings.version, expected)
 
     def _missing_data_message(self, path: Path) -> str:
         how = (
             f"give `data: /path/to/MbppPlus.jsonl` for task {self.name!r} in the config, set "
             "MBPP_OVERRIDE_PATH, or fetch evalplus's release once on a machine with internet: "
-            "python -c 'from evalplus.data import get_mbpp_plus; get_mbpp_plus()'"
+            f"python -c 'from evalplus.data import get_mbpp_plus; get_mbpp_plus(version=\"{self.settings.version}\")'"
         )
         if not self.data and not os.environ.get("MBPP_OVERRIDE_PATH"):
             url = default_data_path(self.settings.version)[1]
@@ -211,8 +259,15 @@ class MbppPlusTask(Task):
         except KeyError:
             raise TaskError(f"task {self.name!r}: unknown item id {item_id!r}") from None
 
+    def inputs(self, item_id: str) -> list:
+        """The test inputs of one problem: its base inputs, then its plus inputs for tests 'base+plus'."""
+        problem = self._problem(item_id)
+        if self.settings.tests == "base":
+            return problem["base_input"]
+        return [*problem["base_input"], *problem["plus_input"]]
+
     def groundtruth(self, item_id: str) -> Groundtruth:
-        """Expected base outputs and their reference times, from canonical_solution (evalplus's trusted_exec)."""
+        """Expected outputs and reference times on `inputs`, from canonical_solution (evalplus's trusted_exec)."""
         with self._lock:
             if item_id in self._groundtruth:
                 return self._groundtruth[item_id]
@@ -227,15 +282,15 @@ class MbppPlusTask(Task):
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                 outputs, seconds = trusted_exec(
                     problem["prompt"] + problem["canonical_solution"],
-                    problem["base_input"],
+                    self.inputs(item_id),
                     problem["entry_point"],
                     record_time=True,
                     output_not_none=problem["entry_point"] in MBPP_OUTPUT_NOT_NONE_TASKS,
                 )
         except Exception as exc:
             raise TaskError(
-                f"MBPP+ data {self.data_path()}: the canonical_solution of {item_id!r} fails on its base "
-                f"inputs ({type(exc).__name__}: {exc})"
+                f"MBPP+ data {self.data_path()}: the canonical_solution of {item_id!r} fails on its "
+                f"{self.settings.tests} inputs ({type(exc).__name__}: {exc})"
             ) from exc
         truth = Groundtruth(outputs=list(outputs), seconds=[float(s) for s in seconds])
         with self._lock:
@@ -244,32 +299,45 @@ class MbppPlusTask(Task):
 
     # ------------------------------------------------------------- prompting
 
+    def instruction(self, item_id: str) -> str:
+        """The user turn: the authors' assertion instruction or evalplus's fenced prompt."""
+        prompt = self._problem(item_id)["prompt"]
+        if self.settings.instruction == "assertion":
+            try:
+                return mbpp_authors.instruction(prompt)
+            except mbpp_authors.PromptShapeError as exc:
+                raise TaskError(f"task {self.name!r}: the prompt of {item_id!r} cannot be cut into the authors' "
+                                f"instruction (settings.instruction 'assertion'): {exc}") from None
+        return f"{self.settings.instruction_prefix}\n```\n{prompt.strip()}\n```\n"
+
     def conversation(self, item_id: str) -> list[dict[str, str]]:
-        """The chat turns for one problem: evalplus's instruction and a response prefix to continue."""
+        """The chat turns for one problem: the system message, the instruction, the response prefix to continue."""
         settings = self.settings
-        prompt = self._problem(item_id)["prompt"].strip()
         messages = []
         if settings.system_message:
             messages.append({"role": "system", "content": settings.system_message})
-        messages.append({"role": "user", "content": f"{settings.instruction_prefix}\n```\n{prompt}\n```\n"})
-        messages.append({"role": "assistant", "content": f"{settings.response_prefix}\n```python\n"})
+        messages.append({"role": "user", "content": self.instruction(item_id)})
+        if settings.response_prefix:
+            messages.append({"role": "assistant", "content": settings.response_prefix})
         return messages
 
     def prompt_text(self, item_id: str) -> str:
         """The text sent to `generate` for the formats that do not use the engine's chat template."""
-        if self.settings.prompt_format == "completion":
+        settings = self.settings
+        if settings.prompt_format == "completion":
             return self._problem(item_id)["prompt"].strip() + "\n"
-        from cqd_mpi.engines.templates import CHAT_TEMPLATES, INSTRUCTION_RESPONSE, render_jinja
-
-        return render_jinja(CHAT_TEMPLATES[INSTRUCTION_RESPONSE], self.conversation(item_id))
+        return mbpp_authors.prompt_text(system_message=settings.system_message, user=self.instruction(item_id),
+                                        response_prefix=settings.response_prefix)
 
     def stop_strings(self) -> list[str]:
+        """settings.stop, or evalplus's for the prompt format (its EOS list and the chat or completion extras)."""
+        if self.settings.stop is not None:
+            return list(self.settings.stop)
         from evalplus.provider.utility import EOS, extra_eos_for_direct_completion
 
         if self.settings.prompt_format == "completion":
             return [*EOS, *extra_eos_for_direct_completion("mbpp")]
-        extra = INSTRUCTION_RESPONSE_STOP if self.settings.prompt_format == "instruction-response" else ()
-        return [*EOS, *CHAT_STOP, *extra]
+        return [*EOS, *CHAT_STOP]
 
     def completions(self, model: TextGeneration, item_ids: Sequence[str]) -> list[str]:
         """The model's raw completions, one per item (greedy, batched by the engine)."""
@@ -282,13 +350,18 @@ class MbppPlusTask(Task):
         return list(model.generate(prompts, max_new_tokens=settings.max_new_tokens, stop=stop))
 
     def solution(self, item_id: str, completion: str) -> str:
-        """The code to test, as evalplus's codegen and sanitize extract it from a completion."""
+        """The code to test: the authors' text sanitizer, or evalplus's codegen (tabs as four
+        spaces, the prompt first for completion prompts) and sanitize."""
+        problem = self._problem(item_id)
+        if self.settings.sanitizer == "authors":
+            return mbpp_authors.solution(prompt=problem["prompt"], completion=completion,
+                                         entry_point=problem["entry_point"])
         from evalplus.sanitize import sanitize
 
         completion = completion.replace("\t", "    ")
         if self.settings.prompt_format == "completion":
             completion = self.prompt_text(item_id) + completion
-        return sanitize(completion, entrypoint=self._problem(item_id)["entry_point"])
+        return sanitize(completion, entrypoint=problem["entry_point"])
 
     # ------------------------------------------------------------- execution
 
@@ -322,44 +395,55 @@ class MbppPlusTask(Task):
         problem = self._problem(item_id)
         limits = self.time_limits(item_id)
         wall = min(self.settings.timeout_seconds, self.settings.startup_seconds + sum(limits))
+        inputs = self.inputs(item_id)
         request = {"mode": "run", "code": code, "entry_point": problem["entry_point"],
-                   "inputs": problem["base_input"], "time_limits": limits}
+                   "inputs": inputs, "time_limits": limits}
         payload = pickle.dumps(request)
         for _attempt in range(2):
             result = self.sandbox.run(HARNESS, stdin=payload, limits=self._limits(wall))
             if result.started:
                 break
-        return _read_run(result, expected_count=len(problem["base_input"]))
+        return _read_run(result, expected_count=len(inputs))
 
     def judge(self, item_ids: Sequence[str], records: Sequence[RunRecord]) -> list[str | None]:
-        """evalplus's verdict ('pass', 'fail', ...) for each complete record, in one sandbox run."""
+        """evalplus's verdict ('pass', 'fail', 'timeout') for each complete record.
+
+        The judge decodes and compares each output within `judge_seconds` inside evalplus's
+        per-item child process, and its wall-clock limit is the sum of every item's bound, so
+        one item's costly outputs never take another item's verdict. Items left without one
+        (the sandbox failed) are judged once more."""
+        settings = self.settings
         items = []
-        for item_id, record in zip(item_ids, records):
+        for index, (item_id, record) in enumerate(zip(item_ids, records)):
             problem = self._problem(item_id)
             items.append({
+                "index": index,
                 "entry_point": problem["entry_point"],
-                "inputs": problem["base_input"],
+                "inputs": self.inputs(item_id),
                 "expected": self.groundtruth(item_id).outputs,
                 "atol": problem["atol"],
                 "outputs": record.outputs,
             })
-        if not items:
-            return []
-        request = {"mode": "judge", "dataset": "mbpp", "items": items, "min_time_limit": 30.0}
-        wall = 30.0 + 2.0 * len(items)
-        limits = dataclasses.replace(self._limits(wall), memory_bytes=max(self.settings.memory_mb, 1024) << 20)
-        env = {"EVALPLUS_MAX_MEMORY_BYTES": str(limits.memory_bytes)}
         verdicts: list[str | None] = [None] * len(items)
+        pending = items
         for _attempt in range(2):
+            if not pending:
+                break
+            request = {"mode": "judge", "dataset": "mbpp", "items": pending, "judge_seconds": settings.judge_seconds}
+            wall = settings.startup_seconds + sum(
+                len(item["inputs"]) * settings.judge_seconds + JUDGE_ITEM_SECONDS for item in pending)
+            limits = dataclasses.replace(self._limits(wall), memory_bytes=max(settings.memory_mb, 1024) << 20)
+            env = {"EVALPLUS_MAX_MEMORY_BYTES": str(limits.memory_bytes)}
             result = self.sandbox.run(HARNESS, stdin=pickle.dumps(request), env=env, limits=limits)
             for line in result.stdout.decode(errors="replace").splitlines():
                 try:
                     event = json.loads(line)
-                    verdicts[int(event["index"])] = str(event["status"])
-                except (ValueError, KeyError, TypeError, IndexError):
+                    index, status = int(event["index"]), str(event["status"])
+                except (ValueError, KeyError, TypeError):
                     continue
-            if result.started and all(v is not None for v in verdicts):
-                break
+                if 0 <= index < len(verdicts) and status in VERDICTS:
+                    verdicts[index] = status
+            pending = [item for item in pending if verdicts[item["index"]] is None]
         return verdicts
 
     def score(self, item_ids: Sequence[str], codes: Sequence[str]) -> list[ItemResult]:
@@ -376,13 +460,16 @@ class MbppPlusTask(Task):
         for index, (item_id, code, record) in enumerate(zip(item_ids, codes, records)):
             error = record.error
             verdict = status.get(index)
+            message = record.message
             if error is None:
-                error = None if verdict == "pass" else "wrong-answer" if verdict == "fail" else "sandbox"
+                error = JUDGE_ERRORS.get(verdict, "sandbox")
+                if verdict == "timeout":
+                    message = f"decoding and checking its outputs took more than {self.settings.judge_seconds} s each"
             detail = {"solution": code[:TEXT_EXCERPT_CHARS]}
             if verdict is not None:
                 detail["status"] = verdict
-            if record.message:
-                detail["message"] = record.message
+            if message:
+                detail["message"] = message
             if record.stderr:
                 detail["stderr"] = record.stderr
             results.append(ItemResult(item_id=item_id, score=1.0 if error is None else 0.0, error=error,
@@ -435,9 +522,10 @@ _SIGNAL_ERRORS = {"SIGXCPU": "timeout", "SIGKILL": "crash", "SIGSEGV": "crash", 
 
 
 def _read_run(result, *, expected_count: int) -> RunRecord:
-    """Turn the harness's event lines and the sandbox's exit into a RunRecord with an error class."""
-    from cqd_mpi.sandboxes.evalplus_harness import CodecError, decode_value
+    """Turn the harness's event lines and the sandbox's exit into a RunRecord with an error class.
 
+    Work here is linear in the output, which the sandbox caps: lines are parsed as JSON (flat
+    types only, string keys) and output values are kept as text for the judge."""
     stderr = result.stderr.decode(errors="replace")[-500:]
 
     def record(error, message="", outputs=()):
@@ -454,7 +542,7 @@ def _read_run(result, *, expected_count: int) -> RunRecord:
         try:
             event = json.loads(line)
             kind = event["event"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return record("crash", "the result stream is malformed")
         message = str(event.get("message", ""))[:300]
         exc_type = str(event.get("type", ""))
@@ -470,12 +558,9 @@ def _read_run(result, *, expected_count: int) -> RunRecord:
         if kind == "unencodable":
             return record("wrong-answer", f"output {event.get('index')} is not a plain value: {message}", outputs)
         if kind == "output":
-            if event.get("index") != len(outputs):
+            if event.get("index") != len(outputs) or "value" not in event:
                 return record("crash", "the result stream is out of order")
-            try:
-                outputs.append(decode_value(event["value"]))
-            except (CodecError, KeyError, RecursionError, ValueError, TypeError):
-                return record("crash", "an output could not be decoded")
+            outputs.append(line)
         if kind == "done":
             if len(outputs) != expected_count:
                 return record("crash", f"{len(outputs)} outputs for {expected_count} inputs")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -94,3 +96,77 @@ def test_parse_size_is_one_function_for_the_config_and_the_writer():
         schema.parse_size(0, "max_shard_size", minimum=1)
     with pytest.raises(ConfigError, match=r"runtime.retain_child_bytes: expected a size such as '5GB'"):
         schema.parse_size("lots", "runtime.retain_child_bytes")
+
+
+MBPP_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mbpp" / "MbppPlus-fixture.jsonl"
+
+
+def with_mbpp(config, **task):
+    """The probe config with its last task an MBPP+ task over the fixture."""
+    config["tasks"][2] = {"name": "gamma", "kind": "mbpp", "data": str(MBPP_FIXTURE), **task}
+    return config
+
+
+def test_protocols_are_resolved_into_the_frozen_task_settings(good, tmp_path):
+    from cqd_mpi.tasks import protocols
+
+    config = load_dict(with_mbpp(good, settings={"max_new_tokens": 64}), tmp_path)
+    assert config.protocol == "paper" and [t.protocol for t in config.tasks] == [None, None, "paper"]
+    assert config.tasks[2].settings == {**protocols.MBPP["paper"], "max_new_tokens": 64}
+    assert config.tasks[0].settings == good["tasks"][0]["settings"]
+    frozen = yaml.safe_load(config.to_yaml())
+    assert frozen["tasks"][2]["protocol"] == "paper" and frozen["tasks"][2]["settings"]["sanitizer"] == "authors"
+    assert config_mod.from_dict(frozen, check_files=False).to_dict() == config.to_dict()
+
+    good["protocol"] = "reference"
+    config = load_dict(good, tmp_path)
+    assert config.tasks[2].protocol == "reference" and config.tasks[2].settings["tests"] == "base+plus"
+    good["tasks"][2]["protocol"] = "paper"
+    assert load_dict(good, tmp_path).tasks[2].settings["tests"] == "base"
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda c: c.update(protocol="evalplus"), r"^.*c\.yaml: protocol: expected one of 'paper', 'reference', got 'evalplus'"),
+    (lambda c: c["tasks"][2].update(protocol="agentbench"),
+     r"tasks\[2\]\.protocol: expected one of 'paper', 'reference' for task kind 'mbpp', got 'agentbench'"),
+    (lambda c: c["tasks"][0].update(protocol="paper"),
+     r"tasks\[0\]\.protocol: task kind 'probe' has no protocol presets, got 'paper'; remove the key"),
+    (lambda c: c["tasks"][2].update(settings={"sanitizer": "regex"}),
+     r"tasks\[2\]\.settings\.sanitizer: expected one of 'authors' \| 'evalplus', got 'regex'"),
+])
+def test_bad_protocols_name_the_key(good, tmp_path, edit, message):
+    config = with_mbpp(good)
+    edit(config)
+    with pytest.raises(ConfigError, match=message):
+        load_dict(config, tmp_path)
+
+
+def test_the_run_wide_protocol_is_compared_through_the_tasks_it_resolves(good, tmp_path):
+    paper = load_dict(with_mbpp(good), tmp_path).to_dict()
+    good["protocol"] = "reference"
+    inherited = load_dict(good, tmp_path).to_dict()
+    changed = config_mod.differences(paper, inherited)
+    assert "tasks[2].protocol: 'paper' -> 'reference'" in changed
+    assert "tasks[2].settings.sanitizer: 'authors' -> 'evalplus'" in changed
+    assert not any(c.startswith("protocol:") for c in changed)
+    good["tasks"][2]["protocol"] = "paper"
+    assert config_mod.differences(paper, load_dict(good, tmp_path).to_dict()) == []
+
+
+def test_configs_frozen_before_protocols_resume(good, tmp_path):
+    """A run frozen before protocols existed: tasks without presets compare equal after the
+    upgrade; a task whose kind has presets lists the preset's values, since its scores change."""
+    new = load_dict(good, tmp_path).to_dict()
+    old = yaml.safe_load(yaml.safe_dump(new))
+    del old["protocol"]
+    for task in old["tasks"]:
+        del task["protocol"]
+    assert config_mod.differences(config_mod.upgrade(old), new) == []
+
+    new = load_dict(with_mbpp(good, settings={"max_new_tokens": 64}), tmp_path).to_dict()
+    old = yaml.safe_load(yaml.safe_dump(new))
+    del old["protocol"], old["tasks"][2]["protocol"]
+    old["tasks"][2]["settings"] = {"max_new_tokens": 64}
+    changed = config_mod.differences(config_mod.upgrade(old), new)
+    assert changed[0] == "tasks[2].protocol: None -> 'paper'"
+    assert "tasks[2].settings.version: None -> 'v0.1.0'" in changed and len(changed) == 13

@@ -80,3 +80,16 @@ def test_decoder_builds_only_known_shapes():
     for bad in ({"t": "object", "v": []}, {"t": "list"}, {"t": "dict", "v": [[1]]}, {"x": 1}, [1, 2]):
         with pytest.raises(CodecError):
             decode_value(bad)
+
+
+def test_recorded_output_lines_decode_only_inside_the_judge():
+    import json
+
+    from cqd_mpi.sandboxes.evalplus_harness import recorded_output
+
+    line = json.dumps({"event": "output", "index": 0, "value": encode_value({1: (2, 3)})})
+    assert recorded_output(line) == {1: (2, 3)}
+    with pytest.raises(CodecError, match="without a value"):
+        recorded_output('{"event": "output", "index": 0}')
+    with pytest.raises(CodecError, match="unknown value tag"):
+        recorded_output('{"value": {"t": "object", "v": []}}')

@@ -1,7 +1,9 @@
 """MBPP+: evalplus data, prompts and extraction, sandboxed scoring that no hostile completion can fool."""
 
+import gzip
 import json
 import os
+import resource
 import shutil
 import socket
 import textwrap
@@ -14,12 +16,13 @@ import pytest
 import cqd_mpi
 from cqd_mpi import schema
 from cqd_mpi.errors import ConfigError, TaskError
-from cqd_mpi.tasks import task_class
+from cqd_mpi.tasks import protocols, task_class
 from cqd_mpi.tasks.base import TaskContext
 from cqd_mpi.tasks.mbpp import (
     CHAT_STOP,
     INSTRUCTION_PREFIX,
     RESPONSE_PREFIX,
+    SYSTEM_MESSAGE,
     MbppPlusTask,
     Settings,
     default_data_path,
@@ -34,7 +37,12 @@ ERROR_CLASSES = {"syntax", "no-entry-point", "runtime", "memory", "timeout", "cr
                  "wrong-answer", "sandbox"}
 
 
-def make_task(data=FIXTURE, *, context=None, **settings):
+def make_task(data=FIXTURE, *, context=None, protocol=None, **settings):
+    """An MBPP+ task over the fixture: the Settings defaults (the `paper` preset's), or a preset
+    resolved as a config resolves it, with `settings` on top."""
+    if protocol is not None:
+        _, settings = protocols.resolve(MbppPlusTask, name=protocol, default=protocols.DEFAULT,
+                                        settings=settings, where="tasks[0]")
     return MbppPlusTask(name="mbpp", data=None if data is None else str(data),
                         settings=schema.build(Settings, settings, "tasks[0].settings"),
                         context=context or TaskContext())
@@ -117,8 +125,18 @@ def test_missing_data_names_the_file_and_how_to_get_it(tmp_path, monkeypatch):
 def test_bad_data_files_are_task_errors(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
-    with pytest.raises(TaskError, match=rf"{broken}: cannot read it as MbppPlus jsonl"):
+    with pytest.raises(TaskError, match=rf"{broken} line 1: not valid JSON \(Expecting property name"):
         make_task(broken).item_ids()
+    lines = FIXTURE.read_text().splitlines()
+    broken.write_text("\n".join([lines[0], "", lines[1][:-1], *lines[2:]]) + "\n")
+    with pytest.raises(TaskError, match=rf"{broken} line 3: not valid JSON \(Expecting ',' delimiter at column"):
+        make_task(broken).item_ids()
+    packed = tmp_path / "broken.jsonl.gz"
+    packed.write_bytes(gzip.compress(("\n".join([*lines[:4], "[1, 2]"]) + "\n").encode()))
+    with pytest.raises(TaskError, match=rf"{packed} line 5: expected a JSON object with a string 'task_id'"):
+        make_task(packed).item_ids()
+    packed.write_bytes(gzip.compress(FIXTURE.read_bytes()))
+    assert make_task(packed).item_ids() == FIXTURE_IDS
     rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
     del rows[1]["contract"]
     incomplete = tmp_path / "incomplete.jsonl"
@@ -150,30 +168,49 @@ def test_settings_are_checked_key_by_key():
 # ------------------------------------------------------------------ prompts and code
 
 
-def test_instruction_response_prompt_is_evalplus_instruction_in_the_authors_format():
-    task = make_task()
-    text = task.prompt_text("Mbpp/17")
+def test_each_point_of_the_prompt_is_its_own_setting():
+    """The evalplus instruction in the authors' format (the mixture the task used to call the
+    authors'): every piece can be chosen alone."""
+    task = make_task(instruction="evalplus", response_prefix=f"\n{RESPONSE_PREFIX}\n```python\n")
     prompt = task.problems["Mbpp/17"]["prompt"].strip()
-    assert text == (
-        f"{Settings().system_message}\n\n@@ Instruction:\n{INSTRUCTION_PREFIX}\n```\n{prompt}\n```\n\n"
+    assert task.prompt_text("Mbpp/17") == (
+        f"{SYSTEM_MESSAGE}\n\n@@ Instruction:\n{INSTRUCTION_PREFIX}\n```\n{prompt}\n```\n\n"
         f"@@ Response:\n{RESPONSE_PREFIX}\n```python\n"
     )
-    assert {"\n```\n", "@@ Instruction:", "\nif __name__", "<|endoftext|>"} <= set(task.stop_strings())
+    bare = make_task(system_message=None, response_prefix="")
+    assert bare.prompt_text("Mbpp/17").startswith("@@ Instruction:\nWrite a function that returns the perimeter")
+    assert bare.prompt_text("Mbpp/17").endswith("```\n\n@@ Response:")
+    assert [t["role"] for t in bare.conversation("Mbpp/17")] == ["user"]
 
 
 def test_chat_and_completion_prompts():
-    chat = make_task(prompt_format="chat", system_message=None)
+    chat = make_task(protocol="reference")
     turns = chat.conversation("Mbpp/3")
     assert [t["role"] for t in turns] == ["user", "assistant"]
     assert turns[1]["content"] == f"{RESPONSE_PREFIX}\n```python\n"
     assert set(CHAT_STOP) <= set(chat.stop_strings())
-    completion = make_task(prompt_format="completion")
+    completion = make_task(protocol="reference", prompt_format="completion", stop=None)
     assert completion.prompt_text("Mbpp/3") == completion.problems["Mbpp/3"]["prompt"].strip() + "\n"
     assert {"\nassert", '\n"""'} <= set(completion.stop_strings())
+    assert "\n```\n" not in completion.stop_strings()
+    assert make_task(stop=None).stop_strings() == [*protocols.EVALPLUS_EOS, *CHAT_STOP]
+    with pytest.raises(ConfigError, match=r"settings\.stop: expected non-empty strings or null"):
+        make_task(stop=["", "x"])
+
+
+def test_prompts_the_authors_instruction_cannot_be_cut_from_are_task_errors(tmp_path):
+    rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
+    rows[0]["prompt"] = "Write a function without a docstring."
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(TaskError, match=r"the prompt of 'Mbpp/2' cannot be cut into the authors' instruction.*no docstring"):
+        make_task(odd).prompt_text("Mbpp/2")
+    assert make_task(odd, protocol="reference").conversation("Mbpp/2")[0]["content"].endswith(
+        "```\nWrite a function without a docstring.\n```\n")
 
 
 def test_solution_extraction_keeps_the_entry_point_and_its_dependencies():
-    task = make_task()
+    task = make_task(sanitizer="evalplus")
     reply = textwrap.dedent(
         """\
         import math
@@ -190,7 +227,7 @@ def test_solution_extraction_keeps_the_entry_point_and_its_dependencies():
     )
     code = task.solution("Mbpp/17", reply)
     assert code == "import math\ndef helper(x):\n    return x * 4\ndef square_perimeter(a):\n    return helper(a)"
-    completion = make_task(prompt_format="completion")
+    completion = make_task(protocol="reference", prompt_format="completion")
     assert "def square_perimeter(a):\n  return 4*a" in completion.solution("Mbpp/17", "def square_perimeter(a):\n  return 4*a\n")
 
 
@@ -220,6 +257,18 @@ def test_evalplus_oracles_decide_the_verdict():
     assert [(r.score, r.error) for r in results] == [(1.0, None), (1.0, None), (0.0, "wrong-answer"), (0.0, "wrong-answer")]
 
 
+def test_plus_tests_run_after_the_base_tests():
+    """tests 'base+plus' (evalplus's MBPP+: evaluate.py:303-314 counts a pass only when the base
+    and the plus check pass) against 'base' (the authors' mbpp_base_pass@1, tasks/mbpp.py:86)."""
+    base_only = "def is_not_prime(n):\n    return n in (1, 10, 35)"
+    honest = "def is_not_prime(n):\n    return n < 2 or any(n % k == 0 for k in range(2, int(n ** 0.5) + 1))"
+    for tests, verdicts in (("base", [(1.0, None), (1.0, None)]), ("base+plus", [(0.0, "wrong-answer"), (1.0, None)])):
+        task = make_task(tests=tests)
+        assert len(task.inputs("Mbpp/3")) == (5 if tests == "base" else 7)
+        assert len(task.groundtruth("Mbpp/3").outputs) == len(task.time_limits("Mbpp/3")) == len(task.inputs("Mbpp/3"))
+        assert [(r.score, r.error) for r in task.score(["Mbpp/3", "Mbpp/3"], [base_only, honest])] == verdicts
+
+
 def test_evaluate_scores_scripted_answers_in_each_prompt_format():
     task_ids = ["Mbpp/6", "Mbpp/8", "Mbpp/17"]
     replies = {
@@ -227,19 +276,20 @@ def test_evaluate_scores_scripted_answers_in_each_prompt_format():
         "square_nums": "def square_nums(nums):\n    return [n * 2 for n in nums]\n```\n",
         "square_perimeter": "def square_perimeter(a)\n    return 4 * a\n```\n",
     }
-    formats = [("instruction-response", "generate", "syntax"), ("chat", "chat", "syntax"),
-               ("completion", "generate", "no-entry-point")]
-    for prompt_format, method, broken in formats:
-        task = make_task(task_ids=task_ids, prompt_format=prompt_format)
+    variants = [("paper", {}, "generate", "syntax", True),
+                ("reference", {}, "chat", "syntax", False),
+                ("reference", {"prompt_format": "completion", "stop": None}, "generate", "no-entry-point", True)]
+    for protocol, settings, method, broken, kept_explanation in variants:
+        task = make_task(task_ids=task_ids, protocol=protocol, **settings)
         model = ScriptedModel(replies)
         results = task.evaluate(model, task_ids)
         assert [c[0] for c in model.calls] == [method]
         assert [(r.item_id, r.score, r.error) for r in results] == [
             ("Mbpp/6", 1.0, None), ("Mbpp/8", 0.0, "wrong-answer"), ("Mbpp/17", 0.0, broken)
-        ], prompt_format
+        ], (protocol, settings)
         completion = results[0].detail["completion"]
         assert completion.startswith("def differ_At_One_Bit_Pos(a, b):")
-        assert ("Done." in completion) == (prompt_format == "completion")
+        assert ("Done." in completion) == kept_explanation
         assert results[0].detail["solution"].endswith("return x > 0 and x & (x - 1) == 0")
 
 
@@ -323,6 +373,59 @@ def test_hostile_completions_are_contained_and_scored_as_failures(kind, host_tra
     assert leftover == []
 
 
+FORGE_RESULT_LINES = """\
+import json, os, stat
+def {entry_point}(*args):
+    lines = [json.dumps({{"event": "output", "index": i, "value": v}}) for i, v in enumerate({values})]
+    data = ("\\n".join(lines) + '\\n{{"event": "done"}}\\n').encode()
+    theirs = {{os.fstat(0).st_ino, os.fstat(2).st_ino}}
+    for fd in range(3, 64):
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            continue
+        if stat.S_ISFIFO(info.st_mode) and info.st_ino not in theirs:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+    os._exit(0)
+"""
+"""A solution that writes its own result lines on the harness's channel (a pipe other than
+stdin and stderr) instead of running: the host must treat whatever comes as hostile."""
+
+
+def test_costly_outputs_cost_their_own_item_only():
+    """#18.4: a forged output that is a set of 100,000 integers with equal hashes (hash(k * (2**61 - 1))
+    is 0 for every k: building it takes about a minute) times out its own item; the host never
+    builds it, and the correct solutions judged with it still pass."""
+    task = make_task(judge_seconds=0.5)
+    collide = '{"t": "set", "v": [k * (2 ** 61 - 1) for k in range(1, 100_000)]}'
+    crafted = FORGE_RESULT_LINES.format(entry_point="square_perimeter", values=f"[{collide}, 20, 16]")
+    ids = ["Mbpp/3", "Mbpp/17", "Mbpp/8"]
+    codes = [canonical(task, "Mbpp/3"), crafted, canonical(task, "Mbpp/8")]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    results = task.score(ids, codes)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    assert [(r.score, r.error) for r in results] == [(1.0, None), (0.0, "timeout"), (1.0, None)]
+    assert results[1].detail["status"] == "timeout" and "0.5 s each" in results[1].detail["message"]
+    host_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert host_cpu < 10, f"the host spent {host_cpu:.1f} s of CPU on the results"
+
+
+def test_forged_lines_are_judged_not_trusted():
+    """Result lines a solution writes itself are judged like any output: right values pass,
+    wrong or malformed ones fail, and nothing in them is decoded on the host."""
+    task = make_task()
+    forge = FORGE_RESULT_LINES.format
+    codes = [forge(entry_point="square_perimeter", values="[40, 20, 16]"),
+             forge(entry_point="square_perimeter", values="[40, 20, 17]"),
+             forge(entry_point="square_perimeter", values='[40, 20, {"t": "object", "v": []}]'),
+             forge(entry_point="square_perimeter", values="[40, 20]")]
+    results = task.score(["Mbpp/17"] * len(codes), codes)
+    assert [(r.score, r.error) for r in results] == [
+        (1.0, None), (0.0, "wrong-answer"), (0.0, "wrong-answer"), (0.0, "crash")]
+
+
 def _mentions(proc: Path, marker: bytes) -> bool:
     try:
         return int(proc.name) != os.getpid() and marker in (proc / "cmdline").read_bytes()
@@ -351,12 +454,15 @@ def tiny_engine(tmp_path_factory):
 
 def test_evaluate_with_a_real_model_and_sandbox(tiny_engine):
     ids = ["Mbpp/3", "Mbpp/17", "Mbpp/82"]
-    for prompt_format in ("instruction-response", "chat"):
-        task = make_task(task_ids=ids, prompt_format=prompt_format, max_new_tokens=24)
+    for protocol in ("paper", "reference"):
+        task = make_task(task_ids=ids, protocol=protocol, max_new_tokens=24)
         results = task.evaluate(tiny_engine, ids)
         assert [r.item_id for r in results] == ids
         assert all(r.score == 0.0 and r.error in ERROR_CLASSES for r in results)
-        want = tiny_engine.generate([task.prompt_text(i) for i in ids], max_new_tokens=24, stop=task.stop_strings())
+        if protocol == "paper":
+            want = tiny_engine.generate([task.prompt_text(i) for i in ids], max_new_tokens=24, stop=task.stop_strings())
+        else:
+            want = tiny_engine.chat([task.conversation(i) for i in ids], max_new_tokens=24, stop=task.stop_strings())
         assert [r.detail["completion"] for r in results] == want
         again = task.evaluate(tiny_engine, ids[::-1])[::-1]
         assert [(r.item_id, r.error, r.detail) for r in again] == [(r.item_id, r.error, r.detail) for r in results]

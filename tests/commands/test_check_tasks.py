@@ -1,0 +1,52 @@
+"""`python -m cqd_mpi check-tasks CONFIG`: the harness ceiling of every task, under each protocol."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import subprocess_env, write_config
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+DSN = os.environ.get("CQD_TEST_MYSQL_DSN", "mysql://root@127.0.0.1:3306")
+
+
+def config_with(tiny_family, tmp_path, protocol):
+    """An MBPP+ and a DB task; under `paper` the DB data is 360 entries (dev.jsonl six times, in
+    place of AgentBench's standard + dev) for the authors' list, whose first four items are
+    SELECT-style; under `reference` four items of every category, since AgentBench's metric
+    counts a category without items as 0."""
+    standard_and_dev = tmp_path / "six-devs.jsonl"
+    standard_and_dev.write_text((FIXTURES / "dbbench" / "dev.jsonl").read_text() * 6)
+    experts = list(tiny_family["experts"].values())
+    return {
+        "base": str(tiny_family["base"]),
+        "experts": [{"task": "code", "path": str(experts[0])}, {"task": "db", "path": str(experts[1])}],
+        "protocol": protocol,
+        "tasks": [
+            {"name": "code", "kind": "mbpp", "data": str(FIXTURES / "mbpp" / "MbppPlus-fixture.jsonl")},
+            {"name": "db", "kind": "dbbench", "data": str(standard_and_dev if protocol == "paper" else
+                                                          FIXTURES / "dbbench" / "dev.jsonl"),
+             "settings": {"server": {"dsn": DSN}} if protocol == "paper" else
+             {"server": {"dsn": DSN}, "item_ids": ["0", "20", "40", "41"]}},
+        ],
+        "qd": {"generations": 1},
+        "runtime": {"run_dir": str(tmp_path / "run")},
+        "engine": {"device": "cpu"},
+    }
+
+
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_check_tasks_replays_the_reference_solutions_under_each_protocol(tiny_family, tmp_path, protocol):
+    path = write_config(tmp_path / "config.yaml", config_with(tiny_family, tmp_path, protocol))
+    result = subprocess.run([sys.executable, "-m", "cqd_mpi", "check-tasks", str(path), "--limit", "4"],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert re.search(rf"^code\s+mbpp\s+{protocol}\s+4\s+1\.000\s+0\s", result.stdout, re.M), result.stdout
+    assert re.search(rf"^db\s+dbbench\s+{protocol}\s+4\s+1\.000\s+0\s", result.stdout, re.M), result.stdout
+    if protocol == "paper":
+        assert "MbppPlus v0.1.0 (settings.version) has 399" in result.stderr
+        assert "the ids of item list 'cycleqd' are positions in" in result.stderr
