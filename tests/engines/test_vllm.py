@@ -134,6 +134,7 @@ def test_a_vllm_run_under_mpi_killed_and_resumed_has_the_transformers_engines_st
     run_dir = tmp_path / "vllm" / "run"
     config = small_config(vllm_family, run_dir, **{"runtime.threads": 1})
     config["engine"] = {"kind": "vllm", "device": "cpu", "dtype": "float32", "settings": VLLM_SETTINGS}
+    (tmp_path / "vllm").mkdir()
     path = write_config(tmp_path / "vllm" / "config.yaml", config)
     mpiexec = Path(python).parent / "mpiexec"
     command = [str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec"), "-n", "3",
