@@ -5,7 +5,12 @@ tests/engines/test_vllm.py runs this file as ``$CQD_VLLM_PYTHON -m pytest tests/
 One engine is started for the module and updated in place again and again; after every
 update its greedy outputs must equal those of the transformers engine on the same weights,
 token for token (float32), and a mismatch names the prompt.
+
+CQD_VLLM_DEVICE (default cpu) runs both engines on another device: `cuda` on a GPU node with
+the CUDA build of vLLM (docs/gpu.md).
 """
+
+import os
 
 import pytest
 import torch
@@ -35,8 +40,9 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "Here:\n```python\n"}],
 ]
 NEW_TOKENS = 24
-SETTINGS = {"gpu_memory_utilization": 0.05, "max_model_len": 512, "enforce_eager": True,
-            "chat_template": INSTRUCTION_RESPONSE}
+DEVICE = os.environ.get("CQD_VLLM_DEVICE", "cpu")
+SETTINGS = {"gpu_memory_utilization": 0.05 if DEVICE == "cpu" else 0.3, "max_model_len": 512,
+            "enforce_eager": DEVICE == "cpu", "chat_template": INSTRUCTION_RESPONSE}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,7 @@ def reference(models):
     settings = TransformersSettings(chat_template=INSTRUCTION_RESPONSE)
     outputs = {}
     for name, path in models.items():
-        live = TransformersEngine(path, device="cpu", dtype="float32", settings=settings)
+        live = TransformersEngine(path, device=DEVICE, dtype="float32", settings=settings)
         full = live.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
         stops = [text[4:6] or "never" for text in full]
         outputs[name] = {
@@ -67,7 +73,7 @@ def reference(models):
 
 @pytest.fixture(scope="module")
 def engine(models):
-    live = VLLMEngine(models["m1"], device="cpu", dtype="float32", settings=VLLMSettings(**SETTINGS))
+    live = VLLMEngine(models["m1"], device=DEVICE, dtype="float32", settings=VLLMSettings(**SETTINGS))
     yield live
     live.close()
 
@@ -119,7 +125,7 @@ def test_a_batch_generates_what_each_prompt_generates_alone(engine, models):
 def test_a_dir_update_and_a_bf16_stream_load_in_place(engine, models, reference):
     assert engine.update_from_dir(models["m2"]) == len(engine.required_names())
     compare(engine, reference, "m2", "update from a dir")
-    halves = TransformersEngine(models["m3"], device="cpu", dtype="float32")
+    halves = TransformersEngine(models["m3"], device=DEVICE, dtype="float32")
     halves.load_weights(stream(models["m3"], torch.bfloat16))
     engine.update(stream(models["m3"], torch.bfloat16))
     assert engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS) == halves.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
