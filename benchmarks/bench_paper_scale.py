@@ -176,9 +176,9 @@ def main():
     print("| phase (one generation, one worker) | seconds | where |")
     print("| --- | --- | --- |")
     print(f"| merge + rank-{args.mutation_rank} SVD mutation | {merge_s:.1f} | CPU (rank 0) |")
-    print(f"| transfer (push the child into the engine) | {transfer_s:.2f} | GPU worker |")
+    print(f"| transfer (push the child into the engine) | {transfer_s:.2f} | worker ({args.device}) |")
     for name, seconds in phases.items():
-        print(f"| evaluation: {name} | {seconds:.1f} | GPU worker |")
+        print(f"| evaluation: {name} | {seconds:.1f} | worker ({args.device}) |")
     print(f"| GPU-seconds per generation (transfer + evaluation) | {transfer_s + eval_s:.1f} | |\n")
 
     print(f"| workers | wall s / generation, depth 1 | workers idle | GPU-hours / {GENERATIONS} generations, depth 1 "
