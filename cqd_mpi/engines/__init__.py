@@ -14,6 +14,7 @@ from cqd_mpi.engines.base import Capability, Engine, TextGeneration, capabilitie
 
 BUILTIN = {
     "transformers": "cqd_mpi.engines.hf:TransformersEngine",
+    "vllm": "cqd_mpi.engines.vllm:VLLMEngine",
 }
 
 __all__ = ["BUILTIN", "Capability", "Engine", "TextGeneration", "capabilities", "create", "engine_class"]

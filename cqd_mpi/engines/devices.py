@@ -66,6 +66,25 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def resolve_devices(device: str | torch.device = "auto", count: int = 1) -> list[torch.device]:
+    """`count` devices for one worker (a model split over several GPUs): the CPU, or `count`
+    consecutive GPUs from the local rank's share (local rank x count, modulo the visible GPUs),
+    so that the workers of a node take disjoint GPUs as `resolve_device` spreads single ones."""
+    if count == 1:
+        return [resolve_device(device)]
+    first = device
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        first = torch.device("cuda", local_rank() * count % torch.cuda.device_count())
+    first = resolve_device(first)
+    if first.type != "cuda":
+        return [first]
+    visible = torch.cuda.device_count()
+    if count > visible:
+        raise ConfigError(f"engine device: a worker needs {count} GPUs, but this process sees {visible} "
+                          "(check CUDA_VISIBLE_DEVICES and tensor_parallel_size)")
+    return [torch.device("cuda", (first.index + i) % visible) for i in range(count)]
+
+
 def resolve_dtype(dtype: str | torch.dtype, *, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """'auto' keeps the checkpoint's dtype, except half precision on the CPU, which runs in float32."""
     if isinstance(dtype, torch.dtype):

@@ -22,7 +22,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -30,12 +29,8 @@ from transformers import (
 
 from cqd_mpi.engines.base import Engine, NamedTensors, TextGeneration, cut_at_stop
 from cqd_mpi.engines.devices import checkpoint_dtype, resolve_device, resolve_dtype
-from cqd_mpi.engines.templates import (
-    INSTRUCTION_RESPONSE,
-    TemplateError,
-    render_conversation,
-    resolve_template,
-)
+from cqd_mpi.engines.prompts import PromptCodec
+from cqd_mpi.engines.templates import resolve_template
 from cqd_mpi.errors import ConfigError, WeightsError
 
 __all__ = ["TransformersEngine", "TransformersSettings"]
@@ -114,34 +109,18 @@ class TransformersEngine(Engine, TextGeneration):
         self.device = resolve_device(device)
         config = AutoConfig.from_pretrained(self.model_dir)
         self.dtype = resolve_dtype(dtype, checkpoint_dtype=checkpoint_dtype(config), device=self.device)
-        self.chat_template = resolve_template(settings.chat_template, where="engine.settings.chat_template")
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token_id is None:
-            if self.tokenizer.eos_token is None:
-                raise WeightsError(
-                    f"{self.model_dir}: the tokenizer has neither a pad nor an eos token; "
-                    "batched generation needs one of them for padding"
-                )
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.prompts = PromptCodec(self.model_dir, chat_template=settings.chat_template)
+        self.chat_template = self.prompts.chat_template
+        self.tokenizer = self.prompts.tokenizer
 
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype, **_placement(self.device))
         self.model.to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
-        self.eos_token_ids = self._eos_token_ids()
+        self.eos_token_ids = self.prompts.eos_token_ids(self.model.generation_config)
         self._targets = self._live_tensors()
         self._checkpoint_names = self._read_checkpoint_names()
         self.tokens_generated = 0
-
-    def _eos_token_ids(self) -> list[int]:
-        ids: list[int] = []
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            for token_id in source if isinstance(source, (list, tuple)) else [source]:
-                if token_id is not None and int(token_id) not in ids:
-                    ids.append(int(token_id))
-        return ids
 
     def _read_checkpoint_names(self) -> list[str]:
         from cqd_mpi.merging.weights import ModelDir
@@ -240,7 +219,7 @@ class TransformersEngine(Engine, TextGeneration):
         batch_size: int | None = None,
     ) -> list[str]:
         """Greedy completions of `prompts` (the tokenizer adds its special tokens, e.g. BOS)."""
-        encoded = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
+        encoded = [self.prompts.encode(prompt) for prompt in prompts]
         return self._generate(encoded, max_new_tokens, stop, batch_size)
 
     def chat(
@@ -256,33 +235,12 @@ class TransformersEngine(Engine, TextGeneration):
         A conversation that ends with an assistant message is continued: its reply is what
         follows that message's text (a response prefix, as evalplus's codegen prompts do).
         """
-        prompts = [self.render_chat(conversation) for conversation in conversations]
-        return self._generate([self._encode_rendered(p) for p in prompts], max_new_tokens, stop, batch_size)
-
-    def _encode_rendered(self, text: str) -> list[int]:
-        """Token ids of a rendered chat prompt; BOS is added unless the template already wrote it."""
-        bos = self.tokenizer.bos_token
-        add_special_tokens = not (bos and text.startswith(bos))
-        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        encoded = [self.prompts.encode_chat(conversation) for conversation in conversations]
+        return self._generate(encoded, max_new_tokens, stop, batch_size)
 
     def render_chat(self, conversation: list[dict[str, str]]) -> str:
         """The prompt text of one conversation, ready for generation."""
-        template = self.chat_template or self.tokenizer.chat_template
-        if template is None:
-            raise ConfigError(
-                f"chat: the tokenizer of {self.model_dir} has no chat template; give one in the "
-                f"config (engine chat_template: {INSTRUCTION_RESPONSE!r} or a Jinja string)"
-            )
-
-        def render(messages, add_generation_prompt):
-            return self.tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-
-        try:
-            return render_conversation(conversation, render)
-        except TemplateError as exc:
-            raise ConfigError(f"chat: {exc}") from exc
+        return self.prompts.render_chat(conversation)
 
     def _generate(
         self,
@@ -329,6 +287,5 @@ class TransformersEngine(Engine, TextGeneration):
         )
         new_tokens = output[:, prompt_length:]
         self.tokens_generated += int((new_tokens != self.tokenizer.pad_token_id).sum())
-        generated = new_tokens.tolist()
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        texts = self.prompts.decode(new_tokens.tolist())
         return [cut_at_stop(text, stop) for text in texts]

@@ -173,8 +173,8 @@ def test_instruction_response_template_and_prefill(tiny_dirs):
 def test_bos_is_added_once_whether_or_not_the_template_writes_it(live_a):
     bos = live_a.tokenizer.bos_token_id
     assert live_a.tokenizer("def f():")["input_ids"][0] == bos
-    assert live_a._encode_rendered("def f():").count(bos) == 1
-    assert live_a._encode_rendered("<s>def f():").count(bos) == 1
+    assert live_a.prompts.encode_rendered("def f():").count(bos) == 1
+    assert live_a.prompts.encode_rendered("<s>def f():").count(bos) == 1
 
 
 def test_chat_template_from_tokenizer_or_jinja_string(tmp_path):
