@@ -148,12 +148,13 @@ class TrainingRecipe:
     n_items: int = 200
     item_seed: int = 0
     batch_size: int = 32
-    base_steps: int = 1200
+    base_steps: int = 1000
     base_lr: float = 2e-3
-    base_mix: tuple[int, ...] = (2, 1, 1)
-    expert_steps: int = 250
-    expert_lr: float = 3e-4
+    base_mix: tuple[int, ...] = (6, 1, 1)
+    expert_steps: int = 300
+    expert_lr: float = 1e-3
     expert_share: int = 3
+    replay_experts: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -249,6 +250,13 @@ def _train(model, batches: Iterator[dict[str, torch.Tensor]], *, steps: int, lr:
     return loss.item()
 
 
+def _expert_mix(recipe: TrainingRecipe, domain: str) -> dict[str, int]:
+    """An expert's batches: its domain `expert_share` times for each base-domain scene (and each
+    other expert's scene too with `replay_experts`)."""
+    replayed = recipe.domains if recipe.replay_experts else (recipe.base_domain,)
+    return {domain: recipe.expert_share, **{d: 1 for d in replayed if d != domain}}
+
+
 def write_dataset(domain: str, out: Path, *, n_items: int, size: int, seed: int) -> Path:
     """`n_items` scenes of `domain` as a Kvasir-SEG layout folder: images/<id>.png, masks/<id>.png."""
     from PIL import Image
@@ -282,7 +290,7 @@ def _train_all(recipe: TrainingRecipe, out: Path) -> None:
         for index, domain in enumerate(recipe.experts, start=1):
             start = time.perf_counter()
             base.load_state_dict(base_state)
-            weights = {d: recipe.expert_share if d == domain else 1 for d in recipe.domains}
+            weights = _expert_mix(recipe, domain)
             loss = _train(base, _batches(recipe, weights=weights, seed=index), steps=recipe.expert_steps,
                           lr=recipe.expert_lr, warmup=max(1, recipe.expert_steps // 10))
             save_model(base, out / domain)
