@@ -70,7 +70,12 @@ def test_the_demo_command_runs_cycleqd_and_prints_table_4(small, tmp_path, monke
     report = json.loads((run_dir / "final" / "report.json").read_text())
     assert report["tasks"] == list(SMALL.experts) and report["generations"] == 3
     assert "Test-split scores normalised by each task's expert (Table 4)" in out
-    assert "model similarity of experts polyps and camouflage: 0." in out
+    from cqd_mpi.merging.operators import model_similarity
+    from cqd_mpi.merging.weights import ModelDir
+
+    similarity = model_similarity(base=ModelDir(small.base), a=ModelDir(small.experts["polyps"]),
+                                  b=ModelDir(small.experts["camouflage"]))
+    assert f"model similarity of experts polyps and camouflage: {similarity:.4f}" in out
     line = next(line for line in out.splitlines() if line.startswith("claim "))
     from cqd_mpi.analysis.normalised import claim
 
