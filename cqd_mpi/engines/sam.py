@@ -24,7 +24,7 @@ import torch
 from cqd_mpi.engines.base import Engine, MaskPrediction, MaskPrompt, NamedTensors, PredictedMask
 from cqd_mpi.engines.devices import checkpoint_dtype, resolve_device, resolve_dtype
 from cqd_mpi.engines.inplace import InPlaceWeights
-from cqd_mpi.errors import ConfigError, WeightsError
+from cqd_mpi.errors import ConfigError, WeightsError, require
 
 __all__ = ["SamEngine", "SamSettings", "image_processor", "sam_config", "save_model"]
 
@@ -98,6 +98,7 @@ class SamEngine(Engine, MaskPrediction):
 
     def __init__(self, model_dir: str | os.PathLike, *, device: str | torch.device = "auto",
                  dtype: str | torch.dtype = "auto", settings: SamSettings | None = None):
+        require("PIL", extra="sam", feature="the sam engine's image processor")
         from transformers import SamConfig, SamModel, SamProcessor
         from transformers.models.sam.image_processing_pil_sam import SamImageProcessorPil
 

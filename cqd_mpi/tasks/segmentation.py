@@ -256,13 +256,14 @@ def make_prompt(mask: np.ndarray, settings: Settings, item_id: str) -> MaskPromp
     return MaskPrompt(box=(float(x0), float(y0), float(x1), float(y1)))
 
 
-def load_items(data: str | Path | None, settings: Settings, where: str = "data") -> dict[str, Item]:
+def load_items(data: str | Path | None, settings: Settings, task: str = "") -> dict[str, Item]:
     """Every item of the dataset by id, each pair opened and checked; TaskError lists the bad files."""
+    where = f"task {task!r} data" if task else "data"
     if data is None:
         raise TaskError(f"{where}: a segmentation task needs data: a dataset folder or a .jsonl/.csv manifest")
     path = Path(data)
     if path.is_dir():
-        pairs, problems = _folder_pairs(path, settings, where.rpartition(".")[0] + ".settings")
+        pairs, problems = _folder_pairs(path, settings, f"task {task!r} settings" if task else "settings")
     elif path.suffix in (".jsonl", ".csv"):
         pairs, problems = _manifest_pairs(path)
     else:
@@ -327,7 +328,7 @@ class SegmentationTask(Task):
         self.metric_fn = METRICS[self.settings.metric]
         require(METRIC_MODULES[self.settings.metric], extra="sam",
                 feature=f"the segmentation metric {self.settings.metric!r}")
-        self._items = load_items(self.data, self.settings, f"task {self.name!r} data")
+        self._items = load_items(self.data, self.settings, self.name)
 
     def item_ids(self) -> list[str]:
         return list(self._items)

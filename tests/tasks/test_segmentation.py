@@ -175,7 +175,7 @@ def test_each_kind_of_bad_data_is_named_at_load(kvasir_dir):
     with pytest.raises(TaskError, match=r"image .*cju0003kvasir.jpg has no mask cju0003kvasir\.\* in"):
         make_task(kvasir_dir)
     assert len(make_task(kvasir_dir, unmatched_images="skip").item_ids()) == 5
-    with pytest.raises(TaskError, match=r"settings.masks: expected the folder .*Kvasir-SEG/GT"):
+    with pytest.raises(TaskError, match=r"task 'seg' settings.masks: expected the folder .*Kvasir-SEG/GT, which does not exist"):
         make_task(kvasir_dir, masks="GT")
     with pytest.raises(TaskError, match=r"needs data: a dataset folder"):
         SegmentationTask(name="seg", data=None, settings=Settings(), context=TaskContext())
