@@ -92,8 +92,10 @@ def merge_child(args) -> None:
     from cqd_mpi.merging.weights import ModelDir, write_hf_dir
 
     base, a, b = (ModelDir(p) for p in args.dirs)
-    rank = "full" if args.rank == "full" else int(args.rank)
-    spec = MutationSpec(kind="none") if args.rank == "none" else MutationSpec(kind="svd", rank=rank, w_max=0.3)
+    if args.rank == "none":
+        spec = MutationSpec(kind="none")
+    else:
+        spec = MutationSpec(kind="svd", rank="full" if args.rank == "full" else int(args.rank), w_max=0.3)
     started = time.perf_counter()
     stream = crossover_stream(base=base, parent1=a, parent2=b, w1=W1, w2=W2, mutation=spec, seed=1)
     write_hf_dir(stream, args.out, like=base)
