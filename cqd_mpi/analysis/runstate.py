@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cqd_mpi.analysis import normalised
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.archive import Archive, Bins
 from cqd_mpi.run.rundir import RunDir
@@ -325,7 +326,11 @@ def summary(run: RunState, generation: int | None = None, *, lineage_depth: int 
         from cqd_mpi.run.report import build_report, format_report
 
         lines.append("")
-        lines.append(format_report(build_report(run.core)))
+        report = build_report(run.core)
+        lines.append(format_report(report))
+        if normalised.predicts_masks(run.config_text):
+            lines.append("")
+            lines.extend(normalised.section(run, report))
     elif generation == run.generations_done:
         lines.append("aggregate: not evaluated yet (the final phase has not run)")
 

@@ -1,19 +1,30 @@
-"""`python -m cqd_mpi` (or `python -m cqd_mpi demo`): the embedded demo on the CPU.
+"""`python -m cqd_mpi` (or `python -m cqd_mpi demo [llm|sam]`): an embedded demo on the CPU.
 
-Builds (or reuses from the cache) a tiny Llama base and three skill experts, then runs
-CycleQD over them into ./cqd-demo and prints the final table. Rerunning resumes or, once
-done, prints the table again. Under mpiexec, rank 0 builds the models and every rank runs.
+`llm` (the default, and what the bare command runs) builds or reuses a tiny Llama base and
+three skill experts, then runs CycleQD over them into ./cqd-demo. `sam` builds or reuses a
+tiny Segment Anything base and two segmentation experts, runs CycleQD over them into
+./cqd-sam-demo, and prints the scores normalised by the experts (Table 4) with its claim.
+Rerunning resumes or, once done, prints the table again. Under mpiexec, rank 0 builds the
+models and every rank runs.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-HELP = "run the embedded demo: tiny models, three synthetic skills, CPU (the default command)"
+HELP = "run an embedded demo: tiny models trained on the CPU (llm, the default command; or sam)"
+
+DEMOS = {
+    "llm": ("cqd_mpi.demo.llm", "cqd-demo", "a tiny Llama and three skill experts"),
+    "sam": ("cqd_mpi.demo.sam", "cqd-sam-demo", "a tiny SAM and two segmentation experts"),
+}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--run-dir", default="cqd-demo", help="where the run goes (default ./cqd-demo)")
+    parser.add_argument("which", nargs="?", choices=list(DEMOS), default="llm",
+                        help="llm: three synthetic text skills (default); sam: two synthetic segmentation domains")
+    parser.add_argument("--run-dir", default=None, help="where the run goes (default ./cqd-demo, ./cqd-sam-demo)")
     parser.add_argument("--generations", type=int, default=None, help="CycleQD generations (default: the demo's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="where the demo models are cached (default ~/.cache/cqd_mpi)")
@@ -23,10 +34,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import time
 
-    from cqd_mpi.demo import llm as demo
     from cqd_mpi.run import config as config_mod
     from cqd_mpi.runtime import launch
 
+    module, default_dir, what = DEMOS[args.which]
+    demo = importlib.import_module(module)
+    name = "cqd_mpi demo" if args.which == "llm" else f"cqd_mpi demo {args.which}"
+    run_dir = Path(args.run_dir or default_dir)
     started = time.perf_counter()
     rank = 0
 
@@ -35,23 +49,31 @@ def run(args) -> int:
         rank = comm.Get_rank() if comm is not None else 0
         models = None
         if rank == 0:
-            print("cqd_mpi demo: building or reusing the tiny demo models (a few minutes the first time)", flush=True)
+            print(f"{name}: building or reusing {what} (a few minutes the first time)", flush=True)
             models = demo.build(cache_dir=args.cache_dir)
-            print(f"cqd_mpi demo: models ready in {time.perf_counter() - started:.0f} s: {models.base.parent}",
-                  flush=True)
+            print(f"{name}: models ready in {time.perf_counter() - started:.0f} s: "
+                  f"{models.base.parent}", flush=True)
         if comm is not None:
             models = comm.bcast(models, root=0)
-        options = {"run_dir": Path(args.run_dir).resolve(), "seed": args.seed}
+        options = {"run_dir": run_dir.resolve(), "seed": args.seed}
         if args.generations is not None:
             options["generations"] = args.generations
         config = config_mod.from_dict(demo.demo_config(models, **options), root=Path.cwd())
         if rank == 0:
-            print(f"cqd_mpi demo: CycleQD, {config.qd.generations} generations, into {config.runtime.run_dir}",
-                  flush=True)
+            print(f"{name}: CycleQD, {config.qd.generations} generations, into "
+                  f"{config.runtime.run_dir}", flush=True)
         return config
 
     status = launch.start(load, force=args.force)
+    if rank == 0 and status == 0 and args.which == "sam":
+        from cqd_mpi.analysis import normalised
+        from cqd_mpi.analysis.runstate import RunState
+        from cqd_mpi.run.report import build_report
+
+        state = RunState.load(run_dir)
+        print("")
+        print("\n".join(normalised.section(state, build_report(state.core))))
     if rank == 0:
-        print(f"cqd_mpi demo: total {time.perf_counter() - started:.0f} s. Next: "
-              f"python -m cqd_mpi analyze {args.run_dir}")
+        print(f"{name}: total {time.perf_counter() - started:.0f} s. Next: "
+              f"python -m cqd_mpi analyze {run_dir}")
     return status

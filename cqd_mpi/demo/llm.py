@@ -13,14 +13,12 @@ docs/demo-calibration.md records how the recipe and the QD settings were chosen.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import string
 import time
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 
 from cqd_mpi import locations
+from cqd_mpi.demo.cache import build_cached, deterministic
 from cqd_mpi.tasks import skills
 
 log = logging.getLogger("cqd_mpi.demo.llm")
@@ -118,25 +117,6 @@ def _new_model(recipe: TrainingRecipe, tokenizer):
     return LlamaForCausalLM(config)
 
 
-@contextlib.contextmanager
-def _deterministic() -> Iterator[None]:
-    """One thread and deterministic kernels (same bytes on every rebuild); no save progress bars."""
-    from transformers.utils import logging as hf_logging
-
-    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    bars = hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(strict)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """Right-padded prompt+answer+EOS sequences; the loss covers the answer and EOS only."""
     prompts = tokenizer([p for p, _ in pairs])["input_ids"]
@@ -203,7 +183,7 @@ def _save(model, tokenizer, out: Path) -> Path:
 def _train_all(recipe: TrainingRecipe, out: Path) -> None:
     tokenizer = build_tokenizer()
     held_out = _held_out(recipe)
-    with _deterministic():
+    with deterministic():
         start = time.perf_counter()
         base = _new_model(recipe, tokenizer)
         batches = _batches(recipe, weights=dict(zip(recipe.skills, recipe.base_mix)), seed=0,
@@ -250,47 +230,22 @@ def build(recipe: TrainingRecipe = TrainingRecipe(), *, cache_dir: str | os.Path
     """The demo's base and experts, trained now or reused from the cache if complete.
 
     Training writes into a private temporary dir that is renamed into place only when
-    complete, so an interrupted build is never reused; leftovers of dead builds are removed.
+    complete, so an interrupted build is never reused; leftovers of dead builds are removed
+    (demo/cache.py).
     """
     root = Path(cache_dir) if cache_dir is not None else locations.cache_root()
-    final = root / f"demo-{recipe.version}"
-    if _complete(final, recipe):
-        log.info("demo: reusing the models in %s", final)
-        return _models(final, recipe)
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_dead_builds(root)
-    log.info("demo: training a tiny Llama base and %d experts into %s", len(recipe.skills), final)
-    work = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    try:
+    name = f"demo-{recipe.version}"
+    if _complete(root / name, recipe):
+        log.info("demo: reusing the models in %s", root / name)
+        return _models(root / name, recipe)
+    log.info("demo: training a tiny Llama base and %d experts into %s", len(recipe.skills), root / name)
+
+    def train(work: Path) -> None:
         _train_all(recipe, work)
         (work / "recipe.json").write_text(json.dumps(_stamp(recipe), indent=1) + "\n")
-        if not _complete(final, recipe):
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(work, final)
-    except OSError:
-        if not _complete(final, recipe):
-            raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+    final = build_cached(root, name, complete=lambda path: _complete(path, recipe), train=train)
     return _models(final, recipe)
-
-
-def _remove_dead_builds(root: Path) -> None:
-    for leftover in root.glob(".demo-*.tmp-*"):
-        pid = leftover.name.rpartition("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def demo_config(models: DemoModels, *, run_dir: str | os.PathLike = "cqd-demo", seed: int = 0,

@@ -10,14 +10,24 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from cqd_mpi.engines.base import Capability, Engine, TextGeneration, capabilities
+from cqd_mpi.engines.base import (
+    Capability,
+    Engine,
+    MaskPrediction,
+    MaskPrompt,
+    PredictedMask,
+    TextGeneration,
+    capabilities,
+)
 
 BUILTIN = {
     "transformers": "cqd_mpi.engines.hf:TransformersEngine",
+    "sam": "cqd_mpi.engines.sam:SamEngine",
     "vllm": "cqd_mpi.engines.vllm:VLLMEngine",
 }
 
-__all__ = ["BUILTIN", "Capability", "Engine", "TextGeneration", "capabilities", "create", "engine_class"]
+__all__ = ["BUILTIN", "Capability", "Engine", "MaskPrediction", "MaskPrompt", "PredictedMask", "TextGeneration",
+           "capabilities", "create", "engine_class"]
 
 
 def engine_class(kind: str, where: str = "engine.kind") -> type[Engine]:

@@ -27,6 +27,7 @@ config, checked by cqd_mpi.schema), and name it in the config as
 from __future__ import annotations
 
 import abc
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, ClassVar
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, ClassVar
 from cqd_mpi.schema import NoSettings
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 NamedTensors = Iterable[tuple[str, "torch.Tensor"]]
@@ -65,6 +67,54 @@ class TextGeneration(Capability):
              stop: Sequence[str] = ()) -> list[str]:
         """Greedy replies to `conversations` rendered with the chat template; a conversation
         that ends with an assistant message is continued from that message's text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPrompt:
+    """What the model is told about the object in one image, in that image's pixel coordinates.
+
+    `box` is (x0, y0, x1, y1); `points` are (x, y) with `labels` 1 (on the object) or 0 (off
+    it); with neither, the mask decoder runs on the image alone.
+    """
+
+    box: tuple[float, float, float, float] | None = None
+    points: tuple[tuple[float, float], ...] = ()
+    labels: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if len(self.points) != len(self.labels):
+            raise ValueError(f"MaskPrompt: expected one label per point, got {len(self.points)} points "
+                             f"and {len(self.labels)} labels")
+
+    @property
+    def kind(self) -> str:
+        """'box', 'point', 'box+point' or 'none': prompts of one kind are batched together."""
+        parts = [k for k, given in (("box", self.box is not None), ("point", bool(self.points))) if given]
+        return "+".join(parts) or "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictedMask:
+    """One image's predicted binary mask (bool, [height, width] of that image) and the model's
+    own estimate of its IoU with the true mask."""
+
+    mask: np.ndarray
+    iou: float
+
+
+class MaskPrediction(Capability):
+    """Promptable binary segmentation: images and prompts in, one mask per image out.
+
+    Batched; an image's mask must not depend on which other images share its batch beyond
+    the rounding of batched kernels. Images are uint8 RGB arrays [height, width, 3] of any
+    size, and every mask comes back at its image's size.
+    """
+
+    capability = "mask prediction"
+
+    @abc.abstractmethod
+    def predict_masks(self, images: Sequence[np.ndarray], prompts: Sequence[MaskPrompt]) -> list[PredictedMask]:
+        """One PredictedMask per (image, prompt) pair, in order."""
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -12,9 +12,7 @@ chosen per batch shape may round differently, which can flip a near-tie between 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from transformers import (
 
 from cqd_mpi.engines.base import Engine, NamedTensors, TextGeneration, cut_at_stop
 from cqd_mpi.engines.devices import checkpoint_dtype, resolve_device, resolve_dtype
+from cqd_mpi.engines.inplace import InPlaceWeights
 from cqd_mpi.engines.prompts import PromptCodec
 from cqd_mpi.engines.templates import resolve_template
 from cqd_mpi.errors import ConfigError, WeightsError
@@ -118,91 +117,26 @@ class TransformersEngine(Engine, TextGeneration):
         self.model.eval()
         self.model.requires_grad_(False)
         self.eos_token_ids = self.prompts.eos_token_ids(self.model.generation_config)
-        self._targets = self._live_tensors()
-        self._checkpoint_names = self._read_checkpoint_names()
+        self.weights = InPlaceWeights(self.model, self.model_dir)
         self.tokens_generated = 0
-
-    def _read_checkpoint_names(self) -> list[str]:
-        from cqd_mpi.merging.weights import ModelDir
-
-        return ModelDir(self.model_dir).names
 
     def __repr__(self) -> str:
         return f"TransformersEngine({str(self.model_dir)!r}, device={str(self.device)!r}, dtype={self.dtype})"
 
     # ------------------------------------------------------------------ weights
 
-    def _live_tensors(self) -> dict[str, torch.Tensor]:
-        targets: dict[str, torch.Tensor] = {}
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            targets[name] = param
-        for name, buffer in self.model.named_buffers(remove_duplicate=False):
-            targets.setdefault(name, buffer)
-        return targets
-
-    def _resolve_name(self, name: str) -> str:
-        if name in self._targets:
-            return name
-        mapping = getattr(self.model, "_checkpoint_conversion_mapping", None) or {}
-        for pattern, replacement in mapping.items():
-            converted, count = re.subn(pattern, replacement, name)
-            if count and converted in self._targets:
-                return converted
-        prefix = getattr(self.model, "base_model_prefix", "") or ""
-        if prefix:
-            if f"{prefix}.{name}" in self._targets:
-                return f"{prefix}.{name}"
-            if name.startswith(prefix + ".") and name[len(prefix) + 1 :] in self._targets:
-                return name[len(prefix) + 1 :]
-        close = difflib.get_close_matches(name, list(self._targets), n=3)
-        hint = f"; closest live names: {', '.join(close)}" if close else ""
-        raise WeightsError(f"tensor {name!r} does not exist in the live model {self.model_dir}{hint}")
-
     def receive_buffer(self, name: str) -> torch.Tensor:
         """The live parameter or buffer that checkpoint tensor `name` is copied into."""
-        return self._targets[self._resolve_name(name)]
+        return self.weights.target(name)
 
     def required_names(self) -> list[str]:
         """The tensor names of the base checkpoint: what every update must include."""
-        return list(self._checkpoint_names)
+        return list(self.weights.checkpoint_names)
 
-    @torch.no_grad()
     def load_weights(self, tensors: NamedTensors, *, strict: bool = True) -> int:
-        """Copy each (name, tensor) into the live parameter of that name, in place.
-
-        Names are accepted as the checkpoint spells them or as in state_dict. Tensors are cast
-        to the live dtype and moved to the live device one at a time. With `strict`, every
-        persistent tensor of the model must be written (tied aliases count once). Returns the
-        number of tensors copied.
-        """
-        written: dict[int, str] = {}
-        count = 0
-        for name, tensor in tensors:
-            target = self.receive_buffer(name)
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise WeightsError(
-                    f"tensor {name!r}: expected shape {tuple(target.shape)} (live model {self.model_dir}), "
-                    f"got {tuple(tensor.shape)}"
-                )
-            key = target.data_ptr()
-            if key in written:
-                if not torch.equal(target, tensor.to(device=target.device, dtype=target.dtype)):
-                    raise WeightsError(
-                        f"tensor {name!r} is tied to {written[key]!r} in the live model, "
-                        "but the stream gives them different values"
-                    )
-                continue
-            target.copy_(tensor, non_blocking=False)
-            written[key] = name
-            count += 1
-        if strict:
-            missing = [n for n in self.model.state_dict() if self._targets[n].data_ptr() not in written]
-            if missing:
-                shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-                raise WeightsError(
-                    f"the weight stream left {len(missing)} tensor(s) of the live model unset: {shown}"
-                )
-        return count
+        """Copy each (name, tensor) into the live parameter of that name, in place
+        (engines/inplace.py: names, casts, tied aliases, and with `strict` completeness)."""
+        return self.weights.load(tensors, strict=strict)
 
     def finish_update(self) -> None:
         if self.device.type == "cuda":

@@ -8,6 +8,7 @@ BUILTIN = {
     "skills": "cqd_mpi.tasks.skills:SkillsTask",
     "mbpp": "cqd_mpi.tasks.mbpp:MbppPlusTask",
     "dbbench": "cqd_mpi.tasks.dbbench:DBBenchTask",
+    "segmentation": "cqd_mpi.tasks.segmentation:SegmentationTask",
 }
 
 __all__ = ["BUILTIN", "BackendStatus", "ItemResult", "Task", "TaskContext", "task_class"]
