@@ -40,7 +40,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,11 +191,12 @@ def truncate(text: str, limit: int = RESULT_CHARS) -> str:
     return text[:limit] + TRUNCATED_MARK if len(text) > limit else text
 
 
-def read_result(cursor, limit: int = RESULT_CHARS) -> tuple[str, bool]:
+def read_result(cursor, limit: int = RESULT_CHARS, shown: Callable[[str], str] = str) -> tuple[str, bool]:
     """`str(cursor.fetchall())` cut as AgentBench cuts it, reading no more rows than needed.
 
     Returns the text and whether the result was read to its end. A statement without a result
-    set prints as '[]', as AgentBench's client returns no rows for it.
+    set prints as '[]', as AgentBench's client returns no rows for it. `shown` rewrites each
+    printed row before it is counted (ItemDatabase shows its alias in place of its name).
     """
     if cursor.description is None:
         return "[]", True
@@ -206,7 +207,7 @@ def read_result(cursor, limit: int = RESULT_CHARS) -> tuple[str, bool]:
         if not rows:
             break
         for row in rows:
-            text = repr(tuple(row))
+            text = shown(repr(tuple(row)))
             length += len(text) + (2 if parts else 0)
             parts.append(text)
             if length > limit + 1:
@@ -721,19 +722,27 @@ class _Watchdog:
 
 
 class ItemDatabase:
-    """One item's database and user on a shared server; see the module docstring for the bounds."""
+    """One item's database and user on a shared server; see the module docstring for the bounds.
 
-    def __init__(self, server: MySQLServer, *, name: str, limits: StatementLimits = StatementLimits()):
+    The unique name never reaches the caller: results and errors show `alias` in its place
+    (for the DB task, the table's name, which AgentBench names its database after), so what
+    a model reads does not depend on the rank or on random bits.
+    """
+
+    def __init__(self, server: MySQLServer, *, name: str, alias: str | None = None,
+                 limits: StatementLimits = StatementLimits()):
         self.server = server
         self.name = name
+        self.alias = name if alias is None else alias
         self.limits = limits
         self._password = secrets.token_hex(16)
         self.created = False
 
     @classmethod
-    def create(cls, server: MySQLServer, *, name: str, limits: StatementLimits = StatementLimits()) -> ItemDatabase:
+    def create(cls, server: MySQLServer, *, name: str, alias: str | None = None,
+               limits: StatementLimits = StatementLimits()) -> ItemDatabase:
         """Create the (empty) database and its user, whose grants cover that database only."""
-        item = cls(server, name=name, limits=limits)
+        item = cls(server, name=name, alias=alias, limits=limits)
         server.run_admin([f"CREATE DATABASE {quote_identifier(name)} CHARACTER SET utf8mb4"])
         item.created = True
         account = f"{_quote_string(name)}@'%'"
@@ -760,7 +769,8 @@ class ItemDatabase:
             names = ",".join(quote_identifier(c) for c in table.columns)
             row = "(" + ",".join(["%s"] * len(table.columns)) + ")"
             values = [value for r in table.rows for value in r]
-            statements.append((f"INSERT INTO {target} ({names}) VALUES {','.join([row] * len(table.rows))}", values))
+            insert = f"INSERT INTO {target} ({names}) VALUES ".replace("%", "%%")
+            statements.append((insert + ",".join([row] * len(table.rows)), values))
         self.server.run_admin(statements)
 
     def _connect(self):
@@ -786,7 +796,7 @@ class ItemDatabase:
                 for statement in session:
                     cursor.execute(statement)
                 cursor.execute(sql)
-                text, finished = read_result(cursor, self.limits.result_chars)
+                text, finished = read_result(cursor, self.limits.result_chars, self.shown)
                 if finished:
                     conn.commit()
             return text
@@ -797,17 +807,21 @@ class ItemDatabase:
                     f"{self.limits.statement_seconds:g} s and its connection was killed", self.limits.result_chars)
             if is_connection_error(exc):
                 self.server.ping()
-                return truncate(format_error(exc), self.limits.result_chars)
+                return truncate(self.shown(format_error(exc)), self.limits.result_chars)
             finished = True
             _abandon(cursor)
             sqlstate = getattr(exc, "sqlstate", None) or _sqlstate(conn)
-            return truncate(format_error(exc, sqlstate), self.limits.result_chars)
+            return truncate(self.shown(format_error(exc, sqlstate)), self.limits.result_chars)
         finally:
             if not finished and not watchdog.fired:
                 self.server.kill(conn.thread_id())
             _abandon(cursor)
             with contextlib.suppress(Exception):
                 conn.close()
+
+    def shown(self, text: str) -> str:
+        """`text` as the caller may see it: the alias in place of the database's unique name."""
+        return text.replace(self.name, self.alias) if self.alias != self.name else text
 
     def table_hash(self, table: Table) -> str:
         """AgentBench's row-hash MD5 of a table, printed as its client prints the result: "[('…',)]"."""
