@@ -45,8 +45,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cqd_mpi.errors import BackendUnavailable, ConfigError, require
+from cqd_mpi.sandboxes import containers
 
 log = logging.getLogger("cqd_mpi.sandboxes.mysql")
+
+FEATURE = "MySQL back-end 'docker'"
 
 DEFAULT_IMAGE = "localhost/cqd_mpi-mysql:latest"
 """The tag env/mariadb-image.sh (and `podman build -f env/Dockerfile.mysql`) gives the image."""
@@ -591,19 +594,13 @@ class DockerServer(MySQLServer):
 
     def __init__(self, *, image: str = DEFAULT_IMAGE, docker_host: str | None = None, attempts: int = 6,
                  backoff_s: float = 0.5, startup_timeout_s: float = 120.0):
-        docker = require("docker", extra="docker", feature="The dbbench 'docker' MySQL back-end")
         self.image = image
-        self.base_url = docker_host or os.environ.get("DOCKER_HOST") or None
-        where = self.base_url or "the docker SDK's default socket (DOCKER_HOST is unset)"
-        try:
-            self.client = docker.DockerClient(base_url=self.base_url) if self.base_url else docker.from_env()
-            self.client.ping()
-        except Exception as exc:
-            raise BackendUnavailable(
-                f"MySQL back-end 'docker': no container engine answers at {where} ({exc}). Start one, e.g. "
-                "podman's Docker-compatible socket: export DOCKER_HOST=\"$(env/podman-service.sh)\""
-            ) from exc
-        self._ensure_image(docker)
+        self.client = containers.docker_client(docker_host, feature=FEATURE)
+        self.base_url = self.client.cqd_base_url
+        containers.ensure_image(self.client, image, feature=FEATURE, build_hint=(
+            f"Build it with env/mariadb-image.sh (no registry needed) or, where `mysql` can be pulled, "
+            f"podman build -t {image} -f env/Dockerfile.mysql env/"))
+        containers.reap_orphans(self.client, "dbbench")
         password = secrets.token_hex(12)
         self.container = None
         super().__init__(address=Address(host=self._published_host(), port=0, user="root", password=password),
@@ -611,7 +608,7 @@ class DockerServer(MySQLServer):
         try:
             self.container = self.client.containers.run(
                 image, command=list(DOCKER_SERVER_ARGS), detach=True, environment={"MYSQL_ROOT_PASSWORD": password},
-                ports={"3306/tcp": (self._bind_ip(), None)}, labels={"cqd_mpi": "dbbench"},
+                ports={"3306/tcp": (self._bind_ip(), None)}, labels=containers.labels("dbbench"),
                 name=f"cqd_mpi-mysql-{os.getpid()}-{secrets.token_hex(3)}",
             )
             self.container.reload()
@@ -637,23 +634,6 @@ class DockerServer(MySQLServer):
     def _bind_ip(self) -> str:
         return "127.0.0.1" if self._published_host() in ("127.0.0.1", "localhost") else "0.0.0.0"
 
-    def _ensure_image(self, docker) -> None:
-        try:
-            self.client.images.get(self.image)
-            return
-        except docker.errors.ImageNotFound:
-            pass
-        except Exception as exc:
-            raise BackendUnavailable(f"MySQL back-end 'docker': cannot query image {self.image!r}: {exc}") from exc
-        try:
-            self.client.images.pull(self.image)
-        except Exception as exc:
-            raise BackendUnavailable(
-                f"MySQL back-end 'docker': image {self.image!r} is not present and cannot be pulled ({exc}). "
-                f"Build it with env/mariadb-image.sh (no registry needed) or, where `mysql` can be pulled, "
-                f"podman build -t {self.image} -f env/Dockerfile.mysql env/"
-            ) from exc
-
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -673,8 +653,7 @@ class DockerServer(MySQLServer):
         super().close()
         container, self.container = getattr(self, "container", None), None
         if container is not None:
-            with contextlib.suppress(Exception):
-                container.remove(force=True)
+            containers.remove(container)
 
 
 def open_server(settings: ServerSettings, *, temp_dir: str | None = None) -> MySQLServer:

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -38,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from cqd_mpi.engines.base import TextGeneration
-from cqd_mpi.errors import BackendUnavailable, ConfigError, TaskError, require
+from cqd_mpi.errors import BackendUnavailable, ConfigError, TaskError
+from cqd_mpi.sandboxes import containers
 from cqd_mpi.sandboxes.mysql import (
     RESULT_CHARS,
     Address,
@@ -525,13 +525,10 @@ def server_status(settings: ServerSettings) -> BackendStatus:
                 return BackendStatus(name, True, f"{server.version} at {address}")
         if settings.backend == "local":
             return BackendStatus(name, True, f"will start {find_server_binary(settings.binary)}")
-        docker = require("docker", extra="docker", feature="The dbbench 'docker' MySQL back-end")
-        base_url = settings.docker_host or os.environ.get("DOCKER_HOST")
-        client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+        client = containers.docker_client(settings.docker_host, feature="The dbbench 'docker' MySQL back-end")
         with contextlib.closing(client):
-            client.ping()
             client.images.get(settings.image)
-        return BackendStatus(name, True, f"image {settings.image} at {base_url or 'the default docker socket'}")
+        return BackendStatus(name, True, f"image {settings.image} at {client.cqd_base_url or 'the default docker socket'}")
     except BackendUnavailable as exc:
         return BackendStatus(name, False, str(exc))
     except Exception as exc:
