@@ -8,6 +8,7 @@ BUILTIN = {
     "skills": "cqd_mpi.tasks.skills:SkillsTask",
     "mbpp": "cqd_mpi.tasks.mbpp:MbppPlusTask",
     "dbbench": "cqd_mpi.tasks.dbbench:DBBenchTask",
+    "os": "cqd_mpi.tasks.os_interaction:OSInteractionTask",
 }
 
 __all__ = ["BUILTIN", "BackendStatus", "ItemResult", "Task", "TaskContext", "task_class"]

@@ -5,6 +5,7 @@ Each hostile case runs on each back-end (bwrap here; docker through podman's soc
 over, a connection made, a limit passed, the host's disk or memory filled.
 """
 
+import os
 import shutil
 import signal
 import subprocess
@@ -272,3 +273,63 @@ def test_a_worker_killed_with_sigkill_leaves_nothing_running(backend):
 def test_limits_are_checked():
     with pytest.raises(Exception, match=r"limits\.processes: expected a positive number, got 0"):
         EnvLimits(processes=0)
+
+
+UNPRIVILEGED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from cqd_mpi.sandboxes.osenv import EnvLimits
+from cqd_mpi.sandboxes.osenv_bwrap import BwrapEnvironment, ensure_rootfs, sandbox_uid
+import os
+assert os.getuid() == sandbox_uid() != 0
+root = ensure_rootfs(sys.argv[2], sys.argv[3])
+with BwrapEnvironment(rootfs=root, image="default", limits=EnvLimits(command_seconds=3, processes=40)) as env:
+    shell = env.shell()
+    print(shell.run("id -u; echo x >> /etc/passwd && echo written; chmod u+s /usr/bin/find; ls -l /usr/bin/find").text)
+    shell.run("bomb() { bomb | bomb & }; bomb; sleep 100")
+    print("processes", len(env.processes()))
+    print(env.exec(["python3", "-c", "print('exec', 6 * 7)"]).output.decode())
+    namespace = env.pid_namespace
+print("namespace", namespace)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the suite runs unprivileged here, so every bwrap test covers this case")
+def test_bwrap_works_without_root():
+    """GPU nodes run workers as a plain user: the same environment, and RLIMIT_NPROC holds there too."""
+    import tempfile
+
+    from tests.sandboxes.osenv_helpers import ROOTFS
+
+    uid = 1_400_000_777
+    with tempfile.TemporaryDirectory(prefix="cqd-unprivileged-", dir="/tmp") as scratch:
+        home = Path(scratch)
+        home.chmod(0o755)
+        os.chown(home, uid, uid)
+        _run_unprivileged(uid, home, ROOTFS)
+
+
+def _run_unprivileged(uid: int, home: Path, rootfs: str) -> None:
+    python = sys.executable if _reachable(sys.executable) else shutil.which("python3", path="/usr/bin:/bin")
+    assert python, "no Python interpreter an unprivileged user can run"
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run([python, "-I", "-c", UNPRIVILEGED, str(repo), rootfs, str(home / "rootfs")],
+                         capture_output=True, text=True, timeout=300, cwd="/", user=uid, group=uid, extra_groups=[],
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(home)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0] == "0" and lines[1] == "written" and lines[2].startswith("-rwsr-xr-x 1 root root")
+    assert int(next(line for line in lines if line.startswith("processes")).split()[1]) <= 40 + 8
+    assert "exec 42" in run.stdout
+    assert processes_in(next(line for line in lines if line.startswith("namespace")).split()[1]) == []
+
+
+def _reachable(path: str) -> bool:
+    """Whether every directory above `path` lets other users through."""
+    current = Path(path).resolve().parent
+    while True:
+        if not current.stat().st_mode & 0o001:
+            return False
+        if current == current.parent:
+            return True
+        current = current.parent
