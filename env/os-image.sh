@@ -10,8 +10,10 @@
 #   env/os-image.sh default --no-import   # the tarball only (bwrap nodes without podman)
 #
 # AgentBench's `default` is Ubuntu plus python3, python3-pip, git, vim, curl, wget, unzip, zip
-# and tree (data/os_interaction/res/dockerfiles/default); `packages` adds npm. Here the base
-# is Debian $DEBIAN_SUITE (minbase, as small as Ubuntu's docker image: no procps, no sudo).
+# and tree (data/os_interaction/res/dockerfiles/default), installed by apt-get with their
+# recommended packages (build-essential, less, openssh-client...); `packages` adds npm. Here
+# the base is Debian $DEBIAN_SUITE (minbase, as small as Ubuntu's docker image: no procps,
+# no sudo) and the same apt-get install runs in it.
 # The tarball is printed on stdout, one line per image.
 #
 # Environment: CQD_CACHE_DIR (default /var/cache/cqd_mpi), CQD_OS_IMAGE_PREFIX (default
@@ -24,7 +26,7 @@ cache="${CQD_CACHE_DIR:-/var/cache/cqd_mpi}"
 prefix="${CQD_OS_IMAGE_PREFIX:-localhost/cqd_mpi-os-}"
 suite="${DEBIAN_SUITE:-bookworm}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-common="python3,python3-pip,git,vim,curl,wget,unzip,zip,tree,ca-certificates"
+common="python3,python3-pip,git,vim,curl,wget,unzip,zip,tree"
 
 say() { echo "os-image: $*" >&2; }
 
@@ -46,7 +48,7 @@ build() {
     [ "$name" = packages ] && packages="$common,npm"
     tarball="$cache/os-$name-rootfs-$suite.tar"
     image="$prefix$name:latest"
-    stamp="$suite:$packages"
+    stamp="$suite:$packages:recommends"
     if [ "$rebuild" = 1 ] || [ ! -s "$tarball" ] || [ "$(cat "$tarball.stamp" 2>/dev/null)" != "$stamp" ]; then
         command -v debootstrap >/dev/null 2>&1 || {
             say "installing debootstrap with apt-get"
@@ -55,15 +57,25 @@ build() {
         mkdir -p "$cache/debs"
         work="$(mktemp -d "$cache/os-rootfs.XXXXXX")"
         trap 'rm -rf "$work"' EXIT
-        say "debootstrap $suite with $packages into $work (a few minutes; log: $cache/os-$name-debootstrap.log)"
-        if ! debootstrap --variant=minbase --include="$packages" --cache-dir="$cache/debs" \
-            "$suite" "$work/rootfs" "$mirror" >"$cache/os-$name-debootstrap.log" 2>&1; then
-            say "debootstrap failed; last lines of $cache/os-$name-debootstrap.log:"
-            tail -n 20 "$cache/os-$name-debootstrap.log" >&2
+        log="$cache/os-$name-debootstrap.log"
+        say "debootstrap $suite, then apt-get install $packages into $work (a few minutes; log: $log)"
+        root="$work/rootfs"
+        if ! debootstrap --variant=minbase --cache-dir="$cache/debs" "$suite" "$root" "$mirror" >"$log" 2>&1; then
+            say "debootstrap failed; last lines of $log:"
+            tail -n 20 "$log" >&2
             exit 1
         fi
-        root="$work/rootfs"
-        rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
+        # As AgentBench's Dockerfile does: apt-get install, recommended packages included.
+        mount -t proc proc "$root/proc"
+        trap 'umount "$root/proc" 2>/dev/null; rm -rf "$work"' EXIT
+        if ! { chroot "$root" apt-get update -q && DEBIAN_FRONTEND=noninteractive chroot "$root" \
+            apt-get install -y -q $(echo "$packages" | tr ',' ' ') && chroot "$root" apt-get clean; } >>"$log" 2>&1; then
+            say "apt-get install failed; last lines of $log:"
+            tail -n 20 "$log" >&2
+            exit 1
+        fi
+        umount "$root/proc"
+        rm -rf "$root"/usr/share/doc/* "$root"/usr/share/info/* \
             "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb "$root"/var/log/*.log \
             "$root"/dev/*
         printf 'cqd-os\n' >"$root/etc/hostname"

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar, Protocol
 
-from cqd_mpi.errors import BackendUnavailable, ConfigError
+from cqd_mpi.errors import ConfigError
 
 log = logging.getLogger("cqd_mpi.sandboxes.osenv")
 
@@ -181,8 +181,14 @@ def clean_output(raw: bytes) -> str:
     return ACCEPTED_LINE.sub(b"", raw, count=1).decode("utf-8", errors="replace")
 
 
-class ShellError(BackendUnavailable):
-    """A shell could not be started in an environment that otherwise works."""
+class EnvironmentFailure(Exception):
+    """A started environment stopped working: its first process is gone, a shell will not
+    start, its processes cannot be stopped. The item's error (an agent can cause it), never
+    the job's end; BackendUnavailable is for environments that cannot be started at all."""
+
+
+class ShellError(EnvironmentFailure):
+    """A shell could not be started in an environment."""
 
 
 class Shell:
@@ -319,6 +325,7 @@ class Environment(abc.ABC):
         self._shell: Shell | None = None
         self._lock = threading.Lock()
         self.closed = False
+        self.shells_started = 0
 
     @abc.abstractmethod
     def exec(self, argv: Sequence[str], *, environment: Mapping[str, str] | None = None) -> ScriptResult:
@@ -335,6 +342,7 @@ class Environment(abc.ABC):
                 shell = self._open_shell()
                 shell.start()
                 self._shell = shell
+                self.shells_started += 1
             return self._shell
 
     def guard(self) -> None:
@@ -370,7 +378,7 @@ class Environment(abc.ABC):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGSTOP)
             time.sleep(0.01)
-        raise BackendUnavailable(f"the processes of a {self.backend} environment could not all be stopped in 10 s")
+        raise EnvironmentFailure(f"the processes of a {self.backend} environment could not all be stopped in 10 s")
 
     @abc.abstractmethod
     def changes(self) -> dict[str, Entry]:

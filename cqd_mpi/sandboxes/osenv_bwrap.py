@@ -11,7 +11,8 @@ An environment is two nested bubblewrap sandboxes:
   whatever the item writes lands in the tmpfs and the rootfs is never changed;
 - the inner one, under `prlimit` (processes, address space per process, file size), pivots
   into the overlay with its own pid namespace, a fresh /proc, a read-only /dev of the usual
-  nodes, a sized /dev/shm, Docker's default capabilities, and runs `bash` as its pid 1: the
+  nodes, a sized /dev/shm, Docker's default capabilities (and an empty /proc/tty/driver, which
+  host root owns and so no one in the namespace could read), and runs `bash` as its pid 1: the
   environment's first process, which lives until the host closes its stdin.
 
 The shell, the init and the check scripts are started in the environment by
@@ -47,6 +48,7 @@ from cqd_mpi.sandboxes.osenv import (
     WATCHED,
     Entry,
     Environment,
+    EnvironmentFailure,
     EnvLimits,
     FdChannel,
     ScriptResult,
@@ -268,7 +270,7 @@ class BwrapEnvironment(Environment):
             prlimit, f"--nproc={limits.processes + OVERHEAD_PROCESSES}", f"--as={limits.memory_bytes}",
             f"--fsize={limits.disk_bytes}", "--core=0", "--",
             "/run/cqd/bwrap", "--as-pid-1", "--unshare-pid", "--die-with-parent",
-            "--bind", f"{UPPER}/root", "/", "--proc", "/proc", "--dev", "/dev",
+            "--bind", f"{UPPER}/root", "/", "--proc", "/proc", "--tmpfs", "/proc/tty/driver", "--dev", "/dev",
             "--size", str(limits.disk_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
             "--cap-drop", "ALL", *[a for cap in DOCKER_CAPS for a in ("--cap-add", cap)],
             "--chdir", "/", "--clearenv", *[a for k, v in ENVIRONMENT.items() for a in ("--setenv", k, v)],
@@ -355,7 +357,7 @@ class BwrapEnvironment(Environment):
             for fd in fds:
                 os.close(fd)
             self._reap(launcher)
-            raise BackendUnavailable(f"cannot start {argv[0]!r} in the 'bwrap' environment: "
+            raise EnvironmentFailure(f"cannot start {argv[0]!r} in the 'bwrap' environment: "
                                      f"{text.removeprefix('error ') or 'the launcher died'}")
         return launcher, int(text.split()[1]), (fds[0] if fds else None)
 

@@ -216,9 +216,9 @@ class DockerEnvironment(Environment):
                      guard=self.guard)
 
     def shell(self) -> Shell:
-        fresh = self._shell is None or not self._shell.alive
+        started = self.shells_started
         shell = super().shell()
-        if fresh:
+        if self.shells_started != started:
             shell.run(f"ulimit -f {max(1, self.limits.disk_bytes // 1024)}")
         return shell
 

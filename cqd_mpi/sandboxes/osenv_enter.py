@@ -4,7 +4,8 @@ Run by the host's Python as ``python -I -S osenv_enter.py CONFIG_JSON`` with a u
 on fd `status_fd`; stdlib only. It joins every namespace of the environment's first process
 (`pid`), takes its root, and forks the program there with the environment's limits and
 capabilities: `rlimits` (name -> value) and the capability bounding set cut to `caps`
-(numbers), so a program run as root gets those and no more. With `pty` the process gets a new
+(numbers), so a program run as root gets those and no more; the signals Python ignores are
+reset, and the open-files limit is raised to its hard limit, as in a container. With `pty` the process gets a new
 terminal from the environment's own /dev/ptmx, whose master end goes back over the socket.
 The socket then carries ``pid N`` (the host pid of the program) or ``error MESSAGE``; this
 process waits for the program and exits with its status (128 + signal when it was killed),
@@ -99,8 +100,12 @@ def main():
                     os.dup2(slave, fd)
                 os.close(slave)
             channel.close()
+            for number in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(number, signal.SIG_DFL)
             for name, value in config.get("rlimits", {}).items():
                 resource.setrlimit(getattr(resource, name), (value, value))
+            _, most = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
             for cap in range(last + 1):
                 if cap not in keep and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                     raise OSError(ctypes.get_errno(), f"cannot drop capability {cap}")

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from cqd_mpi import faults
 from cqd_mpi.engines.base import TextGeneration
 from cqd_mpi.errors import BackendUnavailable, ConfigError, TaskError
 from cqd_mpi.sandboxes.osenv import EnvironmentLimit, EnvLimits, ansi_c_quote, watched
@@ -214,10 +215,6 @@ class Item:
     match: dict[str, Any] | None
     check: tuple[Script | None, ...]
     example: Script | None
-
-    @property
-    def uses_example(self) -> bool:
-        return any(script is None for script in self.check)
 
 
 def _script(value: Any, *, scripts: Path, where: str) -> Script | None:
@@ -434,7 +431,6 @@ class OSEpisode(multiturn.Episode):
         self.baseline: dict = {}
         self.tampered: list[str] = []
         self.checks: list[int | None] = []
-        self.shell_restarts = 0
         self.no_reference = False
         self._last_round = False
 
@@ -446,6 +442,7 @@ class OSEpisode(multiturn.Episode):
         started = time.monotonic()
         try:
             self.env = self.task.open_environment(self.item)
+            faults.point("os-setup")
             for number, script in enumerate(self.item.init):
                 result = self.env.exec(script_argv(script))
                 if result.exit_code != 0:
@@ -486,7 +483,6 @@ class OSEpisode(multiturn.Episode):
 
     def act(self, command: str) -> str:
         started = time.monotonic()
-        shell_was = self.env._shell
         try:
             output = self.env.shell().run(command)
         except EnvironmentLimit as exc:
@@ -494,8 +490,6 @@ class OSEpisode(multiturn.Episode):
             return ""
         finally:
             self.env_seconds += time.monotonic() - started
-        if shell_was is not None and self.env._shell is not shell_was:
-            self.shell_restarts += 1
         self.outputs.append(output.text[:EXCERPT_CHARS])
         return observation(output.text)
 
@@ -559,8 +553,9 @@ class OSEpisode(multiturn.Episode):
             detail["checks"] = self.checks
         if self.tampered:
             detail["tampered"] = self.tampered[:50]
-        if self.shell_restarts:
-            detail["shell_restarts"] = self.shell_restarts
+        restarts = self.env.shells_started - 1 if self.env is not None else 0
+        if restarts > 0:
+            detail["shell_restarts"] = restarts
         if self.message:
             detail["message"] = self.message[:EXCERPT_CHARS]
         status = "no-reference" if self.no_reference else self.status or "completed"
@@ -578,8 +573,8 @@ class OSEpisode(multiturn.Episode):
 
 
 def reference_reply(episode: OSEpisode) -> str:
-    """The oracle: echo the match answer (or run the example) in the shell, then answer its output;
-    `finish` after the example when the check does not read the answer."""
+    """The oracle: echo the match answer (or run the example) in the shell, then answer the last
+    line of its output (`Act: answer(...)` holds one line), or `finish` when there is none."""
     item = episode.item
     if episode.rounds == 0:
         if item.match is not None and "answer" in item.match:
@@ -590,10 +585,10 @@ def reference_reply(episode: OSEpisode) -> str:
             episode.no_reference = True
             return "Think: there is no reference solution.\n\nAct: finish"
         return f"Think: the reference solution.\n\nAct: bash\n\n```bash\n{command}\n```"
-    if item.match is None and not item.uses_example:
+    lines = (episode.outputs[-1] if episode.outputs else "").strip().splitlines()
+    if not lines:
         return "Think: done.\n\nAct: finish"
-    output = episode.outputs[-1] if episode.outputs else ""
-    return f"Think: its output is the answer.\n\nAct: answer({output.strip()})"
+    return f"Think: its last line is the answer.\n\nAct: answer({lines[-1].strip()})"
 
 
 def _single_quoted(text: str) -> str:

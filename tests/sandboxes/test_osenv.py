@@ -163,6 +163,23 @@ def test_a_process_that_outlives_its_item_is_gone_with_the_environment(backend):
     assert processes_in(namespace) == []
 
 
+def test_an_agent_that_ends_its_environment_fails_only_that_environment(backend):
+    """bwrap: pid 1 ignores the agent's signals and its stdin cannot be opened for writing, so the
+    environment goes on; docker: the container's first process reads the agent's `exit` and the
+    container ends; either way nothing else is touched."""
+    with make_env(backend) as env, make_env(backend) as neighbour:
+        out = env.shell().run("kill -9 1; kill -TERM 1; kill -9 -1; echo exit > /proc/1/fd/0; sleep 2").text
+        if backend == "bwrap":
+            assert "/proc/1/fd/0: Permission denied" in out
+            assert env.shell().run("echo still here").text == "still here\r\n"
+        else:
+            with pytest.raises(Exception) as failed:
+                env.shell().run("echo still here")
+                env.exec(["true"])
+            assert not isinstance(failed.value, EnvironmentLimit)
+        assert neighbour.shell().run("echo alive").text == "alive\r\n"
+
+
 def test_sleep_1000_ends_at_the_command_limit_and_the_shell_goes_on(env):
     shell = env.shell()
     started = time.monotonic()

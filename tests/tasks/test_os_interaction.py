@@ -57,7 +57,11 @@ IDS = [f"dev-{i:05d}" for i in range(len(ITEMS))]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("os_interaction")
+    return write_items(tmp_path_factory.mktemp("os_interaction"))
+
+
+def write_items(root: Path) -> Path:
+    """ITEMS and their scripts in AgentBench's layout under `root` (data/dev.json, scripts/dev/)."""
     (root / "data").mkdir()
     (root / "data" / "dev.json").write_text(json.dumps(ITEMS, indent=1))
     scripts = root / "scripts" / "dev"
@@ -121,7 +125,7 @@ FINISH = "Think: done.\n\nAct: finish"
 def test_agentbench_layouts_load_with_stable_ids(data, tmp_path):
     items = load_items(data / "data" / "dev.json")
     assert [i.item_id for i in items] == IDS
-    assert items[1].init[1].code == "touch /root/d/a /root/d/b /root/d/c\n" and items[1].uses_example
+    assert items[1].init[1].code == "touch /root/d/a /root/d/b /root/d/c\n" and items[1].check[0] is None
     assert items[1].check[1].language == "python" and items[1].check[1].code == INTEGER_MATCH
     assert items[0].match == {"answer": "world", "strip": True} and items[0].image == "local-os/default"
     assert items[4].start.code == "export SECRET=42"
@@ -299,17 +303,23 @@ HOSTILE = {
     1: "sleep 1000",
     2: "rm -rf --no-preserve-root / 2>/dev/null",
     3: "head -c 1000000000 /dev/zero | tr '\\0' x",
+    5: "echo exit > /proc/1/fd/0; sleep 2",
 }
 
 
 def test_hostile_commands_fail_their_item_only(data, backend):
     replies = {i: [bash(command), FINISH] for i, command in HOSTILE.items()}
+    replies[5] = [bash(HOSTILE[5]), bash("echo still here"), answer("0")]
     replies[4] = [bash("echo $SECRET"), answer("42")]
-    with make_task(data / "data" / "dev.json", backend=backend, parallel=5) as task:
+    with make_task(data / "data" / "dev.json", backend=backend, parallel=6) as task:
         started = time.monotonic()
-        results = task.evaluate(Policy(replies), IDS[:5])
+        results = task.evaluate(Policy(replies), IDS[:6])
         assert time.monotonic() - started < 40
-        assert [r.score for r in results] == [0.0, 0.0, 0.0, 0.0, 1.0]
+        assert [r.score for r in results[:5]] == [0.0, 0.0, 0.0, 0.0, 1.0]
+        if backend == "docker":
+            assert (results[5].score, results[5].error) == (0.0, "action"), results[5].detail
+        else:
+            assert results[5].score == 1.0
         assert len(results[3].detail["outputs"][0]) <= 2000
         again = task.reference_results(["dev-00002"])
         assert again[0].score == 1.0
