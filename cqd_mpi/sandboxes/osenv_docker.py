@@ -196,10 +196,22 @@ class DockerEnvironment(Environment):
         if timed_out or exceeded:
             self._kill_exec(created["Id"])
         else:
-            code = api.exec_inspect(created["Id"]).get("ExitCode")
+            code = self._exit_code(created["Id"], deadline)
+            timed_out = code is None
         self.guard()
         return ScriptResult(exit_code=code, output=b"".join(chunks), seconds=time.monotonic() - started,
                             timed_out=timed_out, output_exceeded=exceeded)
+
+    def _exit_code(self, exec_id: str, deadline: float) -> int | None:
+        """The exit code once the engine has recorded it: its output stream can close first."""
+        while True:
+            info = self.client.api.exec_inspect(exec_id)
+            if not info.get("Running") and info.get("ExitCode") is not None:
+                return int(info["ExitCode"])
+            if time.monotonic() >= deadline:
+                self._kill_exec(exec_id)
+                return None
+            time.sleep(0.02)
 
     def _kill_exec(self, exec_id: str) -> None:
         with contextlib.suppress(Exception):

@@ -453,7 +453,8 @@ class OSEpisode(multiturn.Episode):
                     return
             if self.item.start is not None:
                 self.env.shell().run(self.item.start.code)
-            self.baseline = self.env.changes()
+            if self.item.check:
+                self.baseline = self.env.changes()
         except EnvironmentLimit as exc:
             self.status, self.message = "environment-limit", str(exc)
         finally:
