@@ -40,13 +40,16 @@ import threading
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from cqd_mpi.errors import BackendUnavailable, ConfigError, require
+from cqd_mpi.sandboxes import containers
 
 log = logging.getLogger("cqd_mpi.sandboxes.mysql")
+
+FEATURE = "MySQL back-end 'docker'"
 
 DEFAULT_IMAGE = "localhost/cqd_mpi-mysql:latest"
 """The tag env/mariadb-image.sh (and `podman build -f env/Dockerfile.mysql`) gives the image."""
@@ -191,11 +194,12 @@ def truncate(text: str, limit: int = RESULT_CHARS) -> str:
     return text[:limit] + TRUNCATED_MARK if len(text) > limit else text
 
 
-def read_result(cursor, limit: int = RESULT_CHARS) -> tuple[str, bool]:
+def read_result(cursor, limit: int = RESULT_CHARS, shown: Callable[[str], str] = str) -> tuple[str, bool]:
     """`str(cursor.fetchall())` cut as AgentBench cuts it, reading no more rows than needed.
 
     Returns the text and whether the result was read to its end. A statement without a result
-    set prints as '[]', as AgentBench's client returns no rows for it.
+    set prints as '[]', as AgentBench's client returns no rows for it. `shown` rewrites each
+    printed row before it is counted (ItemDatabase shows its alias in place of its name).
     """
     if cursor.description is None:
         return "[]", True
@@ -206,7 +210,7 @@ def read_result(cursor, limit: int = RESULT_CHARS) -> tuple[str, bool]:
         if not rows:
             break
         for row in rows:
-            text = repr(tuple(row))
+            text = shown(repr(tuple(row)))
             length += len(text) + (2 if parts else 0)
             parts.append(text)
             if length > limit + 1:
@@ -590,19 +594,13 @@ class DockerServer(MySQLServer):
 
     def __init__(self, *, image: str = DEFAULT_IMAGE, docker_host: str | None = None, attempts: int = 6,
                  backoff_s: float = 0.5, startup_timeout_s: float = 120.0):
-        docker = require("docker", extra="docker", feature="The dbbench 'docker' MySQL back-end")
         self.image = image
-        self.base_url = docker_host or os.environ.get("DOCKER_HOST") or None
-        where = self.base_url or "the docker SDK's default socket (DOCKER_HOST is unset)"
-        try:
-            self.client = docker.DockerClient(base_url=self.base_url) if self.base_url else docker.from_env()
-            self.client.ping()
-        except Exception as exc:
-            raise BackendUnavailable(
-                f"MySQL back-end 'docker': no container engine answers at {where} ({exc}). Start one, e.g. "
-                "podman's Docker-compatible socket: export DOCKER_HOST=\"$(env/podman-service.sh)\""
-            ) from exc
-        self._ensure_image(docker)
+        self.client = containers.docker_client(docker_host, feature=FEATURE)
+        self.base_url = self.client.cqd_base_url
+        containers.ensure_image(self.client, image, feature=FEATURE, build_hint=(
+            f"Build it with env/mariadb-image.sh (no registry needed) or, where `mysql` can be pulled, "
+            f"podman build -t {image} -f env/Dockerfile.mysql env/"))
+        containers.reap_orphans(self.client, "dbbench")
         password = secrets.token_hex(12)
         self.container = None
         super().__init__(address=Address(host=self._published_host(), port=0, user="root", password=password),
@@ -610,7 +608,7 @@ class DockerServer(MySQLServer):
         try:
             self.container = self.client.containers.run(
                 image, command=list(DOCKER_SERVER_ARGS), detach=True, environment={"MYSQL_ROOT_PASSWORD": password},
-                ports={"3306/tcp": (self._bind_ip(), None)}, labels={"cqd_mpi": "dbbench"},
+                ports={"3306/tcp": (self._bind_ip(), None)}, labels=containers.labels("dbbench"),
                 name=f"cqd_mpi-mysql-{os.getpid()}-{secrets.token_hex(3)}",
             )
             self.container.reload()
@@ -636,23 +634,6 @@ class DockerServer(MySQLServer):
     def _bind_ip(self) -> str:
         return "127.0.0.1" if self._published_host() in ("127.0.0.1", "localhost") else "0.0.0.0"
 
-    def _ensure_image(self, docker) -> None:
-        try:
-            self.client.images.get(self.image)
-            return
-        except docker.errors.ImageNotFound:
-            pass
-        except Exception as exc:
-            raise BackendUnavailable(f"MySQL back-end 'docker': cannot query image {self.image!r}: {exc}") from exc
-        try:
-            self.client.images.pull(self.image)
-        except Exception as exc:
-            raise BackendUnavailable(
-                f"MySQL back-end 'docker': image {self.image!r} is not present and cannot be pulled ({exc}). "
-                f"Build it with env/mariadb-image.sh (no registry needed) or, where `mysql` can be pulled, "
-                f"podman build -t {self.image} -f env/Dockerfile.mysql env/"
-            ) from exc
-
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -672,8 +653,7 @@ class DockerServer(MySQLServer):
         super().close()
         container, self.container = getattr(self, "container", None), None
         if container is not None:
-            with contextlib.suppress(Exception):
-                container.remove(force=True)
+            containers.remove(container)
 
 
 def open_server(settings: ServerSettings, *, temp_dir: str | None = None) -> MySQLServer:
@@ -721,19 +701,27 @@ class _Watchdog:
 
 
 class ItemDatabase:
-    """One item's database and user on a shared server; see the module docstring for the bounds."""
+    """One item's database and user on a shared server; see the module docstring for the bounds.
 
-    def __init__(self, server: MySQLServer, *, name: str, limits: StatementLimits = StatementLimits()):
+    The unique name never reaches the caller: results and errors show `alias` in its place
+    (for the DB task, the table's name, which AgentBench names its database after), so what
+    a model reads does not depend on the rank or on random bits.
+    """
+
+    def __init__(self, server: MySQLServer, *, name: str, alias: str | None = None,
+                 limits: StatementLimits = StatementLimits()):
         self.server = server
         self.name = name
+        self.alias = name if alias is None else alias
         self.limits = limits
         self._password = secrets.token_hex(16)
         self.created = False
 
     @classmethod
-    def create(cls, server: MySQLServer, *, name: str, limits: StatementLimits = StatementLimits()) -> ItemDatabase:
+    def create(cls, server: MySQLServer, *, name: str, alias: str | None = None,
+               limits: StatementLimits = StatementLimits()) -> ItemDatabase:
         """Create the (empty) database and its user, whose grants cover that database only."""
-        item = cls(server, name=name, limits=limits)
+        item = cls(server, name=name, alias=alias, limits=limits)
         server.run_admin([f"CREATE DATABASE {quote_identifier(name)} CHARACTER SET utf8mb4"])
         item.created = True
         account = f"{_quote_string(name)}@'%'"
@@ -760,7 +748,8 @@ class ItemDatabase:
             names = ",".join(quote_identifier(c) for c in table.columns)
             row = "(" + ",".join(["%s"] * len(table.columns)) + ")"
             values = [value for r in table.rows for value in r]
-            statements.append((f"INSERT INTO {target} ({names}) VALUES {','.join([row] * len(table.rows))}", values))
+            insert = f"INSERT INTO {target} ({names}) VALUES ".replace("%", "%%")
+            statements.append((insert + ",".join([row] * len(table.rows)), values))
         self.server.run_admin(statements)
 
     def _connect(self):
@@ -786,7 +775,7 @@ class ItemDatabase:
                 for statement in session:
                     cursor.execute(statement)
                 cursor.execute(sql)
-                text, finished = read_result(cursor, self.limits.result_chars)
+                text, finished = read_result(cursor, self.limits.result_chars, self.shown)
                 if finished:
                     conn.commit()
             return text
@@ -797,17 +786,21 @@ class ItemDatabase:
                     f"{self.limits.statement_seconds:g} s and its connection was killed", self.limits.result_chars)
             if is_connection_error(exc):
                 self.server.ping()
-                return truncate(format_error(exc), self.limits.result_chars)
+                return truncate(self.shown(format_error(exc)), self.limits.result_chars)
             finished = True
             _abandon(cursor)
             sqlstate = getattr(exc, "sqlstate", None) or _sqlstate(conn)
-            return truncate(format_error(exc, sqlstate), self.limits.result_chars)
+            return truncate(self.shown(format_error(exc, sqlstate)), self.limits.result_chars)
         finally:
             if not finished and not watchdog.fired:
                 self.server.kill(conn.thread_id())
             _abandon(cursor)
             with contextlib.suppress(Exception):
                 conn.close()
+
+    def shown(self, text: str) -> str:
+        """`text` as the caller may see it: the alias in place of the database's unique name."""
+        return text.replace(self.name, self.alias) if self.alias != self.name else text
 
     def table_hash(self, table: Table) -> str:
         """AgentBench's row-hash MD5 of a table, printed as its client prints the result: "[('…',)]"."""

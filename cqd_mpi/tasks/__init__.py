@@ -9,6 +9,7 @@ BUILTIN = {
     "mbpp": "cqd_mpi.tasks.mbpp:MbppPlusTask",
     "dbbench": "cqd_mpi.tasks.dbbench:DBBenchTask",
     "segmentation": "cqd_mpi.tasks.segmentation:SegmentationTask",
+    "os": "cqd_mpi.tasks.os_interaction:OSInteractionTask",
 }
 
 __all__ = ["BUILTIN", "BackendStatus", "ItemResult", "Task", "TaskContext", "task_class"]

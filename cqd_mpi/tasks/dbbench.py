@@ -34,17 +34,16 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from cqd_mpi.engines.base import TextGeneration
-from cqd_mpi.errors import BackendUnavailable, ConfigError, TaskError, require
+from cqd_mpi.errors import BackendUnavailable, ConfigError, TaskError
+from cqd_mpi.sandboxes import containers
 from cqd_mpi.sandboxes.mysql import (
     RESULT_CHARS,
     Address,
@@ -55,12 +54,13 @@ from cqd_mpi.sandboxes.mysql import (
     StatementLimits,
     Table,
     find_server_binary,
+    format_error,
     open_server,
     parse_dsn,
     pymysql_module,
     unique_name,
 )
-from cqd_mpi.tasks import protocols
+from cqd_mpi.tasks import multiturn, protocols
 from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task
 
 log = logging.getLogger("cqd_mpi.tasks.dbbench")
@@ -282,34 +282,30 @@ def is_correct(item: Item, answer: str) -> bool:
     return answer_matches(answer, item.label or ())
 
 
-@dataclasses.dataclass
-class Episode:
-    """One item's conversation, following AgentBench v0.2's start_sample loop."""
+class Episode(multiturn.Episode):
+    """One item's conversation, following AgentBench v0.2's start_sample loop, and its database.
 
-    item: Item
-    max_rounds: int
-    operation_without_sql: str = "fail"
-    history: list[dict[str, str]] = dataclasses.field(default_factory=list)
-    rounds: int = 0
-    status: str | None = None
-    answer: str = ""
-    statements: list[str] = dataclasses.field(default_factory=list)
-    database: ItemDatabase | None = None
-    message: str = ""
-    started: float = dataclasses.field(default_factory=time.monotonic)
-    seconds: float = 0.0
+    Built without a task it only plays the protocol (take_reply / take_observation); with one,
+    `play` gives it a database on the task's server.
+    """
 
-    def __post_init__(self):
-        if not self.history:
-            self.history = [
-                {"role": "user", "content": INSTRUCTION},
-                {"role": "assistant", "content": ACKNOWLEDGEMENT},
-                {"role": "user", "content": self.item.question},
-            ]
-
-    @property
-    def running(self) -> bool:
-        return self.status is None
+    def __init__(self, *, item: Item, max_rounds: int, operation_without_sql: str = "fail",
+                 task: DBBenchTask | None = None, server_down: threading.Event | None = None):
+        super().__init__(item_id=item.item_id, history=[
+            {"role": "user", "content": INSTRUCTION},
+            {"role": "assistant", "content": ACKNOWLEDGEMENT},
+            {"role": "user", "content": item.question},
+        ])
+        self.item = item
+        self.max_rounds = max_rounds
+        self.operation_without_sql = operation_without_sql
+        self.rounds = 0
+        self.answer = ""
+        self.statements: list[str] = []
+        self.database: ItemDatabase | None = None
+        self.message = ""
+        self._task = task
+        self._server_down = server_down or threading.Event()
 
     def take_reply(self, reply: str) -> str | None:
         """Record the agent's reply; the SQL to execute, or None when the episode has ended."""
@@ -335,8 +331,38 @@ class Episode:
         return None
 
     def take_observation(self, text: str) -> None:
-        self.history.append({"role": "user", "content": text})
+        super().take_observation(text)
         self.rounds += 1
+
+    # --------------------------------------------------------- the database
+
+    def set_up(self) -> None:
+        task, item = self._task, self.item
+        self.database = ItemDatabase.create(
+            task.server, name=unique_name(rank=task.context.rank, item=item.item_id), alias=item.table.name,
+            limits=task.statement_limits())
+        try:
+            self.database.load(item.table)
+        except pymysql_module().MySQLError as exc:
+            self.message = (f"the server refused the item's table ({self.database.shown(format_error(exc))}); "
+                            "the item goes on without it, as in AgentBench")
+
+    def act(self, sql: str) -> str:
+        return self.database.execute(sql)
+
+    def score(self) -> ItemResult:
+        if self.item.modifies and self.database is not None:
+            self.answer = self.database.table_hash(self.item.table)
+        return self.result()
+
+    def tear_down(self) -> None:
+        if self.database is None or self._server_down.is_set():
+            return
+        try:
+            self.database.drop()
+        except BackendUnavailable:
+            self._server_down.set()
+            raise
 
     def result(self) -> ItemResult:
         item = self.item
@@ -350,10 +376,15 @@ class Episode:
             detail["message"] = self.message[:EXCERPT_CHARS]
         return ItemResult(item_id=item.item_id, score=1.0 if correct else 0.0,
                           error=None if correct else STATUS_ERRORS[self.status or "completed"],
-                          seconds=self.seconds, detail=detail)
+                          seconds=time.monotonic() - self.started, detail=detail)
+
+    def failed_result(self) -> ItemResult:
+        result = super().failed_result()
+        return dataclasses.replace(result, detail={"type": self.item.type, "category": self.item.category,
+                                                   "rounds": self.rounds, **result.detail})
 
 
-Respond = Callable[[Sequence[Episode]], Sequence[str]]
+Respond = multiturn.Respond
 
 
 def reference_reply(episode: Episode) -> str:
@@ -432,67 +463,23 @@ class DBBenchTask(Task):
                 self._server = open_server(self.settings.server)
             return self._server
 
-    def _limits(self) -> StatementLimits:
+    def statement_limits(self) -> StatementLimits:
         return StatementLimits(statement_seconds=self.settings.statement_seconds, result_chars=self.settings.result_chars)
 
-    def _set_up(self, episode: Episode) -> None:
-        item = episode.item
-        episode.database = ItemDatabase.create(
-            self.server, name=unique_name(rank=self.context.rank, item=item.item_id), limits=self._limits())
-        try:
-            episode.database.load(item.table)
-        except pymysql_module().MySQLError as exc:
-            episode.message = f"the server refused the item's table ({exc}); the item goes on without it, as in AgentBench"
-
-    def _execute(self, job: tuple[Episode, str]) -> str:
-        episode, sql = job
-        return episode.database.execute(sql)
-
-    def _finish(self, episode: Episode) -> None:
-        if episode.item.modifies and episode.database is not None:
-            episode.answer = episode.database.table_hash(episode.item.table)
-        episode.seconds = time.monotonic() - episode.started
-
-    def _tear_down(self, episode: Episode, server_down: threading.Event) -> None:
-        if episode.database is None or server_down.is_set():
-            return
-        try:
-            episode.database.drop()
-        except Exception as exc:
-            if isinstance(exc, BackendUnavailable):
-                server_down.set()
-            log.warning("task %s: could not drop database %s: %s", self.name, episode.database.name, exc)
-
     def run_episodes(self, item_ids: Sequence[str], respond: Respond) -> list[ItemResult]:
-        """Play the items round by round: one `respond` call per round for every running item,
-        then that round's statements on the items' databases in parallel."""
+        """Play the items round by round (cqd_mpi.tasks.multiturn.play): one `respond` call per
+        round for every running item, then that round's statements on the items' databases in
+        parallel. An item whose set-up, statement or scoring raises scores 0 with that error;
+        a server that is down ends the batch with BackendUnavailable."""
+        server_down = threading.Event()
         episodes = [Episode(item=self._item(i), max_rounds=self.settings.max_rounds,
-                            operation_without_sql=self.settings.operation_without_sql) for i in item_ids]
+                            operation_without_sql=self.settings.operation_without_sql, task=self,
+                            server_down=server_down)
+                    for i in item_ids]
         if not episodes:
             return []
         self.server  # noqa: B018 (reach or start it here, not in a pool thread, and fail before any item)
-        with ThreadPoolExecutor(max_workers=self.settings.parallel) as pool:
-            try:
-                list(pool.map(self._set_up, episodes))
-                running = [e for e in episodes if e.running]
-                while running:
-                    replies = list(respond(running))
-                    if len(replies) != len(running):
-                        raise TaskError(f"task {self.name!r}: the model returned {len(replies)} replies "
-                                        f"for {len(running)} conversations")
-                    jobs = []
-                    for episode, reply in zip(running, replies):
-                        sql = episode.take_reply(str(reply))
-                        if sql is not None:
-                            jobs.append((episode, sql))
-                    for (episode, _), text in zip(jobs, pool.map(self._execute, jobs)):
-                        episode.take_observation(text)
-                    running = [episode for episode, _ in jobs]
-                list(pool.map(self._finish, episodes))
-            finally:
-                server_down = threading.Event()
-                list(pool.map(lambda e: self._tear_down(e, server_down), episodes))
-        return [e.result() for e in episodes]
+        return multiturn.play(episodes, respond, parallel=self.settings.parallel, where=f"task {self.name!r}")
 
     # -------------------------------------------------------------- protocol
 
@@ -565,13 +552,10 @@ def server_status(settings: ServerSettings) -> BackendStatus:
                 return BackendStatus(name, True, f"{server.version} at {address}")
         if settings.backend == "local":
             return BackendStatus(name, True, f"will start {find_server_binary(settings.binary)}")
-        docker = require("docker", extra="docker", feature="The dbbench 'docker' MySQL back-end")
-        base_url = settings.docker_host or os.environ.get("DOCKER_HOST")
-        client = docker.DockerClient(base_url=base_url) if base_url else docker.from_env()
+        client = containers.docker_client(settings.docker_host, feature="The dbbench 'docker' MySQL back-end")
         with contextlib.closing(client):
-            client.ping()
             client.images.get(settings.image)
-        return BackendStatus(name, True, f"image {settings.image} at {base_url or 'the default docker socket'}")
+        return BackendStatus(name, True, f"image {settings.image} at {client.cqd_base_url or 'the default docker socket'}")
     except BackendUnavailable as exc:
         return BackendStatus(name, False, str(exc))
     except Exception as exc:

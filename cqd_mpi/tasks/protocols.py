@@ -129,18 +129,20 @@ data/dbbench/standard.jsonl)."""
 OS = {
     "paper": {
         "item_ids": "cycleqd",
+        "include_dev": True,
         "max_rounds": 5,
         "repeats": 5,
         "max_new_tokens": 512,
     },
     "reference": {
         "item_ids": None,
+        "include_dev": False,
         "max_rounds": 8,
         "repeats": 1,
         "max_new_tokens": 512,
     },
 }
-"""AgentBench's OS task, for when it lands (no task reads it yet). `paper`: the authors' 110
+"""AgentBench's OS task (cqd_mpi/tasks/os_interaction.py). `paper`: the authors' 110
 fixed items of standard + dev, each pass repeated 5 times and averaged, 5 rounds; `reference`:
 AgentBench v0.2's os-std (all items of the file, once), 8 rounds."""
 

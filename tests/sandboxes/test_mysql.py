@@ -261,6 +261,37 @@ def test_a_refused_table_leaves_the_database_usable(server, rank):
 # ------------------------------------------------------------------ back-ends
 
 
+def test_percent_signs_in_table_and_column_names_are_loaded_verbatim(server, rank):
+    table = Table(name="Win % by 100%s", columns=("Team", "Win %", "%", "%(x)s"),
+                  rows=(("ann", "50%", "1", "a"), ("bob", "%s", None, "b")))
+    db = ItemDatabase.create(server, name=unique_name(rank=rank, item="pct"))
+    try:
+        db.load(table)
+        assert db.execute("SELECT * FROM `Win % by 100%s` ORDER BY `Team`") == \
+            "[('ann', '50%', '1', 'a'), ('bob', '%s', None, 'b')]"
+    finally:
+        db.drop()
+
+
+def test_results_and_errors_show_the_alias_never_the_unique_name(server, rank):
+    name = unique_name(rank=rank, item="alias")
+    db = ItemDatabase.create(server, name=name, alias="my table")
+    try:
+        db.load(TABLE)
+        shown = [db.execute(sql) for sql in (
+            "SELECT DATABASE()", "SELECT * FROM nowhere", "SELECT schema_name FROM information_schema.schemata "
+            "WHERE schema_name <> 'information_schema'", "USE mysql",
+            "SELECT CONCAT(DATABASE(), REPEAT('x', 900))")]
+        assert shown[0] == "[('my table',)]"
+        assert shown[1] == "1146 (42S02): Table 'my table.nowhere' doesn't exist"
+        assert shown[2] == "[('my table',)]"
+        assert "'my table'" in shown[3] and shown[3].startswith("1044 (42000): Access denied for user")
+        assert shown[4] == "[('my table" + "x" * (800 - len("[('my table")) + TRUNCATED_MARK
+        assert not any(name in text for text in shown)
+    finally:
+        db.drop()
+
+
 def test_an_unreachable_server_is_retried_then_named():
     port = free_port()
     server = ExternalServer(address=Address(host="127.0.0.1", port=port, user="root"), attempts=3, backoff_s=0.1)

@@ -399,6 +399,85 @@ def test_a_model_that_returns_the_wrong_number_of_replies_is_an_error():
         assert leftovers(task) == []
 
 
+def row_hash(rows) -> str:
+    """AgentBench's answer_md5 of a table, computed here the way its SQL computes it."""
+    import hashlib
+
+    hashes = sorted(hashlib.md5(",".join(v for v in row if v is not None).encode()).hexdigest()[:5] for row in rows)
+    return f"[('{hashlib.md5(','.join(hashes).encode()).hexdigest()}',)]"
+
+
+def test_items_with_percent_signs_in_their_names_are_scored_not_crashed(tmp_path):
+    """AgentBench's standard.jsonl has columns named '%', 'Win %' and 'Foreign nationals in %'."""
+    columns = [{"name": "Team", "type": "TEXT"}, {"name": "Win %", "type": "TEXT"}, {"name": "%", "type": "TEXT"}]
+    rows = [["ann", "50%", "3"], ["bob", "25%", "1"]]
+    table = {"table_name": "Results 100%", "table_info": {"columns": columns, "rows": rows}}
+    select = {"description": "What is ann's Win %?", "add_description": "", "type": ["other"], "label": ["50%"],
+              "table": table}
+    insert = {"description": "Add cy with 10% and 0.", "add_description": "", "type": ["INSERT"], "table": table,
+              "label": ["INSERT INTO `Results 100%` (`Team`, `Win %`, `%`) VALUES ('cy', '10%', '0')"],
+              "answer_md5": row_hash([*rows, ["cy", "10%", "0"]])}
+    data = tmp_path / "percent.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in (select, insert)) + "\n")
+    with make_task(data) as task:
+        results = task.reference_results(["0", "1"])
+        assert [(r.score, r.error) for r in results] == [(1.0, None), (1.0, None)]
+        assert "message" not in results[0].detail
+        assert leftovers(task) == []
+
+
+def test_an_exception_in_one_item_is_that_items_error_and_the_batch_goes_on(caplog):
+    class Surrogate(LabelPolicy):
+        def reply(self, item, operations, conversation):
+            if item.item_id == "3" and operations == 0:
+                return operate("SELECT '\ud800'")
+            return super().reply(item, operations, conversation)
+
+    with make_task() as task, caplog.at_level("ERROR", logger="cqd_mpi.tasks.multiturn"):
+        results = task.evaluate(Surrogate(task), ["2", "3", "21", "41"])
+        assert [(r.score, r.error) for r in results] == [(1.0, None), (0.0, "action"), (1.0, None), (1.0, None)]
+        assert results[1].detail["status"] == "action-error"
+        assert results[1].detail["message"].startswith("UnicodeEncodeError:")
+        failure = [r for r in caplog.records if "item 3 failed in its action" in r.getMessage()]
+        assert failure and failure[0].exc_info is not None
+        assert leftovers(task) == []
+
+
+REVEALING = [
+    "SELECT DATABASE(), CURRENT_USER()",
+    "SELECT * FROM missing_table",
+    "SHOW TABLES",
+    "SELECT table_schema, table_name FROM information_schema.tables WHERE table_schema = DATABASE()",
+    "USE mysql",
+    "DROP DATABASE information_schema",
+]
+
+
+def test_what_the_model_reads_is_the_same_on_every_rank():
+    """Two workers (different ranks, hence different database names and random bits) play the
+    same items: every observation matches byte for byte."""
+
+    class Revealing(LabelPolicy):
+        def reply(self, item, operations, conversation):
+            if operations < len(REVEALING):
+                return operate(REVEALING[operations])
+            return super().reply(item, operations - len(REVEALING), conversation)
+
+    ids = ["0", "5", "20", "41"]
+    histories = []
+    for rank in (1, 2):
+        with make_task(rank=random.randrange(1000, 10**6) * 10 + rank, max_rounds=8) as task:
+            policy = Revealing(task)
+            results = task.evaluate(policy, ids)
+            assert [r.score for r in results] == [1.0] * 4
+            histories.append({i: policy.conversations[i] for i in ids})
+    assert histories[0] == histories[1]
+    first = histories[0]["0"]
+    assert first[4]["content"] == "[('US Ambassadors and Envoy Extraordinary to Colombia', " \
+        "'US Ambassadors and Envoy Extraordinary to Colombia@%')]"
+    assert not any("cqd_" in m["content"] for h in histories for c in h.values() for m in c)
+
+
 # ----------------------------------------------------------------- back-ends
 
 
