@@ -133,8 +133,9 @@ class RunState:
         def offer(model_id: int) -> np.ndarray:
             nonlocal stamp
             entered = np.zeros(self.k, dtype=bool)
+            targets = self.core.offered_to(self.models[model_id])
             for q, archive in enumerate(archives):
-                if archive.offer(model_id, self.scores[model_id], stamp).entered:
+                if q in targets and archive.offer(model_id, self.scores[model_id], stamp).entered:
                     entered[q] = True
                     stamp += 1
             return entered

@@ -40,7 +40,17 @@ STORED = ModelRecipe("stored")
 
 
 class CycleQD:
-    """The CycleQD algorithm state and its ask/tell interface."""
+    """The CycleQD algorithm state and its ask/tell interface.
+
+    It is also the interface every search method shares (qd/methods.py): the runtime, the
+    state file and the analysis see only this class's attributes and methods. A method
+    changes the search phase (`_refill`, `offered_to`, `recipe`); `settings()` are its own
+    root attributes of the state and `restore(attrs)` reads them back.
+    """
+
+    method = "cycleqd"
+    label = "CycleQD"
+    final_label = "CycleQD aggregate"
 
     def __init__(self, *, task_names: Sequence[str], base_path: str, expert_paths: Sequence[str],
                  splits: Mapping[str, Split], generations: int, seed: int,
@@ -206,10 +216,15 @@ class CycleQD:
         self.phase = "search"
         self._refill()
 
+    def offered_to(self, record: ModelRecord) -> range | tuple[int, ...]:
+        """The archives a scored model is offered to: all of them in CycleQD."""
+        return range(self.k)
+
     def _offer(self, record: ModelRecord) -> tuple[str, ...]:
         entered = []
-        for name, archive in zip(self.task_names, self.archives):
-            if archive.offer(record.id, record.scores, self.next_stamp).entered:
+        targets = self.offered_to(record)
+        for q, (name, archive) in enumerate(zip(self.task_names, self.archives)):
+            if q in targets and archive.offer(record.id, record.scores, self.next_stamp).entered:
                 entered.append(name)
                 self.next_stamp += 1
         return tuple(entered)
@@ -251,6 +266,20 @@ class CycleQD:
         self.pending.extend(Job(m, t, "final", "test", STORED) for m in jobs)
         self.pending.append(Job(average.id, t, "final", "test", self.recipe(average.id)))
         self.pending.append(Job(aggregate.id, t, "final", "test", self.recipe(aggregate.id)))
+
+    # the state's view -----------------------------------------------------------------------
+
+    @classmethod
+    def options(cls, qd) -> dict:
+        """The method's own constructor arguments from the config's `qd` section (none here)."""
+        return {}
+
+    def settings(self) -> dict:
+        """The method's own settings, stored as root attributes of the state (none here)."""
+        return {}
+
+    def restore(self, attrs: Mapping) -> None:
+        """Read back what `settings()` stored, after run/state.py rebuilt the shared fields."""
 
     # queries --------------------------------------------------------------------------------
 

@@ -193,8 +193,10 @@ class Conductor:
         elapsed = time.perf_counter() - self._started
         errors = f" errors={n_errors}" if n_errors else ""
         if job.phase == "search":
-            return (f"gen {job.generation:>4}/{self.core.generations} active={names[job.recipe.active_task]:<8} "
-                    f"child={job.model_id:<5} {scores} entered=[{','.join(entered)}]{errors} {elapsed:7.1f}s")
+            role = (f"active={names[job.recipe.active_task]:<8} child" if record.kind == "child"
+                    else f"{self.core.label:<15} {record.kind}")
+            return (f"gen {job.generation:>4}/{self.core.generations} {role}={job.model_id:<5} {scores} "
+                    f"entered=[{','.join(entered)}]{errors} {elapsed:7.1f}s")
         label = record.kind if record.kind in ("base", "average", "aggregate") else f"{record.kind} {job.model_id}"
         if record.kind == "expert":
             label = f"expert {names[self.core.expert_ids.index(job.model_id)]}"
