@@ -156,9 +156,9 @@ class CoefficientSearch(CycleQD):
         super()._start_final()
         aggregate = next(r for r in reversed(self.models) if r.kind == "aggregate")
         aggregate.coefficients = np.array(self.best_candidate().coefficients, dtype=np.float64)
-        self.pending = [job if job.model_id != aggregate.id else
-                        Job(job.model_id, job.generation, job.phase, job.split, self.recipe(aggregate.id))
-                        for job in self.pending]
+        rebuilt = {aggregate.id} | {r.id for r in self.candidates()}
+        self.pending = [Job(job.model_id, job.generation, job.phase, job.split, self.recipe(job.model_id))
+                        if job.model_id in rebuilt else job for job in self.pending]
 
     def recipe(self, model_id: int) -> ModelRecipe:
         """A candidate and the final model: theta_base + sum_k c_k tau_k over the experts."""

@@ -46,6 +46,8 @@ def run_all(core):
     while not core.done:
         job = core.ask()
         assert job is not None
+        if job.recipe.kind == "stored":
+            assert core.models[job.model_id].kind in ("base", "expert", "child"), "a stored job needs saved weights"
         told.append(core.tell(job.model_id, score(job.model_id)))
     return told
 
