@@ -19,7 +19,7 @@ a core restored from a snapshot continues exactly as the original would have.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -266,6 +266,29 @@ class CycleQD:
         self.pending.extend(Job(m, t, "final", "test", STORED) for m in jobs)
         self.pending.append(Job(average.id, t, "final", "test", self.recipe(average.id)))
         self.pending.append(Job(aggregate.id, t, "final", "test", self.recipe(aggregate.id)))
+
+    def replay(self) -> Iterator[tuple[int, list[Archive], np.ndarray | None]]:
+        """(generation, archives, entered) after the experts (generation 0, entered None) and
+        after each history row's model, rebuilt from the stored scores by offering every model
+        again in the order the run did; the same archive objects are updated in place."""
+        archives = [Archive(quality_task=a.quality_task, bc_tasks=a.bc_tasks, bins=a.bins) for a in self.archives]
+        stamp = 0
+
+        def offer(record: ModelRecord) -> np.ndarray:
+            nonlocal stamp
+            entered = np.zeros(self.k, dtype=bool)
+            targets = self.offered_to(record)
+            for q, archive in enumerate(archives):
+                if q in targets and archive.offer(record.id, record.scores, stamp).entered:
+                    entered[q] = True
+                    stamp += 1
+            return entered
+
+        for e in self.expert_ids:
+            offer(self.models[e])
+        yield 0, archives, None
+        for row in self.history:
+            yield row.generation, archives, offer(self.models[row.child_id])
 
     # the state's view -----------------------------------------------------------------------
 
