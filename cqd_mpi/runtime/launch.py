@@ -23,6 +23,7 @@ from cqd_mpi.qd.records import make_splits
 from cqd_mpi.run.config import BinsConfig, Config, parse_size
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend
+from cqd_mpi.run.tracking import Tracker
 from cqd_mpi.runtime import mpi
 from cqd_mpi.runtime.conductor import Conductor
 from cqd_mpi.runtime.groups import EvalGroup, InProcessGroup
@@ -92,16 +93,20 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
         if fresh:
             builder.check()
         groups = make_groups(tasks) if make_groups else [InProcessGroup(Worker(config, tasks=tasks))]
+        tracker = Tracker.from_config(config.tracking, rundir, name=rundir.path.name, config=config.to_dict())
         stop = (stop if stop is not None else StopFlag()).install()
         conductor = Conductor(core=core, tasks=tasks, builder=builder, groups=groups, rundir=rundir,
                               backend=backend, stop=stop, config_text=config.to_yaml(),
                               world_size=world_size, staging_dir=rundir.staging_dir(config.runtime.staging_dir),
                               prebuild=config.runtime.pipeline_depth > 0,
-                              retain_bytes=parse_size(config.runtime.retain_child_bytes), echo=echo)
+                              retain_bytes=parse_size(config.runtime.retain_child_bytes), tracker=tracker,
+                              echo=echo)
         try:
             return conductor.run()
         finally:
             stop.uninstall()
+            if tracker is not None:
+                tracker.close()
             for group in groups:
                 group.close()
             for task in tasks.values():
