@@ -7,6 +7,7 @@ COMMANDS = {
     "analyze": "cqd_mpi.commands.analyze",
     "export": "cqd_mpi.commands.export",
     "compare": "cqd_mpi.commands.compare",
+    "trials": "cqd_mpi.commands.trials",
     "similarity": "cqd_mpi.commands.similarity",
     "doctor": "cqd_mpi.commands.doctor",
     "check-tasks": "cqd_mpi.commands.check_tasks",
