@@ -1,6 +1,6 @@
 """The paper's comparisons on the demo's skills: every trial over seeds, one kill -9 each, then `compare`.
 
-    python benchmarks/bench_compare.py [--work DIR] [--generations 40] [--seeds 0 1 2] [--population 5]
+    python benchmarks/bench_compare.py [--work DIR] [--generations 40] [--seeds 0 1 2] [--population 5] [--items N]
 
 With the demo's tiny models (built once, cached), writes the demo config with the given
 budget, the configs of Table 2's five trials and Table 1's CMA-ES and NSGA-II for every seed
@@ -66,6 +66,9 @@ def main() -> int:
     parser.add_argument("--generations", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--population", type=int, default=5)
+    parser.add_argument("--items", type=int, default=None,
+                        help="items per skill (default: the demo's 300); fewer items are the first ones "
+                        "of the demo's, so still never trained on")
     args = parser.parse_args()
 
     from cqd_mpi.demo import llm as demo
@@ -75,6 +78,9 @@ def main() -> int:
     models = demo.build()
     config = demo.demo_config(models, run_dir=work / "unused", generations=args.generations)
     config["qd"]["coefficients"] = {"population": args.population, "sigma0": 0.1, "lower": 0.0, "upper": 1.0}
+    if args.items is not None:
+        for task in config["tasks"]:
+            task["settings"]["n_items"] = task["batch_size"] = args.items
     base = work / "config.yaml"
     base.write_text(yaml.safe_dump(config, sort_keys=False))
     listed = cli("trials", base, "--seeds", *args.seeds, "--out", work / "runs")

@@ -150,6 +150,17 @@ class Exporter:
         recipe = ModelRecipe("aggregate", members=tuple(members), betas=tuple(betas))
         return members, betas, self.builder().write(-1, recipe, Path(out))
 
+    def baseline(self, out: str | Path, spec) -> Path:
+        """A TIES / DARE merge (merging/sparse.py `SparseMerge`) of the run's experts."""
+        from cqd_mpi.merging.sparse import sparse_merge_stream
+
+        run = self.run
+        spec.validate("--", run.k)
+        base = self._source(run.core.base_id)
+        experts = [self._source(e) for e in run.expert_ids]
+        return write_hf_dir(sparse_merge_stream(base=base, members=experts, spec=spec), out, like=base,
+                            max_shard_size=self.max_shard_size)
+
 
 def check_output(out: str | Path, run: RunState, *, force: bool) -> Path:
     """Refuse an output inside the run's own model dirs, a source model dir, or an existing path
