@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -33,6 +34,8 @@ from cqd_mpi import seeding
 from cqd_mpi.errors import StateError, require
 from cqd_mpi.qd.cycleqd import CycleQD
 from cqd_mpi.qd.records import Job, ModelRecipe, ModelRecord
+
+log = logging.getLogger("cqd_mpi.qd.coefficients")
 
 
 @contextlib.contextmanager
@@ -109,6 +112,11 @@ class CoefficientSearch(CycleQD):
             nxt = 0
         x = self._ask(nxt)
         self._asked = (nxt, x)
+        if len(x) == 0:
+            log.warning("%s asked for no candidate in population %d (it found no new point); the search "
+                        "ends after %d of %d evaluations", self.label, nxt, len(rows), self.generations)
+            self._start_final()
+            return
         for c in x[: self.generations - len(rows)]:
             t = len(self.candidates()) + 1
             record = self._add_model("combination", t, coefficients=np.array(c, dtype=np.float64))

@@ -22,3 +22,10 @@ def method_class(name: str, where: str = "qd.method") -> type[CycleQD]:
     """The class of a search method: a key of BUILTIN or 'package.module:Class'."""
     return plugins.load_class(name, builtin=BUILTIN, base=CycleQD, what="search method", where=where)
 
+
+
+def method_name(core: CycleQD) -> str:
+    """The name that `method_class` turns back into the core's class: its built-in name, or
+    'module:Class' for a plug-in (which may inherit a built-in's `method`)."""
+    target = f"{type(core).__module__}:{type(core).__qualname__}"
+    return core.method if BUILTIN.get(core.method) == target else target

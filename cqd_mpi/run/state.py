@@ -25,7 +25,7 @@ from cqd_mpi import __version__, faults
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.archive import Archive, Bins
 from cqd_mpi.qd.cycleqd import CycleQD
-from cqd_mpi.qd.methods import method_class
+from cqd_mpi.qd.methods import method_class, method_name
 from cqd_mpi.qd.records import SPLITS, HistoryRow, Job, ModelRecipe, ModelRecord, Split
 from cqd_mpi.run.rundir import stored_path
 
@@ -225,7 +225,7 @@ def to_tree(core: CycleQD) -> dict:
             "pipeline_depth": core.pipeline_depth, "n_bins": core.n_bins,
             "bc_lower_factor": core.bc_lower_factor, "bc_upper_factor": core.bc_upper_factor,
             "rng": "numpy SeedSequence([seed, generation, crc32(purpose)])",
-            "method": core.method, **core.settings(),
+            "method": method_name(core), **core.settings(),
         },
         "tasks": {},
         "archives": {},

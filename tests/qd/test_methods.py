@@ -157,3 +157,15 @@ def test_a_tampered_state_is_refused_when_the_optimizer_replays_it():
     restored = from_tree(tree)
     with pytest.raises(StateError, match="replaying CMA-ES population 0"):
         run_all(restored)
+
+
+class PluginQD(NonCyclicQD):
+    """A plug-in method that inherits a built-in's `method` attribute."""
+
+
+def test_a_plug_in_method_is_stored_by_its_module_and_class():
+    core = PluginQD(**_defaults({"generations": 2}))
+    tree = to_tree(core)
+    assert tree["attrs"]["method"] == "tests.qd.test_methods:PluginQD"
+    assert type(from_tree(tree)) is PluginQD
+    assert to_tree(make(CMAES))["attrs"]["method"] == "cma-es"
