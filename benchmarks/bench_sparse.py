@@ -129,11 +129,11 @@ def main() -> int:
             check = ties_accuracy(target, models, args.density) if method == "ties" else moved(target, models)
             rows.append((f"mergekit 0.1.5 {name} (CLI, separate venv)", result, check))
     print(f"Machine: {bench_merge.machine()}; density {args.density}, weights 1/2 each\n")
-    print("| method | merge s | wall s | peak RSS GB | check |")
-    print("| --- | ---: | ---: | ---: | --- |")
+    print("| method | merge s | wall s | CPU s | peak RSS GB | check |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for label, result, check in rows:
         merge = f"{result['merge_s']:.2f}" if "merge_s" in result else "-"
-        print(f"| {label} | {merge} | {result['wall_s']:.2f} | {result['peak_gb']:.2f} | {check} |")
+        print(f"| {label} | {merge} | {result['wall_s']:.2f} | {result['cpu_s']:.1f} | {result['peak_gb']:.2f} | {check} |")
     return 0
 
 
