@@ -1,7 +1,7 @@
 """Fault injection for the crash-and-resume tests: die or raise at a named point of a run.
 
 Off unless CQD_MPI_FAULT is set to ``POINT[@RANK]:ACTION[:HIT]``: on the HIT-th time (1 by
-default) this process reaches POINT (merge, eval, checkpoint, os-setup: an OS item's
+default) this process reaches POINT (merge, eval, checkpoint, track, os-setup: an OS item's
 environment has just started), on rank RANK (any when left out), ACTION happens: ``kill``
 (SIGKILL to itself, as a node failure would) or ``raise``.
 """

@@ -1,7 +1,8 @@
 # Shared by the sbatch scripts in jobs/: run cqd_mpi under srun, forward SLURM's warning
 # signal, and requeue the job until the run's state says it is done.
 #
-# Usage (from an sbatch script): source jobs/lib.sh; cqd_run CONFIG [ARGS...]
+# Usage (from an sbatch script): source jobs/lib.sh; cqd_run CONFIG [ARGS...] (cqd_env alone
+# sets up the environment for other cqd_mpi commands)
 
 cqd_phase() {
   # The run's phase from its state file (init, search, final, done), or "none".
@@ -16,16 +17,21 @@ print(core.phase if core else "none")
 PY
 }
 
-cqd_run() {
-  local config=$1
-  shift
-  local restarts=${SLURM_RESTART_COUNT:-0}
-  local max_restarts=${CQD_MAX_RESTARTS:-20}
+cqd_env() {
+  # Source CQD_ENV (default env/cluster.sh of the submit dir) if it exists: module loads, venv.
   local env_script=${CQD_ENV:-${SLURM_SUBMIT_DIR:-.}/env/cluster.sh}
   if [ -f "$env_script" ]; then
     # shellcheck disable=SC1090
     source "$env_script"
   fi
+}
+
+cqd_run() {
+  local config=$1
+  shift
+  local restarts=${SLURM_RESTART_COUNT:-0}
+  local max_restarts=${CQD_MAX_RESTARTS:-20}
+  cqd_env
   if (( restarts > max_restarts )); then
     echo "cqd_mpi: job restarted $restarts times (CQD_MAX_RESTARTS=$max_restarts); not running again" >&2
     return 1

@@ -22,6 +22,7 @@ from cqd_mpi.analysis.runstate import RunState
 from cqd_mpi.errors import ConfigError, StateError
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
+from cqd_mpi.qd.coefficients import CoefficientSearch
 from cqd_mpi.qd.records import ModelRecipe
 
 
@@ -95,7 +96,7 @@ class Exporter:
                     f"available, but {gone} {'is' if len(missing) == 1 else 'are'} not saved either.")
         elif record.kind == "aggregate" and not run.has_archives:
             raise StateError(f"{run.describe(model_id)} has no archives to aggregate yet")
-        elif record.kind not in ("average", "aggregate"):
+        elif record.kind not in ("average", "aggregate", "combination"):
             raise StateError(f"{run.describe(model_id)} has no recipe to rebuild it from")
         return run.core.recipe(model_id)
 
@@ -123,6 +124,12 @@ class Exporter:
                           weights: Sequence[float] | None = None) -> tuple[list[int], list[float]]:
         """The archives' elites (task order) and their betas: softmax(f_k / T), or `weights`."""
         run = self.run
+        if isinstance(run.core, CoefficientSearch):
+            final = [m for m, kind in enumerate(run.kinds) if kind == "aggregate"]
+            where = (f"model #{final[-1]} (export {run.path} --model {final[-1]} OUT)" if final
+                     else "written when its final phase starts")
+            raise StateError(f"--aggregate merges the archives' elites, as CycleQD and QD end; this is a "
+                             f"{run.core.method} run, whose final model is {where}")
         elites = [archive.elite() for archive in run.stored_archives()]
         if weights is not None:
             if len(weights) != run.k:
@@ -142,6 +149,17 @@ class Exporter:
         members, betas = self.aggregate_members(temperature=temperature, weights=weights)
         recipe = ModelRecipe("aggregate", members=tuple(members), betas=tuple(betas))
         return members, betas, self.builder().write(-1, recipe, Path(out))
+
+    def baseline(self, out: str | Path, spec) -> Path:
+        """A TIES / DARE merge (merging/sparse.py `SparseMerge`) of the run's experts."""
+        from cqd_mpi.merging.sparse import sparse_merge_stream
+
+        run = self.run
+        spec.validate("--", run.k)
+        base = self._source(run.core.base_id)
+        experts = [self._source(e) for e in run.expert_ids]
+        return write_hf_dir(sparse_merge_stream(base=base, members=experts, spec=spec), out, like=base,
+                            max_shard_size=self.max_shard_size)
 
 
 def check_output(out: str | Path, run: RunState, *, force: bool) -> Path:

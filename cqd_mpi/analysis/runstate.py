@@ -128,28 +128,13 @@ class RunState:
     def replay(self) -> Iterator[tuple[int, list[Archive]]]:
         """Yield (generation, archives) after the experts (generation 0) and after each
         generation's child; the same archive objects are updated in place."""
-        archives = self.empty_archives()
-        stamp = 0
-
-        def offer(model_id: int) -> np.ndarray:
-            nonlocal stamp
-            entered = np.zeros(self.k, dtype=bool)
-            for q, archive in enumerate(archives):
-                if archive.offer(model_id, self.scores[model_id], stamp).entered:
-                    entered[q] = True
-                    stamp += 1
-            return entered
-
-        for expert in self.expert_ids:
-            offer(expert)
-        yield 0, archives
-        for row in self.history:
-            entered = offer(row.child_id)
-            if not np.array_equal(entered, np.asarray(row.entered, dtype=bool)):
+        self.empty_archives()
+        for (generation, archives, entered), row in zip(self.core.replay(), [None, *self.history]):
+            if row is not None and not np.array_equal(entered, np.asarray(row.entered, dtype=bool)):
                 raise StateError(f"{self.source}: replaying generation {row.generation} (child {row.child_id}) "
                                  f"enters {entered.tolist()}, but the history says {list(row.entered)}; "
                                  "the state file is inconsistent")
-            yield row.generation, archives
+            yield generation, archives
 
     def check_generation(self, generation: int | None) -> int:
         if generation is None:

@@ -6,6 +6,8 @@ COMMANDS = {
     "merge": "cqd_mpi.commands.merge",
     "analyze": "cqd_mpi.commands.analyze",
     "export": "cqd_mpi.commands.export",
+    "compare": "cqd_mpi.commands.compare",
+    "trials": "cqd_mpi.commands.trials",
     "similarity": "cqd_mpi.commands.similarity",
     "doctor": "cqd_mpi.commands.doctor",
     "check-tasks": "cqd_mpi.commands.check_tasks",

@@ -21,11 +21,18 @@ def add_arguments(parser) -> None:
                       help="theta_base + sum_k beta_k tau_k of the archives' elites, beta = softmax(f_k / T)")
     what.add_argument("--model", nargs=2, metavar=("ID", "OUT"), help="the model with this id (see `analyze`)")
     what.add_argument("--elite", nargs=2, metavar=("TASK", "OUT"), help="the elite of TASK's archive")
+    what.add_argument("--baseline", nargs=2, metavar=("METHOD", "OUT"),
+                      help="a merging baseline over the run's experts: ties, dare or dare-ties "
+                      "(weights 1/K unless --weights)")
     beta = parser.add_mutually_exclusive_group()
     beta.add_argument("--temperature", type=float, default=None, metavar="T",
                       help="with --aggregate: softmax temperature (default 1, the run's own betas)")
     beta.add_argument("--weights", nargs="+", type=float, default=None, metavar="B",
-                      help="with --aggregate: explicit betas, one per task in config order")
+                      help="with --aggregate or --baseline: explicit weights, one per task in config order")
+    parser.add_argument("--density", type=float, default=0.2,
+                        help="with --baseline: the fraction of each task vector kept (default 0.2)")
+    parser.add_argument("--scale", type=float, default=1.0, help="with --baseline: lambda (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="with --baseline dare / dare-ties: the masks' seed")
     parser.add_argument("--force", action="store_true", help="replace OUT if it is an existing model dir")
     parser.add_argument("--max-shard-size", default=None,
                         help="largest output shard, e.g. 5GB (default: the run's runtime.max_shard_size)")
@@ -42,8 +49,10 @@ def run(args) -> int:
     from cqd_mpi.analysis.export import Exporter, check_output
     from cqd_mpi.analysis.runstate import RunState
 
-    if args.aggregate is None and (args.temperature is not None or args.weights is not None):
-        raise ConfigError("--temperature and --weights apply to --aggregate only")
+    if args.aggregate is None and args.temperature is not None:
+        raise ConfigError("--temperature applies to --aggregate only")
+    if args.aggregate is None and args.baseline is None and args.weights is not None:
+        raise ConfigError("--weights applies to --aggregate and --baseline only")
     state = RunState.load(args.run_dir)
     exporter = Exporter(state, max_shard_size=args.max_shard_size)
     started = time.perf_counter()
@@ -53,6 +62,18 @@ def run(args) -> int:
         members, betas, path = exporter.aggregate(out, temperature=temperature, weights=args.weights)
         for name, member, beta in zip(state.task_names, members, betas):
             print(f"{name:<16} elite {state.describe(member):<24} beta {beta:.6g}")
+    elif args.baseline is not None:
+        from cqd_mpi.merging.sparse import METHODS, SparseMerge
+
+        method, target = args.baseline
+        if method not in METHODS:
+            raise ConfigError(f"--baseline: expected one of {', '.join(METHODS)}, got {method!r}")
+        spec = SparseMerge(method=method, density=args.density, scale=args.scale, seed=args.seed,
+                           weights=tuple(args.weights) if args.weights is not None else None)
+        out = check_output(target, state, force=args.force)
+        path = exporter.baseline(out, spec)
+        print(f"{method} of the experts {', '.join(state.task_names)}: density {spec.density}, scale {spec.scale}, "
+              f"weights {' '.join(f'{w:.6g}' for w in spec.member_weights(state.k))}")
     elif args.model is not None:
         model_id = state.check_model(_model_id(args.model[0]))
         out = check_output(args.model[1], state, force=args.force)

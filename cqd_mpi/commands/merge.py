@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cqd_mpi.errors import ConfigError
 from cqd_mpi.merging.mutation import MutationSpec
+from cqd_mpi.merging.sparse import METHODS as SPARSE_METHODS
 from cqd_mpi.qd.sampling import sample_crossover_weights, softmax
 
 HELP = "merge models once: crossover of two parents (--parents) or aggregation of experts (--aggregate)"
@@ -129,16 +130,36 @@ def add_arguments(parser) -> None:
     agg.add_argument(
         "--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)"
     )
+    agg.add_argument(
+        "--method",
+        choices=("task-arithmetic", *SPARSE_METHODS),
+        default="task-arithmetic",
+        help="task-arithmetic (default: theta_base + sum beta_k tau_k), or a baseline that sparsifies "
+        "the task vectors first: ties (trim by magnitude, elect signs), dare (random drop and "
+        "rescale), dare-ties (random drop, elect signs); their weights default to 1/K",
+    )
+    agg.add_argument(
+        "--density", type=float, default=0.2,
+        help="ties / dare: the fraction of each task vector kept (default 0.2)",
+    )
+    agg.add_argument(
+        "--scale", type=float, default=1.0, help="ties / dare: lambda, the merged vector's scale (default 1)"
+    )
 
 
 def run(args) -> int:
     from cqd_mpi import seeding
     from cqd_mpi.merging import operators, weights
 
-    if args.aggregate and (args.seed is not None or args.w1 is not None or args.w2 is not None):
-        raise ConfigError("--seed, --w1 and --w2 apply to --parents, not to --aggregate")
+    sparse = args.aggregate and args.method in SPARSE_METHODS
+    seeded = args.method in ("dare", "dare-ties")
+    if args.aggregate and (args.w1 is not None or args.w2 is not None or (args.seed is not None and not seeded)):
+        raise ConfigError("--seed, --w1 and --w2 apply to --parents, not to --aggregate "
+                          "(but --seed does to --method dare and dare-ties)")
     if args.parents and (args.scores or args.weights):
         raise ConfigError("--scores and --weights apply to --aggregate, not to --parents")
+    if args.parents and args.method != "task-arithmetic":
+        raise ConfigError("--method applies to --aggregate, not to --parents")
     started = time.perf_counter()
     base = weights.ModelDir(args.base)
     basis = None
@@ -155,7 +176,14 @@ def run(args) -> int:
         else:
             betas = [1.0 / len(members)] * len(members)
         print("betas " + " ".join(f"{b:.6g}" for b in betas))
-        stream = operators.aggregate_stream(base=base, members=members, betas=betas)
+        if sparse:
+            from cqd_mpi.merging.sparse import SparseMerge, sparse_merge_stream
+
+            spec = SparseMerge(method=args.method, density=args.density, scale=args.scale,
+                               weights=tuple(betas), seed=args.seed or 0).validate("--", len(members))
+            stream = sparse_merge_stream(base=base, members=members, spec=spec)
+        else:
+            stream = operators.aggregate_stream(base=base, members=members, betas=betas)
     try:
         out = weights.write_hf_dir(stream, args.out, like=base, max_shard_size=args.max_shard_size)
     finally:

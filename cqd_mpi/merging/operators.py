@@ -189,9 +189,10 @@ class _Buffers:
         """Float32 room for summing one chunk."""
         return self._room("accumulator", numel * 4).view(torch.float32)
 
-    def matrix(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Room for one whole matrix, reusing the memory of the previous one of this dtype."""
-        room = self._room(f"matrix-{dtype}", math.prod(shape) * dtype.itemsize)
+    def matrix(self, shape: Sequence[int], dtype: torch.dtype = torch.float32, slot: str = "") -> torch.Tensor:
+        """Room for one whole matrix, reusing the memory of the previous one of this dtype and
+        `slot` (distinct slots are distinct matrices held at once)."""
+        room = self._room(f"matrix-{dtype}{slot}", math.prod(shape) * dtype.itemsize)
         return room.view(dtype).view(shape)
 
 

@@ -19,7 +19,7 @@ a core restored from a snapshot continues exactly as the original would have.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -40,7 +40,17 @@ STORED = ModelRecipe("stored")
 
 
 class CycleQD:
-    """The CycleQD algorithm state and its ask/tell interface."""
+    """The CycleQD algorithm state and its ask/tell interface.
+
+    It is also the interface every search method shares (qd/methods.py): the runtime, the
+    state file and the analysis see only this class's attributes and methods. A method
+    changes the search phase (`_refill`, `offered_to`, `recipe`); `settings()` are its own
+    root attributes of the state and `restore(attrs)` reads them back.
+    """
+
+    method = "cycleqd"
+    label = "CycleQD"
+    final_label = "CycleQD aggregate"
 
     def __init__(self, *, task_names: Sequence[str], base_path: str, expert_paths: Sequence[str],
                  splits: Mapping[str, Split], generations: int, seed: int,
@@ -206,10 +216,15 @@ class CycleQD:
         self.phase = "search"
         self._refill()
 
+    def offered_to(self, record: ModelRecord) -> range | tuple[int, ...]:
+        """The archives a scored model is offered to: all of them in CycleQD."""
+        return range(self.k)
+
     def _offer(self, record: ModelRecord) -> tuple[str, ...]:
         entered = []
-        for name, archive in zip(self.task_names, self.archives):
-            if archive.offer(record.id, record.scores, self.next_stamp).entered:
+        targets = self.offered_to(record)
+        for q, (name, archive) in enumerate(zip(self.task_names, self.archives)):
+            if q in targets and archive.offer(record.id, record.scores, self.next_stamp).entered:
                 entered.append(name)
                 self.next_stamp += 1
         return tuple(entered)
@@ -251,6 +266,43 @@ class CycleQD:
         self.pending.extend(Job(m, t, "final", "test", STORED) for m in jobs)
         self.pending.append(Job(average.id, t, "final", "test", self.recipe(average.id)))
         self.pending.append(Job(aggregate.id, t, "final", "test", self.recipe(aggregate.id)))
+
+    def replay(self) -> Iterator[tuple[int, list[Archive], np.ndarray | None]]:
+        """(generation, archives, entered) after the experts (generation 0, entered None) and
+        after each history row's model, rebuilt from the stored scores by offering every model
+        again in the order the run did; the same archive objects are updated in place."""
+        archives = [Archive(quality_task=a.quality_task, bc_tasks=a.bc_tasks, bins=a.bins) for a in self.archives]
+        stamp = 0
+
+        def offer(record: ModelRecord) -> np.ndarray:
+            nonlocal stamp
+            entered = np.zeros(self.k, dtype=bool)
+            targets = self.offered_to(record)
+            for q, archive in enumerate(archives):
+                if q in targets and archive.offer(record.id, record.scores, stamp).entered:
+                    entered[q] = True
+                    stamp += 1
+            return entered
+
+        for e in self.expert_ids:
+            offer(self.models[e])
+        yield 0, archives, None
+        for row in self.history:
+            yield row.generation, archives, offer(self.models[row.child_id])
+
+    # the state's view -----------------------------------------------------------------------
+
+    @classmethod
+    def options(cls, qd) -> dict:
+        """The method's own constructor arguments from the config's `qd` section (none here)."""
+        return {}
+
+    def settings(self) -> dict:
+        """The method's own settings, stored as root attributes of the state (none here)."""
+        return {}
+
+    def restore(self, attrs: Mapping) -> None:
+        """Read back what `settings()` stored, after run/state.py rebuilt the shared fields."""
 
     # queries --------------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ from cqd_mpi import seeding
 
 PHASES = ("init", "search", "final", "done")
 SPLITS = ("search", "test")
-MODEL_KINDS = ("base", "expert", "child", "average", "aggregate")
+MODEL_KINDS = ("base", "expert", "child", "average", "aggregate", "combination")
+"""combination: theta_base + sum_k c_k tau_k over the experts, with its own `coefficients`
+(a candidate of the coefficient searches, CMA-ES and NSGA-II)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +53,9 @@ class Job:
 class ModelRecord:
     """One model of the run. `source` is the weights' directory as the user gave it (base and
     experts only); `archived` says that a child entered an archive at some point, and `saved`
-    that its weights are kept now (it is still in an archive, or it is the final aggregate)."""
+    that its weights are kept now (it is still in an archive, or it is the final aggregate).
+    `coefficients` are the c_k of a model built as theta_base + sum_k c_k tau_k over the
+    experts (a combination, or the final model of a coefficient search); NaN otherwise."""
 
     id: int
     kind: str
@@ -70,12 +74,15 @@ class ModelRecord:
     test_scores: np.ndarray = None
     n_errors: int = 0
     test_errors: int = 0
+    coefficients: np.ndarray = None
 
     def __post_init__(self, n_tasks: int):
         if self.scores is None:
             self.scores = np.full(n_tasks, np.nan)
         if self.test_scores is None:
             self.test_scores = np.full(n_tasks, np.nan)
+        if self.coefficients is None:
+            self.coefficients = np.full(n_tasks, np.nan)
 
 
 @dataclasses.dataclass

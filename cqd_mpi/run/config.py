@@ -75,8 +75,31 @@ class CrossoverConfig:
 
 
 @dataclasses.dataclass
+class CoefficientsConfig:
+    """The coefficient searches (qd.method cma-es, nsga2): candidates per population, CMA-ES's
+    initial step size, and the box [lower, upper] of every coefficient c_k."""
+
+    population: int = 8
+    sigma0: float = 0.1
+    lower: float = 0.0
+    upper: float = 1.0
+
+    def validate(self, where: str) -> None:
+        if self.population < 2:
+            raise ConfigError(f"{where}.population: expected an integer >= 2, got {self.population}")
+        if not self.sigma0 > 0:
+            raise ConfigError(f"{where}.sigma0: expected a number > 0, got {self.sigma0}")
+        if not self.upper > self.lower:
+            raise ConfigError(f"{where}: expected upper > lower, got lower={self.lower}, upper={self.upper}")
+
+
+@dataclasses.dataclass
 class QDConfig:
+    """`generations` is the search budget: the models evaluated in the search phase, one
+    child per generation for CycleQD and QD, one candidate each for CMA-ES and NSGA-II."""
+
     generations: int
+    method: str = "cycleqd"
     sampling: Literal["elite", "random"] = "elite"
     alpha_low: float = 0.5
     alpha_high: float = 0.8
@@ -86,8 +109,12 @@ class QDConfig:
     bc_lower_factor: float = 0.85
     bc_upper_factor: float = 1.15
     search_fraction: float = 0.5
+    coefficients: CoefficientsConfig = dataclasses.field(default_factory=CoefficientsConfig)
 
     def validate(self, where: str) -> None:
+        from cqd_mpi.qd.methods import method_class
+
+        method_class(self.method, f"{where}.method")
         if self.generations < 0:
             raise ConfigError(f"{where}.generations: expected an integer >= 0, got {self.generations}")
         if self.n_bins < 1:
@@ -136,6 +163,24 @@ class EngineConfig:
 
 
 @dataclasses.dataclass
+class TrackingConfig:
+    """Live curves where researchers look: TensorBoard event files (in `log_dir`, default
+    RUN_DIR/tensorboard) and/or a Weights & Biases run (`wandb_mode` offline needs no
+    network), the elite maps as images every `maps_every` generations (0: never)."""
+
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "cqd_mpi"
+    log_dir: str | None = None
+    maps_every: int = 25
+
+    def validate(self, where: str) -> None:
+        if self.maps_every < 0:
+            raise ConfigError(f"{where}.maps_every: expected an integer >= 0, got {self.maps_every}")
+
+
+@dataclasses.dataclass
 class Config:
     base: str
     experts: list[ExpertConfig]
@@ -145,6 +190,7 @@ class Config:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     protocol: str = protocols.DEFAULT
     """The evaluation protocol of tasks that name none: 'paper' or 'reference' (docs/protocols.md)."""
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     def validate(self, where: str) -> None:
         protocols.check_default(self.protocol)
@@ -209,6 +255,7 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True) ->
     config.runtime.run_dir = _resolve(config.runtime.run_dir, root)
     config.runtime.staging_dir = _resolve(config.runtime.staging_dir, root)
     config.runtime.basis_cache = _resolve(config.runtime.basis_cache, root)
+    config.tracking.log_dir = _resolve(config.tracking.log_dir, root)
     engine = engine_class(config.engine)
     config.engine.settings = schema.to_dict(engine_settings(config.engine))
     for i, task in enumerate(config.tasks):
@@ -282,7 +329,7 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
-    ("engine", "device"), ("protocol",),
+    ("engine", "device"), ("protocol",), ("tracking",),
 })
 """Keys that cannot change a run's results. The run-wide `protocol` is one: what it changes is
 resolved into each task's `protocol` and `settings`, which are compared."""
@@ -293,6 +340,8 @@ ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("qd", "mutation", "sketch_dtype"): "float32",
     ("protocol",): protocols.DEFAULT,
     ("tasks", "*", "protocol"): None,
+    ("qd", "method"): "cycleqd",
+    ("qd", "coefficients"): schema.to_dict(CoefficientsConfig()),
 }
 """Keys added since a run could have been frozen, at the values that reproduce what the older
 version did ('*' stands for every element of a list). Tasks frozen without a protocol kept

@@ -27,6 +27,8 @@ def build_report(core: CycleQD) -> dict:
 
     by_kind = {kind: [r.id for r in core.models if r.kind == kind] for kind in MODEL_KINDS}
     return {
+        "method": core.method,
+        "final_label": core.final_label,
         "tasks": list(core.task_names),
         "generations": core.generations_done,
         "base": entry(core.base_id),
@@ -59,7 +61,7 @@ def format_report(report: Mapping) -> str:
     lines.append(_row("naive average", report.get("naive_average"), tasks))
     for task, entry in report.get("elites", {}).items():
         lines.append(_row(f"elite {task} (#{entry['id']})", entry, tasks))
-    lines.append(_row("CycleQD aggregate", report.get("aggregate"), tasks))
+    lines.append(_row(report.get("final_label", "CycleQD aggregate"), report.get("aggregate"), tasks))
     aggregate = report.get("aggregate")
     if aggregate and aggregate.get("mean") is not None:
         rivals = [("naive average", report.get("naive_average"))] + [

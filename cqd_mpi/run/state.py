@@ -25,6 +25,7 @@ from cqd_mpi import __version__, faults
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.archive import Archive, Bins
 from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.methods import method_class, method_name
 from cqd_mpi.qd.records import SPLITS, HistoryRow, Job, ModelRecipe, ModelRecord, Split
 from cqd_mpi.run.rundir import stored_path
 
@@ -224,6 +225,7 @@ def to_tree(core: CycleQD) -> dict:
             "pipeline_depth": core.pipeline_depth, "n_bins": core.n_bins,
             "bc_lower_factor": core.bc_lower_factor, "bc_upper_factor": core.bc_upper_factor,
             "rng": "numpy SeedSequence([seed, generation, crc32(purpose)])",
+            "method": method_name(core), **core.settings(),
         },
         "tasks": {},
         "archives": {},
@@ -243,6 +245,7 @@ def to_tree(core: CycleQD) -> dict:
             "test_errors": np.array([r.test_errors for r in models], dtype=np.int64),
             "saved": np.array([r.saved for r in models], dtype=bool),
             "path": [stored_path(r) for r in models],
+            "coefficients": np.array([r.coefficients for r in models], dtype=np.float64).reshape(n, k),
         },
         "history": _history_columns(core.history, k),
         "pending": _pending_columns(core, k),
@@ -286,7 +289,8 @@ def from_tree(tree: Mapping) -> CycleQD:
               for n in names}
     columns = tree["models"]
     kinds = [str(x) for x in columns["kind"]]
-    core = CycleQD.__new__(CycleQD)
+    cls = method_class(str(attrs.get("method", CycleQD.method)), "state.h5 attribute method")
+    core = cls.__new__(cls)
     core.task_names = tuple(names)
     core.splits = splits
     for key in ("generations", "seed", "generations_done", "next_stamp", "pipeline_depth", "n_bins"):
@@ -316,7 +320,9 @@ def from_tree(tree: Mapping) -> CycleQD:
             archived=kind == "child" and bool(str(columns["path"][i])),
             scores=np.array(columns["scores"][i], dtype=np.float64),
             test_scores=np.array(columns["test_scores"][i], dtype=np.float64),
-            n_errors=int(columns["n_errors"][i]), test_errors=int(columns["test_errors"][i])))
+            n_errors=int(columns["n_errors"][i]), test_errors=int(columns["test_errors"][i]),
+            coefficients=(np.array(columns["coefficients"][i], dtype=np.float64)
+                          if "coefficients" in columns else None)))
     core.archives = []
     for q, name in enumerate(names):
         if name not in tree["archives"]:
@@ -337,6 +343,7 @@ def from_tree(tree: Mapping) -> CycleQD:
             if not all(np.isnan(r).all() for r in rows.values()):
                 core.item_scores[split][m] = rows
     core._dispatched = 0
+    core.restore(attrs)
     return core
 
 

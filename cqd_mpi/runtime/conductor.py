@@ -38,7 +38,7 @@ class Conductor:
                  groups: Sequence[EvalGroup], rundir: RunDir, backend: StateBackend,
                  stop: StopFlag, config_text: str, world_size: int = 1,
                  staging_dir: Path | None = None, prebuild: bool = False,
-                 retain_bytes: int = 0, echo=print):
+                 retain_bytes: int = 0, tracker=None, echo=print):
         self.core = core
         self.tasks = tasks
         self.builder = builder
@@ -49,6 +49,7 @@ class Conductor:
         self.config_text = config_text
         self.world_size = world_size
         self.echo = echo
+        self.tracker = tracker
         self.staging_dir = Path(staging_dir) if staging_dir else rundir.staging_dir()
         self.prebuild = prebuild
         self.ready: deque[Job] = deque()
@@ -66,6 +67,8 @@ class Conductor:
         if not self.rundir.state_path.exists():
             self.checkpoint()
         shutil.rmtree(self.staging_dir, ignore_errors=True)
+        if self.tracker is not None:
+            self.tracker.sync(self.core)
         buffered: dict[int, Outcome] = {}
         while True:
             if not self.stop:
@@ -166,6 +169,8 @@ class Conductor:
                 "merge": outcome.merge_s, "transfer": outcome.transfer_s, "eval": outcome.eval_s,
                 "total": total})
         self.checkpoint()
+        if self.tracker is not None and job.phase == "search":
+            self.tracker.sync(self.core)
         done = time.perf_counter()
         for model_id in told.dead:
             shutil.rmtree(self.rundir.model_dir(model_id), ignore_errors=True)
@@ -193,8 +198,10 @@ class Conductor:
         elapsed = time.perf_counter() - self._started
         errors = f" errors={n_errors}" if n_errors else ""
         if job.phase == "search":
-            return (f"gen {job.generation:>4}/{self.core.generations} active={names[job.recipe.active_task]:<8} "
-                    f"child={job.model_id:<5} {scores} entered=[{','.join(entered)}]{errors} {elapsed:7.1f}s")
+            role = (f"active={names[job.recipe.active_task]:<8} child" if record.kind == "child"
+                    else f"{self.core.label:<15} {record.kind}")
+            return (f"gen {job.generation:>4}/{self.core.generations} {role}={job.model_id:<5} {scores} "
+                    f"entered=[{','.join(entered)}]{errors} {elapsed:7.1f}s")
         label = record.kind if record.kind in ("base", "average", "aggregate") else f"{record.kind} {job.model_id}"
         if record.kind == "expert":
             label = f"expert {names[self.core.expert_ids.index(job.model_id)]}"
@@ -205,6 +212,8 @@ class Conductor:
 
         report = build_report(self.core)
         report["phase_seconds"] = dict(self.phase_seconds)
+        if self.tracker is not None:
+            self.tracker.final(self.core)
         self.rundir.write_json(self.rundir.final_dir / "report.json", report)
         self.echo(format_times(self.phase_seconds, time.perf_counter() - self._started))
         self.echo(format_report(report))

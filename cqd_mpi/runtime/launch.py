@@ -18,10 +18,12 @@ from cqd_mpi.errors import StateError
 from cqd_mpi.merging.builder import ModelBuilder
 from cqd_mpi.qd.archive import Bins
 from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.methods import method_class
 from cqd_mpi.qd.records import make_splits
 from cqd_mpi.run.config import BinsConfig, Config, parse_size
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend
+from cqd_mpi.run.tracking import Tracker
 from cqd_mpi.runtime import mpi
 from cqd_mpi.runtime.conductor import Conductor
 from cqd_mpi.runtime.groups import EvalGroup, InProcessGroup
@@ -38,17 +40,21 @@ def new_core(config: Config, tasks: Mapping[str, Task]) -> CycleQD:
                          seed=config.runtime.seed, search_fraction=qd.search_fraction)
     bins = [Bins(t.bins.lower, t.bins.upper, t.bins.n_bins) if isinstance(t.bins, BinsConfig) else None
             for t in config.tasks]
-    return CycleQD(
+    method = method_class(qd.method)
+    return method(
         task_names=config.task_names, base_path=config.base,
         expert_paths=[config.expert_path(n) for n in config.task_names], splits=splits,
         generations=qd.generations, seed=config.runtime.seed, bins=bins, n_bins=qd.n_bins,
         bc_lower_factor=qd.bc_lower_factor, bc_upper_factor=qd.bc_upper_factor, sampling=qd.sampling,
         alpha_low=qd.alpha_low, alpha_high=qd.alpha_high, crossover_mu=qd.crossover.mu,
-        crossover_sigma=qd.crossover.sigma, pipeline_depth=config.runtime.pipeline_depth)
+        crossover_sigma=qd.crossover.sigma, pipeline_depth=config.runtime.pipeline_depth,
+        **method.options(qd))
 
 
 def check_restored(core: CycleQD, config: Config, tasks: Mapping[str, Task]) -> CycleQD:
     """A core read back from state.h5, checked against the config and the tasks' data."""
+    if type(core) is not method_class(config.qd.method):
+        raise StateError(f"state.h5 holds a run of method {core.method!r}, the config asks for {config.qd.method!r}")
     if list(core.task_names) != config.task_names:
         raise StateError(f"state.h5 holds tasks {list(core.task_names)}, the config {config.task_names}")
     for name, task in tasks.items():
@@ -87,16 +93,20 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
         if fresh:
             builder.check()
         groups = make_groups(tasks) if make_groups else [InProcessGroup(Worker(config, tasks=tasks))]
+        tracker = Tracker.from_config(config.tracking, rundir, name=rundir.path.name, config=config.to_dict())
         stop = (stop if stop is not None else StopFlag()).install()
         conductor = Conductor(core=core, tasks=tasks, builder=builder, groups=groups, rundir=rundir,
                               backend=backend, stop=stop, config_text=config.to_yaml(),
                               world_size=world_size, staging_dir=rundir.staging_dir(config.runtime.staging_dir),
                               prebuild=config.runtime.pipeline_depth > 0,
-                              retain_bytes=parse_size(config.runtime.retain_child_bytes), echo=echo)
+                              retain_bytes=parse_size(config.runtime.retain_child_bytes), tracker=tracker,
+                              echo=echo)
         try:
             return conductor.run()
         finally:
             stop.uninstall()
+            if tracker is not None:
+                tracker.close()
             for group in groups:
                 group.close()
             for task in tasks.values():

@@ -49,7 +49,7 @@ def test_export_a_model_and_an_elite(run_dir, tmp_path, capsys):
     (["--model", "two", "OUT"], "--model: expected an integer model id, got 'two'"),
     (["--aggregate", "OUT", "--weights", "0.5", "0.5"], "--weights: expected one beta per task (3: alpha, beta, gamma), got 2"),
     (["--aggregate", "OUT", "--temperature", "0"], "--temperature: expected a number > 0, got 0.0"),
-    (["--model", "1", "OUT", "--temperature", "2"], "--temperature and --weights apply to --aggregate only"),
+    (["--model", "1", "OUT", "--temperature", "2"], "--temperature applies to --aggregate only"),
 ])
 def test_bad_inputs_give_clear_errors(run_dir, tmp_path, capsys, args, message):
     args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
@@ -66,3 +66,28 @@ def test_no_such_run_dir(tmp_path, capsys):
 def test_output_inside_the_run_is_refused(run_dir, capsys):
     assert main(["export", str(run_dir), "--model", "1", str(run_dir / "models" / "x")]) == 2
     assert "is part of the run or one of its source models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_export_a_ties_or_dare_baseline_of_the_runs_experts(run_dir, tiny_family, tmp_path, capsys, method):
+    from cqd_mpi.merging.sparse import SparseMerge, sparse_merge_stream
+
+    code = main(["export", str(run_dir), "--baseline", method, str(tmp_path / method), "--density", "0.3",
+                 "--seed", "2", "--weights", "1", "0.5", "0.5"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"{method} of the experts alpha, beta, gamma: density 0.3, scale 1.0, weights 1 0.5 0.5" in out
+    spec = SparseMerge(method=method, density=0.3, seed=2, weights=(1.0, 0.5, 0.5))
+    expected = sparse_merge_stream(base=ModelDir(tiny_family["base"]),
+                                   members=[ModelDir(p) for p in tiny_family["experts"].values()], spec=spec)
+    written = dict(ModelDir(tmp_path / method).tensors())
+    assert all(torch.equal(written[name], tensor) for name, tensor in expected)
+
+
+def test_export_baseline_user_errors(run_dir, tmp_path, capsys):
+    assert main(["export", str(run_dir), "--baseline", "median", str(tmp_path / "x")]) == 2
+    assert "--baseline: expected one of ties, dare, dare-ties, got 'median'" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--baseline", "ties", str(tmp_path / "x"), "--weights", "1", "2"]) == 2
+    assert "--weights: expected one weight per member model (3), got 2" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--model", "0", str(tmp_path / "y"), "--weights", "1", "2", "3"]) == 2
+    assert "--weights applies to --aggregate and --baseline only" in capsys.readouterr().err

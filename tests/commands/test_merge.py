@@ -368,3 +368,39 @@ def test_entry_point_writes_shards_that_transformers_loads(bf16, tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     assert logits(out).shape == (1, 6, 48)
     assert not torch.allclose(logits(out), logits(bf16["p1"]))
+
+
+@pytest.mark.parametrize(("method", "extra"), [("ties", ["--density", "0.3"]),
+                                               ("dare", ["--density", "0.5", "--seed", "4"]),
+                                               ("dare-ties", ["--density", "0.5", "--seed", "4",
+                                                              "--weights", "1", "0.5", "2", "--scale", "0.8"])])
+def test_ties_and_dare_baselines_write_the_sparse_merge(bf16, tmp_path, capsys, method, extra):
+    from cqd_mpi.merging.sparse import SparseMerge, sparse_merge_stream
+
+    members = [bf16[k] for k in ("p1", "p2", "p3")]
+    code, _, err = merge(capsys, "--base", bf16["base"], "--aggregate", *members, "--method", method,
+                           *extra, "--out", tmp_path / method)
+    assert code == 0, err
+    options = dict(zip(extra[::2], extra[1::2]))
+    weights = [float(w) for w in extra[extra.index("--weights") + 1:][:3]] if "--weights" in extra else [1 / 3] * 3
+    spec = SparseMerge(method=method, density=float(options["--density"]), seed=int(options.get("--seed", 0)),
+                       scale=float(options.get("--scale", 1.0)), weights=tuple(weights))
+    expected = dict(sparse_merge_stream(base=ModelDir(bf16["base"]), members=[ModelDir(m) for m in members],
+                                        spec=spec))
+    written = state_dict(tmp_path / method)
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[n], expected[n]) for n in expected)
+
+
+def test_sparse_merge_user_errors(bf16, tmp_path, capsys):
+    members = [bf16[k] for k in ("p1", "p2")]
+    code, _, err = merge(capsys, "--base", bf16["base"], "--aggregate", *members, "--method", "ties",
+                         "--density", "1.5", "--out", tmp_path / "x")
+    assert code == 2 and "--density: expected a number in (0, 1], got 1.5" in err
+    code, _, err = merge(capsys, "--base", bf16["base"], "--aggregate", *members, "--method", "ties",
+                         "--seed", "2", "--out", tmp_path / "x")
+    assert code == 2 and "--seed, --w1 and --w2 apply to --parents" in err
+    code, _, err = merge(capsys, "--base", bf16["base"], "--parents", *members, "--seed", "1",
+                         "--method", "dare", "--out", tmp_path / "x")
+    assert code == 2 and "--method applies to --aggregate" in err
+    assert not (tmp_path / "x").exists()

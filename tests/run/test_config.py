@@ -47,6 +47,12 @@ def test_valid_config_loads_with_defaults(good, tmp_path):
     (lambda c: c["qd"]["mutation"].update(sketch_dtype="float16"),
      r"qd.mutation.sketch_dtype: expected one of 'float32' \| 'bfloat16', got 'float16'"),
     (lambda c: c["qd"]["mutation"].update(niter=-1), r"qd.mutation.niter: expected an integer >= 0, got -1"),
+    (lambda c: c["qd"].update(method="annealing"), r"qd.method: unknown search method kind 'annealing'"),
+    (lambda c: c["qd"].update(coefficients={"population": 1}), r"qd.coefficients.population: expected an integer >= 2"),
+    (lambda c: c["qd"].update(coefficients={"lower": 1.0, "upper": 0.5}), r"qd.coefficients: expected upper > lower"),
+    (lambda c: c.update(tracking={"tensorbord": True}), r"tracking: unknown key 'tensorbord'"),
+    (lambda c: c.update(tracking={"wandb_mode": "cloud"}), r"tracking.wandb_mode: expected one of 'offline'"),
+    (lambda c: c.update(tracking={"maps_every": -1}), r"tracking.maps_every: expected an integer >= 0, got -1"),
 ])
 def test_bad_config_names_the_key(good, tmp_path, edit, message):
     edit(good)
@@ -170,3 +176,24 @@ def test_configs_frozen_before_protocols_resume(good, tmp_path):
     changed = config_mod.differences(config_mod.upgrade(old), new)
     assert changed[0] == "tasks[2].protocol: None -> 'paper'"
     assert "tasks[2].settings.version: None -> 'v0.1.0'" in changed and len(changed) == 13
+
+
+def test_methods_and_tracking_default_and_resolve(good, tmp_path):
+    config = load_dict(good, tmp_path)
+    assert config.qd.method == "cycleqd" and config.qd.coefficients.population == 8
+    assert not config.tracking.tensorboard and not config.tracking.wandb
+    good["tracking"] = {"tensorboard": True, "log_dir": "tb"}
+    good["qd"]["method"] = "nsga2"
+    config = load_dict(good, tmp_path)
+    assert config.tracking.log_dir == str((tmp_path / "tb").resolve()) and config.qd.method == "nsga2"
+
+
+def test_a_config_frozen_before_methods_and_tracking_resumes(good, tmp_path):
+    new = load_dict(good, tmp_path).to_dict()
+    frozen = yaml.safe_load(yaml.safe_dump(new))
+    del frozen["qd"]["method"], frozen["qd"]["coefficients"], frozen["tracking"]
+    assert config_mod.differences(config_mod.upgrade(frozen), new) == []
+    new["tracking"]["tensorboard"] = True
+    assert config_mod.differences(config_mod.upgrade(frozen), new) == []
+    new["qd"]["method"] = "cma-es"
+    assert config_mod.differences(config_mod.upgrade(frozen), new) == ["qd.method: 'cycleqd' -> 'cma-es'"]

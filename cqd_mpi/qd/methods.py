@@ -1,0 +1,31 @@
+"""Search methods by name (`qd.method`): CycleQD, the paper's comparisons, or a plug-in.
+
+Every method is a CycleQD subclass (cycleqd.py documents the interface they share), so the
+runtime, the state file, `analyze`, `export` and `compare` treat them alike. A plug-in is
+named 'package.module:Class', as task and engine kinds are.
+"""
+
+from __future__ import annotations
+
+from cqd_mpi import plugins
+from cqd_mpi.qd.cycleqd import CycleQD
+
+BUILTIN = {
+    "cycleqd": "cqd_mpi.qd.cycleqd:CycleQD",
+    "qd": "cqd_mpi.qd.noncyclic:NonCyclicQD",
+    "cma-es": "cqd_mpi.qd.coefficients:CMAES",
+    "nsga2": "cqd_mpi.qd.coefficients:NSGA2",
+}
+
+
+def method_class(name: str, where: str = "qd.method") -> type[CycleQD]:
+    """The class of a search method: a key of BUILTIN or 'package.module:Class'."""
+    return plugins.load_class(name, builtin=BUILTIN, base=CycleQD, what="search method", where=where)
+
+
+
+def method_name(core: CycleQD) -> str:
+    """The name that `method_class` turns back into the core's class: its built-in name, or
+    'module:Class' for a plug-in (which may inherit a built-in's `method`)."""
+    target = f"{type(core).__module__}:{type(core).__qualname__}"
+    return core.method if BUILTIN.get(core.method) == target else target
