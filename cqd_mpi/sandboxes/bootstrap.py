@@ -6,12 +6,15 @@ untrusted code that failed. CONFIG_JSON keys: script, work_dir, limits (rlimit n
 value), uid, gid (null: keep), seal (bool: make every mount read-only and hide the
 writable and socket-bearing dirs under fresh tmpfs), keep (dirs seal must leave visible),
 tmpfs_bytes, init (bool: act as pid 1 of the namespace and run the script in a child). The script is read before sealing, so it may live anywhere on the host.
+Last, a seccomp filter denies new user namespaces (`deny_user_namespaces`).
 """
 
 import ctypes
 import json
 import os
+import platform
 import resource
+import struct
 import sys
 
 READY = b"cqd-sandbox-ready\n"
@@ -124,6 +127,72 @@ def drop_privileges(uid, gid):
         raise OSError(f"could not drop to uid {uid}")
 
 
+_CLONE_NEWUSER = 0x10000000
+_EPERM, _ENOSYS = 1, 38
+SECCOMP_ARCHES = {
+    # machine: (AUDIT_ARCH, {syscall: number}), from the kernel's syscall tables
+    "x86_64": (0xC000003E, {"clone": 56, "unshare": 272, "setns": 308, "clone3": 435}),
+    "aarch64": (0xC00000B7, {"clone": 220, "unshare": 97, "setns": 268, "clone3": 435}),
+}
+
+
+def _user_namespace_filter(machine):
+    """A classic-BPF seccomp program: no clone/unshare with CLONE_NEWUSER, no setns, clone3 -> ENOSYS.
+
+    clone3 passes its flags in memory a filter cannot read, so it answers ENOSYS and glibc
+    falls back to clone, whose flags are checked. Calls of another ABI (i386 on x86_64, x32)
+    are refused, since their numbers differ.
+    """
+    arch, numbers = SECCOMP_ARCHES[machine]
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | _EPERM, 0x00050000 | _ENOSYS
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    program = [
+        (ld, 0, 0, 4),  # seccomp_data.arch
+        (jeq, 1, 0, arch),
+        (ret, 0, 0, eperm),
+        (ld, 0, 0, 0),  # seccomp_data.nr
+        (jge, 0, 1, 0x40000000),
+        (ret, 0, 0, eperm),
+        (jeq, 0, 1, numbers["clone3"]),
+        (ret, 0, 0, enosys),
+        (jeq, 0, 1, numbers["setns"]),
+        (ret, 0, 0, eperm),
+        (jeq, 2, 0, numbers["unshare"]),
+        (jeq, 1, 0, numbers["clone"]),
+        (ret, 0, 0, allow),
+        (ld, 0, 0, 16),  # low half of seccomp_data.args[0]: the flags of clone and unshare
+        (jset, 0, 1, _CLONE_NEWUSER),
+        (ret, 0, 0, eperm),
+        (ret, 0, 0, allow),
+    ]
+    return b"".join(struct.pack("=HBBI", *op) for op in program)
+
+
+def deny_user_namespaces():
+    """Install the filter for this process and all it starts; no_new_privs first, as seccomp needs.
+
+    Inside a new user namespace a process holds every capability over it: a step towards
+    kernel attack surface that untrusted code has no use for.
+    """
+    machine = platform.machine()
+    if machine not in SECCOMP_ARCHES:
+        raise OSError(f"no seccomp filter for machine {machine!r}; expected one of {sorted(SECCOMP_ARCHES)}")
+    code = _user_namespace_filter(machine)
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    program = SockFprog(len(code) // 8, code)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    for args, what in [((pr_set_no_new_privs, 1, None, 0, 0), "PR_SET_NO_NEW_PRIVS"),
+                       ((pr_set_seccomp, seccomp_mode_filter, ctypes.addressof(program), 0, 0), "PR_SET_SECCOMP")]:
+        if libc.prctl(*args) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"prctl({what}): {os.strerror(errno)}")
+
+
 def main():
     config = json.loads(sys.argv[1])
     script = config["script"]
@@ -140,6 +209,7 @@ def main():
     apply_limits(config["limits"])
     if config.get("uid") is not None:
         drop_privileges(config["uid"], config["gid"])
+    deny_user_namespaces()
     os.environ["HOME"] = work_dir
     sys.argv = [script, *config.get("args", [])]
     sys.path[0] = work_dir

@@ -6,7 +6,8 @@ with its parent) or, where bwrap is missing, under ``unshare`` with the same nam
 bootstrap that remounts the whole filesystem read-only and hides /tmp, /run, /home... under
 fresh tmpfs. Inside, `bootstrap.py` sets the rlimits (address space, processes, file size,
 CPU time) and, when the host runs as root, drops to an otherwise unused uid so the process
-limit counts only this sandbox. The host enforces a wall-clock timeout that kills the whole
+limit counts only this sandbox, then installs a seccomp filter that denies new user
+namespaces (where code would hold every capability). The host enforces a wall-clock timeout that kills the whole
 process tree and caps what it reads from stdout and stderr.
 """
 

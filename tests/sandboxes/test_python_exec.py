@@ -1,6 +1,7 @@
 """PythonSandbox: each hostile program is contained (time, processes, memory, files, network, output)."""
 
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -13,6 +14,7 @@ import pytest
 
 import cqd_mpi
 from cqd_mpi.errors import BackendUnavailable, ConfigError
+from cqd_mpi.sandboxes.bootstrap import SECCOMP_ARCHES
 from cqd_mpi.sandboxes.python_exec import SANDBOX_UID_BASE, PythonSandbox, SandboxLimits
 
 REPO = Path(cqd_mpi.__file__).resolve().parents[1]
@@ -249,3 +251,40 @@ def test_bad_arguments_are_config_errors(tmp_path):
         SandboxLimits(memory_bytes=0)
     with pytest.raises(ConfigError, match="does not exist"):
         PythonSandbox().run(tmp_path / "missing.py")
+
+
+def test_new_user_namespaces_are_denied(run):
+    """unshare(CLONE_NEWUSER), clone with it, clone3 and setns all fail: no capabilities to gain."""
+    numbers = SECCOMP_ARCHES[platform.machine()][1]
+    result = run(
+        f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000
+        def attempt(name, *args):
+            rc = getattr(libc, name)(*args)
+            print(name, "ok" if rc >= 0 else os.strerror(ctypes.get_errno()))
+        attempt("unshare", CLONE_NEWUSER)
+        attempt("unshare", CLONE_NEWUSER | CLONE_NEWNS)
+        SYS_clone, SYS_clone3, SYS_setns = {numbers["clone"]}, {numbers["clone3"]}, {numbers["setns"]}
+        pid = libc.syscall(SYS_clone, CLONE_NEWUSER | 17, 0, 0, 0, 0)
+        if pid == 0:
+            os._exit(0)
+        print("clone", "ok" if pid > 0 else os.strerror(ctypes.get_errno()))
+        print("clone3", "ok" if libc.syscall(SYS_clone3, 0, 0) >= 0 else os.strerror(ctypes.get_errno()))
+        fd = os.open("/proc/self/ns/user", os.O_RDONLY)
+        print("setns", "ok" if libc.syscall(SYS_setns, fd, CLONE_NEWUSER) >= 0 else os.strerror(ctypes.get_errno()))
+        with open("/proc/self/status") as status:
+            print([line.split()[1] for line in status if line.startswith("CapEff")][0])
+        import subprocess, threading
+        threading.Thread(target=print, args=("thread ok",)).start()
+        print(subprocess.run(["/bin/echo", "spawn ok"], capture_output=True).stdout.decode().strip())
+        """
+    )
+    lines = result.stdout.decode().split("\n")
+    assert lines[:2] == ["unshare Operation not permitted"] * 2, result
+    assert lines[2] == "clone Operation not permitted", result
+    assert lines[3] == "clone3 Function not implemented", result
+    assert lines[4] == "setns Operation not permitted", result
+    assert lines[5] == "0000000000000000", result
+    assert lines[6:8] == ["thread ok", "spawn ok"], result
