@@ -20,6 +20,7 @@ def run(args) -> int:
 
     from cqd_mpi.errors import ConfigError
     from cqd_mpi.run import config as config_mod
+    from cqd_mpi.run.evaluation import isolated_results
     from cqd_mpi.runtime.worker import build_tasks
 
     config = config_mod.load(args.config)
@@ -37,7 +38,7 @@ def run(args) -> int:
                     continue
                 ids = task.item_ids()[: args.limit]
                 start = time.perf_counter()
-                results = task.reference_results(ids)
+                results = isolated_results(task, ids, task.reference_results, where=f"task {name!r}")
                 seconds = time.perf_counter() - start
                 ceiling = task.metric(results)
                 errors = sum(r.error is not None for r in results)

@@ -4,6 +4,11 @@ A split's items are cut into fixed chunks (per task, `batch_size` items in split
 chunks are dealt to workers round-robin. Each chunk is evaluated as one batch whatever the
 number of workers, and results are put back in split order, so a model's per-item scores
 and metrics do not depend on how many workers (or groups) there are.
+
+One bad item is that item's error, whatever the task: a chunk whose `evaluate` raises is
+evaluated again item by item, and an item that raises alone scores 0 with the error class
+``exception:<Type>`` and its traceback in the rank's log. Only a back-end that is down
+(BackendUnavailable, raised by a task after its retries) ends the job.
 """
 
 from __future__ import annotations
@@ -11,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from cqd_mpi.errors import TaskError
+from cqd_mpi.errors import BackendUnavailable, TaskError
 from cqd_mpi.qd.records import Split
 from cqd_mpi.tasks.base import ItemResult, Task
 
@@ -59,16 +65,58 @@ def evaluate_chunks(tasks: Mapping[str, Task], model, chunks: Sequence[ItemChunk
     out = {}
     for chunk in chunks:
         start = time.perf_counter()
-        results = tasks[chunk.task].evaluate(model, list(chunk.item_ids))
-        if [r.item_id for r in results] != list(chunk.item_ids):
-            raise TaskError(
-                f"task {chunk.task!r} returned results for {[r.item_id for r in results][:5]}..., "
-                f"expected one per item in order {list(chunk.item_ids)[:5]}..."
-            )
-        out[chunk.index] = results
-        log.debug("chunk %d (%s, %d items) in %.2fs", chunk.index, chunk.task, len(results),
+        out[chunk.index] = evaluate_chunk(tasks[chunk.task], model, chunk)
+        log.debug("chunk %d (%s, %d items) in %.2fs", chunk.index, chunk.task, len(chunk.item_ids),
                   time.perf_counter() - start)
     return out
+
+
+def evaluate_chunk(task: Task, model, chunk: ItemChunk) -> list[ItemResult]:
+    """One chunk's results in order, each item's failure its own."""
+    return isolated_results(task, chunk.item_ids, lambda ids: task.evaluate(model, ids),
+                            where=f"task {task.name!r}, chunk {chunk.index}")
+
+
+def isolated_results(task: Task, item_ids: Sequence[str], score: Callable[[list[str]], Sequence[ItemResult]],
+                     *, where: str) -> list[ItemResult]:
+    """`score(item_ids)`, checked; if it raises, each item is scored alone and one that raises scores 0."""
+    try:
+        results = score(list(item_ids))
+    except BackendUnavailable:
+        raise
+    except Exception as exc:
+        if len(item_ids) == 1:
+            return [_item_error(where, item_ids[0], exc)]
+        log.warning("%s: %s: %s; scoring its %d items one at a time", where, type(exc).__name__, exc, len(item_ids))
+    else:
+        return _checked(task, item_ids, results)
+    results = []
+    for item_id in item_ids:
+        try:
+            alone = score([item_id])
+        except BackendUnavailable:
+            raise
+        except Exception as exc:
+            results.append(_item_error(where, item_id, exc))
+        else:
+            results.extend(_checked(task, (item_id,), alone))
+    return results
+
+
+def _checked(task: Task, item_ids: Sequence[str], results: Sequence[ItemResult]) -> list[ItemResult]:
+    if [r.item_id for r in results] != list(item_ids):
+        raise TaskError(
+            f"task {task.name!r} returned results for {[r.item_id for r in results][:5]}..., "
+            f"expected one per item in order {list(item_ids)[:5]}..."
+        )
+    return list(results)
+
+
+def _item_error(where: str, item_id: str, exc: Exception) -> ItemResult:
+    log.error("%s, item %s: scored 0 (%s)\n%s", where, item_id, type(exc).__name__,
+              "".join(traceback.format_exception(exc)).rstrip())
+    return ItemResult(item_id, 0.0, error=f"exception:{type(exc).__name__}",
+                      detail={"exception": f"{type(exc).__name__}: {exc}"[:500]})
 
 
 def combine(tasks: Mapping[str, Task], task_names: Sequence[str], chunks: Sequence[ItemChunk],

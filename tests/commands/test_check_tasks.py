@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from cqd_mpi.tasks.base import ItemResult
 from tests.conftest import subprocess_env, write_config
+from tests.runtime.probe_task import ProbeTask
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DSN = os.environ.get("CQD_TEST_MYSQL_DSN", "mysql://root@127.0.0.1:3306")
@@ -50,3 +52,32 @@ def test_check_tasks_replays_the_reference_solutions_under_each_protocol(tiny_fa
     if protocol == "paper":
         assert "MbppPlus v0.1.0 (settings.version) has 399" in result.stderr
         assert "the ids of item list 'cycleqd' are positions in" in result.stderr
+
+
+class ReferenceFailsForOneItem(ProbeTask):
+    """A plug-in task whose reference harness raises for its item 1, as a bad data row would."""
+
+    def reference_results(self, item_ids):
+        if f"{self.settings.salt}-1" in item_ids:
+            raise ValueError("unsupported format character '%' (0x25) at index 7")
+        return [ItemResult(i, 1.0) for i in item_ids]
+
+
+def test_an_item_whose_reference_raises_is_its_error_not_the_commands_end(tiny_family, tmp_path):
+    experts = list(tiny_family["experts"].values())
+    path = write_config(tmp_path / "config.yaml", {
+        "base": str(tiny_family["base"]),
+        "experts": [{"task": "a", "path": str(experts[0])}, {"task": "b", "path": str(experts[1])}],
+        "tasks": [{"name": name, "kind": f"{__name__}:ReferenceFailsForOneItem",
+                   "settings": {"n_items": 5, "salt": name}} for name in ("a", "b")],
+        "qd": {"generations": 1},
+        "runtime": {"run_dir": str(tmp_path / "run")},
+        "engine": {"device": "cpu"},
+    })
+    result = subprocess.run([sys.executable, "-m", "cqd_mpi", "check-tasks", str(path)],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+    for name in ("a", "b"):
+        assert re.search(rf"^{name}\s+\S+\s+-\s+5\s+0\.800\s+1\s", result.stdout, re.M), result.stdout
+        assert f"{name}-1: score 0.00 error=exception:ValueError" in result.stdout
+    assert "unsupported format character" in result.stderr and "Traceback" in result.stderr

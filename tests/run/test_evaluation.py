@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
-from cqd_mpi.errors import TaskError
+from cqd_mpi.errors import BackendUnavailable, TaskError
 from cqd_mpi.qd.records import make_splits
 from cqd_mpi.run.evaluation import combine, evaluate_chunks, make_chunks, shard
 from cqd_mpi.tasks.base import ItemResult, TaskContext
@@ -69,3 +69,48 @@ def test_a_task_that_returns_the_wrong_items_is_caught(setup):
     chunks = make_chunks({"a": splits["a"]}, "search", {"a": 4})
     with pytest.raises(TaskError, match="expected one per item in order"):
         evaluate_chunks(bad, model, chunks)
+
+
+class Fragile(ProbeTask):
+    """Raises for the items named in `bad` (any batch holding one), or says the server is down."""
+
+    bad: frozenset = frozenset()
+    no_label: frozenset = frozenset()
+    down = False
+
+    def evaluate(self, model, item_ids):
+        if self.down:
+            raise BackendUnavailable("server 127.0.0.1:1 unreachable after 3 tries")
+        if self.bad & set(item_ids):
+            raise ValueError(f"unsupported format character in {sorted(self.bad & set(item_ids))}")
+        if self.no_label & set(item_ids):
+            raise TaskError(f"item {sorted(self.no_label & set(item_ids))} has no label statements to replay")
+        return super().evaluate(model, item_ids)
+
+
+def test_an_item_that_raises_is_that_items_error(setup, caplog):
+    _, splits, model = setup
+    good = {"a": ProbeTask(name="a", data=None, settings=ProbeSettings(salt="a"), context=TaskContext())}
+    fragile = Fragile(name="a", data=None, settings=ProbeSettings(salt="a"), context=TaskContext())
+    chunks = make_chunks({"a": splits["a"]}, "search", {"a": 4})
+    fragile.bad = frozenset({chunks[0].item_ids[1]})
+    fragile.no_label = frozenset({chunks[-1].item_ids[-1]})
+    expected = combine(good, ["a"], chunks, evaluate_chunks(good, model, chunks))
+    with caplog.at_level("ERROR", logger="cqd_mpi.run.evaluation"):
+        scores = combine({"a": fragile}, ["a"], chunks, evaluate_chunks({"a": fragile}, model, chunks))
+    assert scores.errors_by_class == {"exception:ValueError": 1, "exception:TaskError": 1}
+    bad = [list(splits["a"].search).index(i) for i in (chunks[0].item_ids[1], chunks[-1].item_ids[-1])]
+    assert list(scores.item_scores["a"][bad]) == [0.0, 0.0]
+    others = ~np.isin(np.arange(len(scores.item_scores["a"])), bad)
+    np.testing.assert_array_equal(scores.item_scores["a"][others], expected.item_scores["a"][others])
+    assert "Traceback" in caplog.text and "unsupported format character" in caplog.text
+    assert f"item {chunks[0].item_ids[1]}" in caplog.text
+
+
+def test_a_backend_that_is_down_ends_the_evaluation(setup):
+    _, splits, model = setup
+    fragile = Fragile(name="a", data=None, settings=ProbeSettings(salt="a"), context=TaskContext())
+    fragile.down = True
+    chunks = make_chunks({"a": splits["a"]}, "search", {"a": 4})
+    with pytest.raises(BackendUnavailable, match="unreachable after 3 tries"):
+        evaluate_chunks({"a": fragile}, model, chunks)
