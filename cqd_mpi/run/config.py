@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from cqd_mpi import schema
-from cqd_mpi.errors import ConfigError
+from cqd_mpi.errors import ConfigError, StateError
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.schema import parse_size
 from cqd_mpi.tasks import protocols
@@ -329,10 +331,12 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
-    ("engine", "device"), ("protocol",), ("tracking",),
+    ("runtime", "threads"), ("engine", "device"), ("protocol",), ("tracking",),
 })
-"""Keys that cannot change a run's results. The run-wide `protocol` is one: what it changes is
-resolved into each task's `protocol` and `settings`, which are compared."""
+"""Keys that cannot change a run's results, or whose effect is checked elsewhere. The run-wide
+`protocol` is one: what it changes is resolved into each task's `protocol` and `settings`,
+which are compared. `runtime.threads` is another: the thread count it gives is recorded in
+state.h5 and checked on resume (run/state.py), so pinning the recorded count is no change."""
 
 
 ADDED_KEYS: dict[tuple[str, ...], Any] = {
@@ -397,6 +401,35 @@ def upgrade(frozen: dict[str, Any]) -> dict[str, Any]:
             if isinstance(node, dict):
                 node.setdefault(path[-1], copy.deepcopy(value))
     return frozen
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 (hex) of the config's results-relevant content (RESULT_NEUTRAL_KEYS left out, the
+    keys of `upgrade` in place) as canonical JSON: state.h5's `config_hash`."""
+    relevant = upgrade(copy.deepcopy(config))
+    for path in RESULT_NEUTRAL_KEYS:
+        parent = relevant
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    text = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def refuse_changes(holder: str, changed: list[str], *, force: bool) -> None:
+    """Refuse to resume `holder` (a run dir, a state file) under a config with these changes
+    (from `differences`), unless `force`, which only warns."""
+    if not changed:
+        return
+    if not force:
+        listing = "\n  ".join(changed)
+        raise StateError(
+            f"{holder} holds a run with a different config; resuming it with this one would "
+            f"change its results:\n  {listing}\nUse the original config, a new run_dir, or "
+            "--force to resume with the new settings anyway."
+        )
+    log.warning("resuming %s with a changed config (--force): %s", holder, "; ".join(changed))
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
