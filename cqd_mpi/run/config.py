@@ -121,6 +121,8 @@ class QDConfig:
             raise ConfigError(f"{where}.generations: expected an integer >= 0, got {self.generations}")
         if self.n_bins < 1:
             raise ConfigError(f"{where}.n_bins: expected an integer >= 1, got {self.n_bins}")
+        if not self.alpha_low >= 0:
+            raise ConfigError(f"{where}.alpha_low: expected a number >= 0, got {self.alpha_low}")
         if not 0.0 < self.search_fraction < 1.0:
             raise ConfigError(f"{where}.search_fraction: expected a number in (0, 1), got {self.search_fraction}")
 

@@ -48,6 +48,7 @@ def test_valid_config_loads_with_defaults(good, tmp_path):
      r"qd.mutation.sketch_dtype: expected one of 'float32' \| 'bfloat16', got 'float16'"),
     (lambda c: c["qd"]["mutation"].update(niter=-1), r"qd.mutation.niter: expected an integer >= 0, got -1"),
     (lambda c: c["qd"].update(method="annealing"), r"qd.method: unknown search method kind 'annealing'"),
+    (lambda c: c["qd"].update(alpha_low=-0.1), r"qd.alpha_low: expected a number >= 0, got -0.1"),
     (lambda c: c["qd"].update(coefficients={"population": 1}), r"qd.coefficients.population: expected an integer >= 2"),
     (lambda c: c["qd"].update(coefficients={"lower": 1.0, "upper": 0.5}), r"qd.coefficients: expected upper > lower"),
     (lambda c: c.update(tracking={"tensorbord": True}), r"tracking: unknown key 'tensorbord'"),
