@@ -241,6 +241,8 @@ def _resolve(path: str | None, root: Path) -> str | None:
 
 def _check_model_dir(path: str, where: str) -> None:
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{where}: expected a Hugging Face model directory, but {path} is a file, not a directory")
     if not p.is_dir():
         raise ConfigError(f"{where}: expected a Hugging Face model directory, but {path} does not exist")
     if not (p / "config.json").is_file():

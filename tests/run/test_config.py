@@ -7,6 +7,8 @@ from cqd_mpi.errors import ConfigError
 from cqd_mpi.run import config as config_mod
 from tests.conftest import probe_config, write_config
 
+A_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "mbpp" / "MbppPlus-fixture.jsonl"
+
 
 @pytest.fixture
 def good(tiny_family, tmp_path):
@@ -42,6 +44,8 @@ def test_valid_config_loads_with_defaults(good, tmp_path):
     (lambda c: c["experts"][0].update(task="delta"), r"experts\[0\].task: expected one of the task names"),
     (lambda c: c["experts"].pop(), r"experts: expected an expert for every task, none given for gamma"),
     (lambda c: c.update(base="/does/not/exist"), r"base: expected a Hugging Face model directory, but /does/not/exist does not exist"),
+    (lambda c: c["experts"][1].update(path=str(A_FILE)),
+     r"experts\[1\].path: expected a Hugging Face model directory, but .*MbppPlus-fixture.jsonl is a file, not a directory"),
     (lambda c: c["tasks"][0].update(data="missing.jsonl"), r"tasks\[0\].data: file .*missing.jsonl does not exist"),
     (lambda c: c["qd"]["mutation"].update(exclude=["("]), r"qd.mutation.exclude\[0\]: invalid regular expression"),
     (lambda c: c["qd"]["mutation"].update(sketch_dtype="float16"),
