@@ -249,11 +249,19 @@ def _check_model_dir(path: str, where: str) -> None:
         raise ConfigError(f"{where}: {path} is not a Hugging Face model directory (no config.json)")
 
 
-def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True) -> Config:
+def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, tasks_only: bool = False) -> Config:
     """Validate a config mapping; resolve paths against `root`; check each task's and the
-    engine's settings, and that the engine has the capability every task calls."""
+    engine's settings, and that the engine has the capability every task calls.
+
+    `tasks_only` is for commands that read only the tasks (check-tasks): `base`, `experts`,
+    `qd` and `runtime` may be left out (what is given is checked as for a run, but the models
+    need not exist), and runtime.run_dir defaults to `root`."""
     root = Path(root)
     data = _moved_keys(data, warn=True)
+    if tasks_only and isinstance(data, dict):
+        named = [t["name"] for t in data.get("tasks") or [] if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        data = {"base": ".", "experts": [{"task": name, "path": "."} for name in named],
+                "qd": {"generations": 0}, "runtime": {"run_dir": "."}, **data}
     config = schema.build(Config, data, "")
     config.base = _resolve(config.base, root)
     for expert in config.experts:
@@ -273,7 +281,7 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True) ->
             settings=task.settings, where=f"tasks[{i}]")
         task_settings(task, f"tasks[{i}]")
         check_capability(task, engine, f"tasks[{i}]")
-    if check_files:
+    if check_files and not tasks_only:
         _check_model_dir(config.base, "base")
         for i, expert in enumerate(config.experts):
             _check_model_dir(expert.path, f"experts[{i}].path")
@@ -317,8 +325,8 @@ def check_capability(task: TaskConfig, engine: type, where: str) -> None:
         )
 
 
-def load(path: str | Path, *, check_files: bool = True) -> Config:
-    """Read and validate a YAML config file."""
+def load(path: str | Path, *, check_files: bool = True, tasks_only: bool = False) -> Config:
+    """Read and validate a YAML config file (`tasks_only`: see `from_dict`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -327,7 +335,7 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:
-        return from_dict(data, root=path.resolve().parent, check_files=check_files)
+        return from_dict(data, root=path.resolve().parent, check_files=check_files, tasks_only=tasks_only)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

@@ -50,3 +50,18 @@ def test_check_tasks_replays_the_reference_solutions_under_each_protocol(tiny_fa
     if protocol == "paper":
         assert "MbppPlus v0.1.0 (settings.version) has 399" in result.stderr
         assert "the ids of item list 'cycleqd' are positions in" in result.stderr
+
+
+def test_check_tasks_needs_only_the_tasks(tmp_path, capsys):
+    """No base, experts, qd or runtime: check-tasks reads none of them; what is given is still
+    checked, and relative data paths resolve against the config's directory."""
+    from cqd_mpi.cli import main
+
+    (tmp_path / "MbppPlus.jsonl").write_text((FIXTURES / "mbpp" / "MbppPlus-fixture.jsonl").read_text())
+    config = {"tasks": [{"name": "code", "kind": "mbpp", "data": "MbppPlus.jsonl"}], "engine": {"device": "cpu"}}
+    path = write_config(tmp_path / "tasks.yaml", config)
+    assert main(["check-tasks", str(path), "--limit", "2"]) == 0
+    assert re.search(r"^code\s+mbpp\s+paper\s+2\s+1\.000\s+0\s", capsys.readouterr().out, re.M)
+    config["qd"] = {"generations": -1}
+    assert main(["check-tasks", str(write_config(path, config))]) == 2
+    assert "qd.generations: expected an integer >= 0, got -1" in capsys.readouterr().err
