@@ -101,6 +101,7 @@ class HDF5Backend(StateBackend):
         self.path = Path(path)
         self.backup = self.path.with_name(self.path.name + ".bak")
         self.keep_backup = keep_backup
+        self.source = self.path
 
     def save_tree(self, tree, *, attrs=None):
         import h5py
@@ -127,10 +128,12 @@ class HDF5Backend(StateBackend):
     def load_tree(self):
         if not self.path.exists() and not self.backup.exists():
             return None
-        return self.read()[0]
+        tree, self.source = self.read()
+        return tree
 
     def describe(self) -> str:
-        return str(self.path)
+        """The file the state was last loaded from (state.h5 or state.h5.bak)."""
+        return str(self.source)
 
     def read(self) -> tuple[dict[str, Any], Path]:
         """The newest readable checkpoint and the file it came from: state.h5, or state.h5.bak
