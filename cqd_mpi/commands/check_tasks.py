@@ -8,7 +8,7 @@ HELP = "replay each task's reference solutions through the evaluation harness an
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("config", help="the run's YAML config")
+    parser.add_argument("config", help="the run's YAML config, or one with only tasks (and protocol, engine)")
     parser.add_argument("--task", action="append", help="only this task (repeatable)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many items per task")
     parser.add_argument("--show-failures", type=int, default=5, help="list up to this many failing items per task")
@@ -23,7 +23,7 @@ def run(args) -> int:
     from cqd_mpi.run.evaluation import isolated_results
     from cqd_mpi.runtime.worker import build_tasks
 
-    config = config_mod.load(args.config)
+    config = config_mod.load(args.config, tasks_only=True)
     unknown = sorted(set(args.task or []) - set(config.task_names))
     if unknown:
         raise ConfigError(f"--task: unknown task {', '.join(unknown)}; the config has {', '.join(config.task_names)}")

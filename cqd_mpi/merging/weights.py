@@ -194,8 +194,10 @@ class ModelDir:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise WeightsError(f"{self.path} is a file, not a model directory")
         if not self.path.is_dir():
-            raise WeightsError(f"model directory {self.path} does not exist or is not a directory")
+            raise WeightsError(f"model directory {self.path} does not exist")
         single, index = self.path / SINGLE_FILE, self.path / INDEX_FILE
         if single.exists():
             self.files = [SafetensorsFile(single)]
@@ -315,11 +317,20 @@ def check_compatible(base: ModelDir, others: Sequence[ModelDir]) -> None:
             )
         for name in base.names:
             ours, theirs = base.spec(name), other.spec(name)
-            if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
+            if ours.shape != theirs.shape:
                 raise WeightsError(
                     f"tensor {name!r} has {_describe_spec(ours)} in {ours.file} but "
                     f"{_describe_spec(theirs)} in {theirs.file}"
                 )
+        retyped = [name for name in base.names if base.spec(name).dtype != other.spec(name).dtype]
+        if retyped:
+            ours, theirs = base.spec(retyped[0]), other.spec(retyped[0])
+            raise WeightsError(
+                f"tensor {retyped[0]!r} has dtype {DTYPE_NAMES.get(ours.dtype, ours.dtype)} in {ours.file} but "
+                f"dtype {DTYPE_NAMES.get(theirs.dtype, theirs.dtype)} in {theirs.file} (same shape "
+                f"{list(ours.shape)})" + (f"; {len(retyped) - 1} more tensors differ in dtype" if len(retyped) > 1 else "")
+                + f"; every model must have the base's dtypes: save {other.path} in them"
+            )
 
 
 def _libc_madvise() -> Callable[[int, int], None] | None:

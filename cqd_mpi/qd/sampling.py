@@ -19,13 +19,18 @@ def elite_weights(scores: np.ndarray, *, alpha_low: float, alpha_high: float) ->
 
     `scores` is (N models, K tasks). gamma_j = prod_k (a_low + norm(f_jk) (a_high - a_low)),
     with min/max normalisation over the N models; a task whose max == min contributes a
-    constant factor. Returns gamma / sum(gamma).
+    constant factor. Returns gamma / sum(gamma), or uniform weights when fewer than two
+    models (the one, in an archive of one) have gamma > 0: alpha_low = 0 gives every task's
+    worst model 0, and two distinct parents cannot be drawn from one weight (the authors'
+    code falls back to uniform when all are 0).
     """
     scores = np.asarray(scores, dtype=np.float64)
     lo = scores.min(axis=0)
     span = scores.max(axis=0) - lo
     normalised = np.divide(scores - lo, span, out=np.zeros_like(scores), where=span > 0)
     gamma = np.prod(alpha_low + normalised * (alpha_high - alpha_low), axis=1)
+    if np.count_nonzero(gamma > 0) < min(2, gamma.size):
+        return np.full(gamma.size, 1.0 / gamma.size)
     return gamma / gamma.sum()
 
 

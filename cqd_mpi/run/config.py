@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from cqd_mpi import schema
-from cqd_mpi.errors import ConfigError
+from cqd_mpi.errors import ConfigError, StateError
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.schema import parse_size
 from cqd_mpi.tasks import protocols
@@ -119,6 +121,8 @@ class QDConfig:
             raise ConfigError(f"{where}.generations: expected an integer >= 0, got {self.generations}")
         if self.n_bins < 1:
             raise ConfigError(f"{where}.n_bins: expected an integer >= 1, got {self.n_bins}")
+        if not self.alpha_low >= 0:
+            raise ConfigError(f"{where}.alpha_low: expected a number >= 0, got {self.alpha_low}")
         if not 0.0 < self.search_fraction < 1.0:
             raise ConfigError(f"{where}.search_fraction: expected a number in (0, 1), got {self.search_fraction}")
 
@@ -237,17 +241,27 @@ def _resolve(path: str | None, root: Path) -> str | None:
 
 def _check_model_dir(path: str, where: str) -> None:
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{where}: expected a Hugging Face model directory, but {path} is a file, not a directory")
     if not p.is_dir():
         raise ConfigError(f"{where}: expected a Hugging Face model directory, but {path} does not exist")
     if not (p / "config.json").is_file():
         raise ConfigError(f"{where}: {path} is not a Hugging Face model directory (no config.json)")
 
 
-def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True) -> Config:
+def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, tasks_only: bool = False) -> Config:
     """Validate a config mapping; resolve paths against `root`; check each task's and the
-    engine's settings, and that the engine has the capability every task calls."""
+    engine's settings, and that the engine has the capability every task calls.
+
+    `tasks_only` is for commands that read only the tasks (check-tasks): `base`, `experts`,
+    `qd` and `runtime` may be left out (what is given is checked as for a run, but the models
+    need not exist), and runtime.run_dir defaults to `root`."""
     root = Path(root)
     data = _moved_keys(data, warn=True)
+    if tasks_only and isinstance(data, dict):
+        named = [t["name"] for t in data.get("tasks") or [] if isinstance(t, dict) and isinstance(t.get("name"), str)]
+        data = {"base": ".", "experts": [{"task": name, "path": "."} for name in named],
+                "qd": {"generations": 0}, "runtime": {"run_dir": "."}, **data}
     config = schema.build(Config, data, "")
     config.base = _resolve(config.base, root)
     for expert in config.experts:
@@ -267,7 +281,7 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True) ->
             settings=task.settings, where=f"tasks[{i}]")
         task_settings(task, f"tasks[{i}]")
         check_capability(task, engine, f"tasks[{i}]")
-    if check_files:
+    if check_files and not tasks_only:
         _check_model_dir(config.base, "base")
         for i, expert in enumerate(config.experts):
             _check_model_dir(expert.path, f"experts[{i}].path")
@@ -311,8 +325,8 @@ def check_capability(task: TaskConfig, engine: type, where: str) -> None:
         )
 
 
-def load(path: str | Path, *, check_files: bool = True) -> Config:
-    """Read and validate a YAML config file."""
+def load(path: str | Path, *, check_files: bool = True, tasks_only: bool = False) -> Config:
+    """Read and validate a YAML config file (`tasks_only`: see `from_dict`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -321,7 +335,7 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:
-        return from_dict(data, root=path.resolve().parent, check_files=check_files)
+        return from_dict(data, root=path.resolve().parent, check_files=check_files, tasks_only=tasks_only)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -329,10 +343,12 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
-    ("engine", "device"), ("protocol",), ("tracking",),
+    ("runtime", "threads"), ("engine", "device"), ("protocol",), ("tracking",),
 })
-"""Keys that cannot change a run's results. The run-wide `protocol` is one: what it changes is
-resolved into each task's `protocol` and `settings`, which are compared."""
+"""Keys that cannot change a run's results, or whose effect is checked elsewhere. The run-wide
+`protocol` is one: what it changes is resolved into each task's `protocol` and `settings`,
+which are compared. `runtime.threads` is another: the thread count it gives is recorded in
+state.h5 and checked on resume (run/state.py), so pinning the recorded count is no change."""
 
 
 ADDED_KEYS: dict[tuple[str, ...], Any] = {
@@ -397,6 +413,35 @@ def upgrade(frozen: dict[str, Any]) -> dict[str, Any]:
             if isinstance(node, dict):
                 node.setdefault(path[-1], copy.deepcopy(value))
     return frozen
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 (hex) of the config's results-relevant content (RESULT_NEUTRAL_KEYS left out, the
+    keys of `upgrade` in place) as canonical JSON: state.h5's `config_hash`."""
+    relevant = upgrade(copy.deepcopy(config))
+    for path in RESULT_NEUTRAL_KEYS:
+        parent = relevant
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    text = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def refuse_changes(holder: str, changed: list[str], *, force: bool) -> None:
+    """Refuse to resume `holder` (a run dir, a state file) under a config with these changes
+    (from `differences`), unless `force`, which only warns."""
+    if not changed:
+        return
+    if not force:
+        listing = "\n  ".join(changed)
+        raise StateError(
+            f"{holder} holds a run with a different config; resuming it with this one would "
+            f"change its results:\n  {listing}\nUse the original config, a new run_dir, or "
+            "--force to resume with the new settings anyway."
+        )
+    log.warning("resuming %s with a changed config (--force): %s", holder, "; ".join(changed))
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -78,23 +78,16 @@ class RunDir:
         return self.state_path.exists() or self.backup_path.exists()
 
     def prepare(self, config: config_mod.Config, *, force: bool = False) -> None:
-        """Create the directory and freeze the config, or check it against the frozen one."""
+        """Create the directory and check the config against the frozen one (`freeze` writes it
+        once the state has been checked too)."""
         self.path.mkdir(parents=True, exist_ok=True)
         for sub in (self.models_dir, self.logs_dir):
             sub.mkdir(exist_ok=True)
-        new = config.to_dict()
         if self.config_path.exists():
             old = config_mod.upgrade(yaml.safe_load(self.config_path.read_text()))
-            changed = config_mod.differences(old, new)
-            if changed and not force:
-                listing = "\n  ".join(changed)
-                raise StateError(
-                    f"{self.path} holds a run with a different config; resuming it with this one would "
-                    f"change its results:\n  {listing}\nUse the original config, a new run_dir, or "
-                    "--force to resume with the new settings anyway."
-                )
-            if changed:
-                log.warning("resuming %s with a changed config (--force): %s", self.path, "; ".join(changed))
+            config_mod.refuse_changes(str(self.path), config_mod.differences(old, config.to_dict()), force=force)
+
+    def freeze(self, config: config_mod.Config) -> None:
         atomic_write_text(self.config_path, config.to_yaml())
 
     def lock(self):

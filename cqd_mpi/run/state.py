@@ -6,12 +6,17 @@ a state through them. Two backends store the tree behind one interface: in memor
 HDF5 file written next to the old one, fsynced and renamed into place, keeping the previous
 checkpoint as state.h5.bak, so the file on disk is always a complete checkpoint, readers
 never block the writer, and a truncated or corrupt state.h5 falls back to the backup.
+
+A state is bound to its run: `resume` refuses one written under another config (its
+`config_hash`) or torch thread count (`threads`), and every HDF5 file carries a `checksum`
+over its datasets and attributes that `read_state` verifies, so a changed byte is damage.
 """
 
 from __future__ import annotations
 
 import abc
 import copy
+import hashlib
 import logging
 import math
 import os
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from cqd_mpi import __version__, faults
 from cqd_mpi.errors import StateError
@@ -27,6 +33,7 @@ from cqd_mpi.qd.archive import Archive, Bins
 from cqd_mpi.qd.cycleqd import CycleQD
 from cqd_mpi.qd.methods import method_class, method_name
 from cqd_mpi.qd.records import SPLITS, HistoryRow, Job, ModelRecipe, ModelRecord, Split
+from cqd_mpi.run import config as config_mod
 from cqd_mpi.run.rundir import stored_path
 
 SCHEMA_VERSION = 1
@@ -36,8 +43,28 @@ log = logging.getLogger("cqd_mpi.run.state")
 class StateBackend(abc.ABC):
     """Save and load a core; `attrs` are extra root attributes (config text, world size)."""
 
+    binding: Mapping[str, Any] = {}
+    """Root attributes every save records once `resume` has bound the backend to its run."""
+    rebound = False
+    """Whether `resume` found the state recording another binding (forced, or older files)."""
+
     def save(self, core: CycleQD, *, attrs: Mapping[str, Any] | None = None) -> None:
-        self.save_tree(to_tree(core), attrs=attrs)
+        self.save_tree(to_tree(core), attrs={**self.binding, **(attrs or {})})
+
+    def resume(self, config: Mapping[str, Any], *, threads: int, force: bool = False) -> CycleQD | None:
+        """The saved core (None if nothing was saved), checked to belong to the run of `config`
+        (the config as a dict) computed with `threads` torch threads: a state written under
+        another config or thread count is refused unless `force`. Later saves record both."""
+        binding = {"config_hash": config_mod.config_hash(dict(config)), "threads": int(threads)}
+        tree = self.load_tree()
+        if tree is not None:
+            check_binding(tree["attrs"], binding, config, holder=self.describe(), force=force)
+        self.binding = binding
+        self.rebound = tree is not None and any(tree["attrs"].get(k) != v for k, v in binding.items())
+        return None if tree is None else from_tree(tree)
+
+    def describe(self) -> str:
+        return "the saved state"
 
     def load(self) -> CycleQD | None:
         """The core as last saved, or None if nothing was ever saved."""
@@ -74,6 +101,7 @@ class HDF5Backend(StateBackend):
         self.path = Path(path)
         self.backup = self.path.with_name(self.path.name + ".bak")
         self.keep_backup = keep_backup
+        self.source = self.path
 
     def save_tree(self, tree, *, attrs=None):
         import h5py
@@ -84,6 +112,7 @@ class HDF5Backend(StateBackend):
                 _write_group(f, tree)
                 for key, value in _root_attrs(attrs).items():
                     f.attrs[key] = _attr_value(value)
+                f.attrs[CHECKSUM] = _digest(f)
             _fsync(tmp)
             faults.point("checkpoint")
             if self.keep_backup and self.path.exists():
@@ -99,7 +128,12 @@ class HDF5Backend(StateBackend):
     def load_tree(self):
         if not self.path.exists() and not self.backup.exists():
             return None
-        return self.read()[0]
+        tree, self.source = self.read()
+        return tree
+
+    def describe(self) -> str:
+        """The file the state was last loaded from (state.h5 or state.h5.bak)."""
+        return str(self.source)
 
     def read(self) -> tuple[dict[str, Any], Path]:
         """The newest readable checkpoint and the file it came from: state.h5, or state.h5.bak
@@ -133,11 +167,79 @@ def read_state(path: str | Path) -> dict[str, Any]:
                     f"{path} has state schema version {int(version)}; this cqd_mpi ({__version__}) "
                     f"reads version {SCHEMA_VERSION}"
                 )
-            return _read_group(f)
+            recorded = _read_attr(f.attrs.get(CHECKSUM, ""))
+            if not recorded:
+                log.info("%s has no %s attribute (an older cqd_mpi wrote it); read unverified", path, CHECKSUM)
+            elif recorded != _digest(f):
+                raise StateError(f"{path} is damaged: its datasets and attributes do not match its {CHECKSUM} "
+                                 "attribute (changed after it was written)")
+            tree = _read_group(f)
+            tree["attrs"].pop(CHECKSUM, None)
+            return tree
     except StateError:
         raise
     except (OSError, KeyError, ValueError) as exc:
         raise StateError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def check_binding(attrs: Mapping[str, Any], binding: Mapping[str, Any], config: Mapping[str, Any], *,
+                  holder: str, force: bool) -> None:
+    """Refuse (StateError) a state whose root `attrs` record another run than `binding`
+    (`StateBackend.resume`): the changed keys are listed from the state's own config text; a
+    hash that differs with no key changed is a config of another cqd_mpi version, accepted.
+    States written before the binding existed are checked by their config text alone."""
+    if attrs.get("config_hash") != binding["config_hash"] and "config" in attrs:
+        recorded = config_mod.upgrade(yaml.safe_load(str(attrs["config"])) or {})
+        changed = config_mod.differences(recorded, config_mod.upgrade(dict(config)))
+        config_mod.refuse_changes(holder, changed, force=force)
+    threads = attrs.get("threads")
+    if threads is None:
+        log.warning("%s does not record the torch thread count it was computed with (an older cqd_mpi "
+                    "wrote it); results depend on it, so resume it with the count it started with "
+                    "(runtime.threads)", holder)
+    elif int(threads) != binding["threads"]:
+        message = (f"{holder} was computed with {int(threads)} torch threads per process, this process has "
+                   f"{binding['threads']}; floating-point results (the SVD mutation's among them) depend on "
+                   f"the count, so the resumed run would not repeat an uninterrupted one")
+        if not force:
+            raise StateError(f"{message}. Pin the count with runtime.threads: {int(threads)} in the config "
+                             "(or OMP_NUM_THREADS), or pass --force to resume with this count anyway.")
+        log.warning("%s (--force)", message)
+
+
+CHECKSUM = "checksum"
+
+
+def _digest(root) -> str:
+    """sha256 (hex) over every dataset (path, dtype, shape, bytes) and attribute of an open
+    HDF5 file but the root's `checksum`, in name order: what `checksum` records."""
+    import h5py
+
+    digest = hashlib.sha256()
+
+    def feed(label: str, value: Any) -> None:
+        array = np.asarray(value)
+        digest.update(f"{label}|{array.shape}|".encode())
+        if array.dtype.kind in "OSU":
+            for item in array.reshape(-1).tolist():
+                data = item.encode() if isinstance(item, str) else bytes(item)
+                digest.update(len(data).to_bytes(8, "little") + data)
+        else:
+            digest.update(array.dtype.str.encode() + np.ascontiguousarray(array).tobytes())
+
+    def visit(group) -> None:
+        for name in sorted(group.attrs):
+            if not (group.name == "/" and name == CHECKSUM):
+                feed(f"@{group.name}/{name}", group.attrs[name])
+        for name in sorted(group):
+            item = group[name]
+            if isinstance(item, h5py.Group):
+                visit(item)
+            else:
+                feed(item.name, item[()])
+
+    visit(root)
+    return digest.hexdigest()
 
 
 def _root_attrs(extra: Mapping[str, Any] | None) -> dict[str, Any]:

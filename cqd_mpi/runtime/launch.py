@@ -76,8 +76,9 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
     lock = rundir.lock()
     try:
         backend = HDF5Backend(rundir.state_path, keep_backup=config.runtime.keep_backup)
+        core = backend.resume(config.to_dict(), threads=thread_count(), force=force)
+        rundir.freeze(config)
         tasks = build_tasks(config, rank=0, world_size=world_size)
-        core = backend.load()
         fresh = core is None
         if fresh:
             core = new_core(config, tasks)
@@ -101,6 +102,8 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
                               prebuild=config.runtime.pipeline_depth > 0,
                               retain_bytes=parse_size(config.runtime.retain_child_bytes), tracker=tracker,
                               echo=echo)
+        if backend.rebound:
+            conductor.checkpoint()
         try:
             return conductor.run()
         finally:
@@ -123,13 +126,19 @@ def pin_threads(config: Config) -> None:
         torch.set_num_threads(config.runtime.threads)
 
 
+def thread_count() -> int:
+    """The torch thread count this process computes with (after `pin_threads`): what state.h5
+    records as `threads` and a resume must match."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run(config: Config, *, force: bool = False, comm=None, echo=print) -> int:
     """Entry point on every rank (`comm`: MPI.COMM_WORLD, or None for one process): exit
     status 0 when done or cleanly stopped for requeue."""
     pin_threads(config)
-    import torch
-
-    log.info("rank %d: %d torch thread(s)", comm.Get_rank() if comm is not None else 0, torch.get_num_threads())
+    log.info("rank %d: %d torch thread(s)", comm.Get_rank() if comm is not None else 0, thread_count())
     if comm is None or comm.Get_size() == 1:
         conduct(config, force=force, echo=echo)
         return 0

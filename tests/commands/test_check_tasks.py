@@ -81,3 +81,18 @@ def test_an_item_whose_reference_raises_is_its_error_not_the_commands_end(tiny_f
         assert re.search(rf"^{name}\s+\S+\s+-\s+5\s+0\.800\s+1\s", result.stdout, re.M), result.stdout
         assert f"{name}-1: score 0.00 error=exception:ValueError" in result.stdout
     assert "unsupported format character" in result.stderr and "Traceback" in result.stderr
+
+
+def test_check_tasks_needs_only_the_tasks(tmp_path, capsys):
+    """No base, experts, qd or runtime: check-tasks reads none of them; what is given is still
+    checked, and relative data paths resolve against the config's directory."""
+    from cqd_mpi.cli import main
+
+    (tmp_path / "MbppPlus.jsonl").write_text((FIXTURES / "mbpp" / "MbppPlus-fixture.jsonl").read_text())
+    config = {"tasks": [{"name": "code", "kind": "mbpp", "data": "MbppPlus.jsonl"}], "engine": {"device": "cpu"}}
+    path = write_config(tmp_path / "tasks.yaml", config)
+    assert main(["check-tasks", str(path), "--limit", "2"]) == 0
+    assert re.search(r"^code\s+mbpp\s+paper\s+2\s+1\.000\s+0\s", capsys.readouterr().out, re.M)
+    config["qd"] = {"generations": -1}
+    assert main(["check-tasks", str(write_config(path, config))]) == 2
+    assert "qd.generations: expected an integer >= 0, got -1" in capsys.readouterr().err

@@ -378,7 +378,7 @@ def test_crossover_rejects_bad_inputs(bf16, fp32):
         )
     with pytest.raises(
         WeightsError,
-        match=r"has shape .* BF16 in .*bf16-family\d*/base/model.safetensors but shape .* F32 in .*fp32",
+        match=r"has dtype BF16 in .*bf16-family\d*/base/model.safetensors but dtype F32 in .*fp32",
     ):
         crossover_stream(base=base, parent1=p1, parent2=ModelDir(fp32["p2"]), w1=W1, w2=W2)
 

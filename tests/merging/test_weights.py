@@ -309,7 +309,8 @@ def test_compatibility_errors_name_tensor_and_both_files(models, tmp_path):
         check_compatible(base, [ModelDir(models["wider"])])
     with pytest.raises(
         WeightsError,
-        match=r"has shape \[\d+(, \d+)?\] BF16 in .*base/model.safetensors but shape .* F32 in .*fp32/model.safetensors",
+        match=r"tensor '[\w.]+' has dtype BF16 in .*base/model.safetensors but dtype F32 in .*fp32/model.safetensors "
+              r"\(same shape \[\d+(, \d+)?\]\); \d+ more tensors differ in dtype; every model must have the base's dtypes",
     ):
         check_compatible(base, [ModelDir(models["fp32"])])
     fewer = tmp_path / "fewer"
@@ -516,3 +517,10 @@ def test_output_dir_is_readable_by_safetensors_and_keeps_permissions(models, tmp
             assert all(handle.get_tensor(k).dtype == torch.bfloat16 for k in handle.keys())  # noqa: SIM118 (safe_open is not iterable)
         assert os.stat(shard).st_mode & 0o777 == 0o644
     assert os.stat(out).st_mode & 0o777 == 0o755
+
+
+def test_a_file_given_as_a_model_dir_is_named_as_a_file(models, tmp_path):
+    with pytest.raises(WeightsError, match=r"base/model.safetensors is a file, not a model directory"):
+        ModelDir(models["base"] / "model.safetensors")
+    with pytest.raises(WeightsError, match=r"model directory .*/absent does not exist"):
+        ModelDir(tmp_path / "absent")

@@ -7,6 +7,7 @@ import pytest
 
 from cqd_mpi.errors import ConfigError
 from cqd_mpi.qd.sampling import elite_weights, sample_crossover_weights, sample_parents, softmax
+from tests.qd.test_cycleqd import make_core, run
 
 
 def test_elite_weights_match_formula():
@@ -79,3 +80,25 @@ def test_softmax():
         softmax([1.0], temperature=0.0)
     with pytest.raises(ConfigError, match=r"scores must be finite"):
         softmax([1.0, math.nan])
+
+
+@pytest.mark.parametrize(("scores", "positive"), [
+    ([[0.0, 1.0], [1.0, 0.0]], 0),
+    ([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]], 1),
+])
+def test_elite_weights_fall_back_to_uniform_when_fewer_than_two_are_positive(scores, positive):
+    """alpha_low = 0 gives each task's worst model weight 0."""
+    gamma = np.prod(0.0 + np.array(scores) * 0.8, axis=1)
+    assert np.count_nonzero(gamma) == positive
+    p = elite_weights(np.array(scores), alpha_low=0.0, alpha_high=0.8)
+    np.testing.assert_array_equal(p, np.full(len(scores), 1 / len(scores)))
+    rng = np.random.default_rng(0)
+    a, b = sample_parents(rng, np.arange(len(scores)), np.array(scores), method="elite",
+                          alpha_low=0.0, alpha_high=0.8)
+    assert a != b
+
+
+def test_alpha_low_zero_runs_to_the_end():
+    core = make_core(alpha_low=0.0)
+    run(core)
+    assert core.done and core.generations_done == core.generations

@@ -7,6 +7,8 @@ from cqd_mpi.errors import ConfigError
 from cqd_mpi.run import config as config_mod
 from tests.conftest import probe_config, write_config
 
+A_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "mbpp" / "MbppPlus-fixture.jsonl"
+
 
 @pytest.fixture
 def good(tiny_family, tmp_path):
@@ -42,12 +44,15 @@ def test_valid_config_loads_with_defaults(good, tmp_path):
     (lambda c: c["experts"][0].update(task="delta"), r"experts\[0\].task: expected one of the task names"),
     (lambda c: c["experts"].pop(), r"experts: expected an expert for every task, none given for gamma"),
     (lambda c: c.update(base="/does/not/exist"), r"base: expected a Hugging Face model directory, but /does/not/exist does not exist"),
+    (lambda c: c["experts"][1].update(path=str(A_FILE)),
+     r"experts\[1\].path: expected a Hugging Face model directory, but .*MbppPlus-fixture.jsonl is a file, not a directory"),
     (lambda c: c["tasks"][0].update(data="missing.jsonl"), r"tasks\[0\].data: file .*missing.jsonl does not exist"),
     (lambda c: c["qd"]["mutation"].update(exclude=["("]), r"qd.mutation.exclude\[0\]: invalid regular expression"),
     (lambda c: c["qd"]["mutation"].update(sketch_dtype="float16"),
      r"qd.mutation.sketch_dtype: expected one of 'float32' \| 'bfloat16', got 'float16'"),
     (lambda c: c["qd"]["mutation"].update(niter=-1), r"qd.mutation.niter: expected an integer >= 0, got -1"),
     (lambda c: c["qd"].update(method="annealing"), r"qd.method: unknown search method kind 'annealing'"),
+    (lambda c: c["qd"].update(alpha_low=-0.1), r"qd.alpha_low: expected a number >= 0, got -0.1"),
     (lambda c: c["qd"].update(coefficients={"population": 1}), r"qd.coefficients.population: expected an integer >= 2"),
     (lambda c: c["qd"].update(coefficients={"lower": 1.0, "upper": 0.5}), r"qd.coefficients: expected upper > lower"),
     (lambda c: c.update(tracking={"tensorbord": True}), r"tracking: unknown key 'tensorbord'"),

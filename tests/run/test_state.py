@@ -1,8 +1,12 @@
+import copy
+
 import h5py
 import numpy as np
 import pytest
+import yaml
 
 from cqd_mpi.errors import StateError
+from cqd_mpi.run.config import config_hash
 from cqd_mpi.run.state import (
     SCHEMA_VERSION,
     HDF5Backend,
@@ -131,3 +135,86 @@ def test_tree_roundtrip_continues_identically():
     run(original)
     run(restored)
     assert_trees_equal(to_tree(original), to_tree(restored))
+
+
+RUN = {"qd": {"generations": 6, "n_bins": 5}, "runtime": {"run_dir": "/runs/a", "seed": 3, "eval_groups": 1,
+                                                           "threads": None}}
+
+
+def saved_run(backend, config=RUN, threads=1):
+    """A core saved by a backend bound to the run of `config` (as the conductor saves it)."""
+    assert backend.resume(config, threads=threads) is None
+    core = midway_core()
+    backend.save(core, attrs={"config": yaml.safe_dump(config, sort_keys=False)})
+    return core
+
+
+def test_a_saved_state_records_its_config_hash_and_thread_count(backend):
+    saved_run(backend, threads=3)
+    attrs = backend.load_tree()["attrs"]
+    assert attrs["config_hash"] == config_hash(RUN) and len(attrs["config_hash"]) == 64
+    assert attrs["threads"] == 3
+    neutral = copy.deepcopy(RUN)
+    neutral["runtime"].update(eval_groups=4, threads=3)
+    assert config_hash(neutral) == config_hash(RUN)
+    restored = backend.resume(neutral, threads=3)
+    assert restored.generations_done == midway_core().generations_done and not backend.rebound
+
+
+def test_a_state_of_another_config_is_refused_unless_forced(backend, caplog):
+    saved_run(backend)
+    other = copy.deepcopy(RUN)
+    other["runtime"]["seed"] = 4
+    other["qd"]["n_bins"] = 7
+    with pytest.raises(StateError, match=r"(?s)holds a run with a different config.*qd.n_bins: 5 -> 7\n"
+                                         r"  runtime.seed: 3 -> 4\n.*--force"):
+        backend.resume(other, threads=1)
+    assert backend.resume(other, threads=1, force=True) is not None and backend.rebound
+    assert "resuming" in caplog.text and "changed config (--force)" in caplog.text
+
+
+def test_a_state_of_another_thread_count_is_refused_unless_forced(backend):
+    saved_run(backend, threads=1)
+    with pytest.raises(StateError, match=r"computed with 1 torch threads per process, this process has 2; .*"
+                                         r"Pin the count with runtime.threads: 1 .*--force"):
+        backend.resume(RUN, threads=2)
+    assert backend.resume(RUN, threads=2, force=True) is not None
+    backend.save(midway_core(), attrs={"config": yaml.safe_dump(RUN)})
+    assert backend.load_tree()["attrs"]["threads"] == 2
+
+
+def test_a_state_from_before_the_binding_is_checked_by_its_config_text(backend, caplog):
+    backend.save(midway_core(), attrs={"config": yaml.safe_dump(RUN)})
+    assert "config_hash" not in backend.load_tree()["attrs"]
+    assert backend.resume(RUN, threads=1) is not None and backend.rebound
+    assert "does not record the torch thread count" in caplog.text
+    other = copy.deepcopy(RUN)
+    other["runtime"]["seed"] = 4
+    with pytest.raises(StateError, match=r"runtime.seed: 3 -> 4"):
+        backend.resume(other, threads=1)
+
+
+def overwrite_dataset_bytes(path, dataset="models/scores"):
+    """Change bytes of a dataset in place, leaving the HDF5 structure intact."""
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset()
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(np.float64(0.123456).tobytes())
+    with h5py.File(path, "r") as f:
+        assert f[dataset][0, 0] == 0.123456
+
+
+def test_a_changed_dataset_or_attribute_is_damage_and_falls_back_to_the_backup(tmp_path, caplog):
+    backend = HDF5Backend(tmp_path / "state.h5")
+    core = saved_run(backend)
+    backend.save(core)
+    overwrite_dataset_bytes(tmp_path / "state.h5")
+    tree, source = backend.read()
+    assert source == tmp_path / "state.h5.bak" and tree["models"]["scores"][0, 0] != 0.123456
+    assert f"{tmp_path / 'state.h5'} is damaged" in caplog.text and "falling back" in caplog.text
+    with h5py.File(tmp_path / "state.h5.bak", "a") as f:
+        f.attrs["seed"] = 4
+    with pytest.raises(StateError, match=r"state.h5 is damaged.*; and the backup is unusable too: .*state.h5.bak "
+                                         r"is damaged: its datasets and attributes do not match its checksum"):
+        backend.read()

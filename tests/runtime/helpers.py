@@ -12,7 +12,7 @@ from tests.conftest import subprocess_env
 from tests.qd.test_cycleqd import assert_trees_equal
 
 TIMING_COLUMNS = ("merge_s", "transfer_s", "eval_s", "total_s")
-RUN_ATTRS = ("world_size", "config", "package_version")
+RUN_ATTRS = ("world_size", "config", "config_hash", "package_version")
 
 
 def comparable_state(run_dir: Path) -> dict:
