@@ -102,15 +102,16 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
                               retain_bytes=parse_size(config.runtime.retain_child_bytes), tracker=tracker,
                               echo=echo)
         try:
-            return conductor.run()
+            status = conductor.run()
         finally:
             stop.uninstall()
             if tracker is not None:
                 tracker.close()
-            for group in groups:
-                group.close()
             for task in tasks.values():
                 task.close()
+        for group in groups:
+            group.close()
+        return status
     finally:
         lock.close()
 

@@ -108,6 +108,23 @@ def test_exception_in_a_worker_aborts_every_rank_quickly(tiny_family, tmp_path):
     assert read_state(tmp_path / "run" / "state.h5")["attrs"]["phase"] == "init"
 
 
+def test_exception_on_rank_0_during_a_broadcast_aborts_every_rank_and_resumes(one_rank, tiny_family, tmp_path):
+    """Rank 0 fails while the workers wait in the child's broadcast: on its way out it joins no
+    collective (it used to wait in the stop agreement forever), so the abort ends the job."""
+    config = mpi_config(tiny_family, tmp_path)
+    start = time.time()
+    failed = run_cli("run", config, mpi_ranks=3, env=subprocess_env(CQD_MPI_FAULT="merge@0:raise:6"), timeout=60)
+    elapsed = time.time() - start
+    assert failed.returncode != 0
+    assert "[rank 0] Traceback" in failed.stderr
+    assert "InjectedFault: injected fault at merge (hit 6, rank 0)" in failed.stderr
+    assert elapsed < 45
+    resumed = run_cli("run", config, mpi_ranks=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert_same_results(one_rank, tmp_path / "run")
+
+
 def test_kill_9_of_the_conductor_then_rerun_resumes_exactly(one_rank, tiny_family, tmp_path):
     config = mpi_config(tiny_family, tmp_path)
     killed = run_cli("run", config, mpi_ranks=3, env=subprocess_env(CQD_MPI_FAULT="merge@0:kill:7"), timeout=120)
