@@ -135,13 +135,13 @@ def test_exception_on_rank_0_during_a_broadcast_aborts_every_rank_and_resumes(on
 def test_an_evaluation_past_its_deadline_aborts_the_job_naming_it_and_resumes(one_rank, tiny_family, tmp_path):
     """A worker whose task blocks for ever (the `hang` fault at a chunk) ends the job at
     runtime.eval_deadline, with a message naming the rank, the task and the chunk."""
-    config = mpi_config(tiny_family, tmp_path, **{"runtime.eval_deadline": 3})
+    config = mpi_config(tiny_family, tmp_path, **{"runtime.eval_deadline": 5})
     start = time.time()
     hung = run_cli("run", config, mpi_ranks=3, env=subprocess_env(CQD_MPI_FAULT="chunk@2:hang:20"), timeout=60)
     elapsed = time.time() - start
     assert hung.returncode != 0
     assert re.search(r"\[rank 2\] cqd_mpi: error: chunk \d+ of task '\w+' \(\d+ items, .*\) ran past its "
-                     r"deadline of 3 s \(runtime.eval_deadline\)", hung.stderr), hung.stderr[-3000:]
+                     r"deadline of 5 s \(runtime.eval_deadline\)", hung.stderr), hung.stderr[-3000:]
     assert "in wait" in hung.stderr
     assert elapsed < 40
     resumed = run_cli("run", config, mpi_ranks=3)

@@ -77,10 +77,10 @@ def test_an_evaluation_past_its_deadline_ends_the_run_naming_it_and_resumes(base
     """One process: the task blocks for ever at a chunk; past runtime.eval_deadline the process
     exits with the message, and the rerun resumes."""
     config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run",
-                                                                 **{"runtime.eval_deadline": 2}))
+                                                                 **{"runtime.eval_deadline": 4}))
     hung = run_cli("run", config, env=subprocess_env(CQD_MPI_FAULT="chunk:hang:30"), timeout=60)
     assert hung.returncode == EXIT_STATUS, hung.stderr[-3000:]
-    assert re.search(r"\[rank 0\] cqd_mpi: error: chunk \d+ of task '\w+' .* ran past its deadline of 2 s", hung.stderr)
+    assert re.search(r"\[rank 0\] cqd_mpi: error: chunk \d+ of task '\w+' .* ran past its deadline of 4 s", hung.stderr)
     assert read_state(tmp_path / "run" / "state.h5")["attrs"]["phase"] == "search"
     resumed = run_cli("run", config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
