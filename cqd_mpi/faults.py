@@ -1,15 +1,17 @@
 """Fault injection for the crash-and-resume tests: die or raise at a named point of a run.
 
 Off unless CQD_MPI_FAULT is set to ``POINT[@RANK]:ACTION[:HIT]``: on the HIT-th time (1 by
-default) this process reaches POINT (merge, eval, checkpoint, track, os-setup: an OS item's
-environment has just started), on rank RANK (any when left out), ACTION happens: ``kill``
-(SIGKILL to itself, as a node failure would) or ``raise``.
+default) this process reaches POINT (merge, eval: a worker starts scoring a model, chunk: it
+starts one chunk of items, checkpoint, track, os-setup: an OS item's environment has just
+started), on rank RANK (any when left out), ACTION happens: ``kill`` (SIGKILL to itself, as a
+node failure would), ``raise``, or ``hang`` (block for ever, as a stuck server would).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 
 _hits: dict[str, int] = {}
 _RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
@@ -41,5 +43,7 @@ def point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "raise":
         raise InjectedFault(f"injected fault at {name} (hit {_hits[name]}, rank {_rank()})")
+    elif action == "hang":
+        threading.Event().wait()
     else:
-        raise ValueError(f"CQD_MPI_FAULT: unknown action {action!r}; expected kill or raise")
+        raise ValueError(f"CQD_MPI_FAULT: unknown action {action!r}; expected kill, raise or hang")

@@ -140,6 +140,9 @@ class RuntimeConfig:
     keep_backup: bool = True
     threads: int | None = None
     retain_child_bytes: str = "2GB"
+    eval_deadline: Literal["auto"] | float = "auto"
+    """Seconds one chunk of items may take on a worker before the job aborts, naming the rank,
+    task and chunk (runtime/deadline.py); auto: sized from the chunk's items and their limits."""
 
     def validate(self, where: str) -> None:
         if self.seed < 0:
@@ -152,6 +155,9 @@ class RuntimeConfig:
             raise ConfigError(f"{where}.threads: expected an integer >= 1 or null, got {self.threads}")
         parse_size(self.max_shard_size, f"{where}.max_shard_size", minimum=1)
         parse_size(self.retain_child_bytes, f"{where}.retain_child_bytes")
+        if self.eval_deadline != "auto" and not self.eval_deadline > 0:
+            raise ConfigError(f"{where}.eval_deadline: expected 'auto' or a number of seconds > 0, "
+                              f"got {self.eval_deadline}")
 
 
 @dataclasses.dataclass
@@ -343,7 +349,7 @@ def load(path: str | Path, *, check_files: bool = True, tasks_only: bool = False
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
-    ("runtime", "threads"), ("engine", "device"), ("protocol",), ("tracking",),
+    ("runtime", "threads"), ("runtime", "eval_deadline"), ("engine", "device"), ("protocol",), ("tracking",),
 })
 """Keys that cannot change a run's results, or whose effect is checked elsewhere. The run-wide
 `protocol` is one: what it changes is resolved into each task's `protocol` and `settings`,
@@ -358,6 +364,7 @@ ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("tasks", "*", "protocol"): None,
     ("qd", "method"): "cycleqd",
     ("qd", "coefficients"): schema.to_dict(CoefficientsConfig()),
+    ("runtime", "eval_deadline"): "auto",
 }
 """Keys added since a run could have been frozen, at the values that reproduce what the older
 version did ('*' stands for every element of a list). Tasks frozen without a protocol kept

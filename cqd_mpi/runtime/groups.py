@@ -102,7 +102,9 @@ class EvalGroup(abc.ABC):
         """The finished outcome, or None while the evaluation runs. Never blocks for long."""
 
     def close(self) -> None:
-        """Tell the group's processes to exit."""
+        """Tell the group's processes to exit. Collective for a group of ranks, so it is called
+        only after a run that ended well: on the way out of a failure the other ranks may be
+        inside another collective (a broadcast), and the abort that follows ends them."""
 
 
 class InProcessGroup(EvalGroup):

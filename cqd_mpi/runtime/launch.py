@@ -3,10 +3,11 @@
 `start(load)` is what `python -m cqd_mpi run CONFIG` (and the demo) calls on every rank: it
 finds the MPI world, loads the config (`load(comm)`), sends each rank's log to
 RUN_DIR/logs, and runs; under MPI, an exception on any rank aborts every rank with that
-rank's traceback (`mpi.guarded`). `run(config)` pins the torch thread count first
-(`runtime.threads`, on every rank), then: with one rank (or no MPI), rank 0 evaluates
-in-process through the conductor; with more, rank 0 conducts and every other rank serves
-as a worker (runtime/mpi.py).
+rank's traceback (`mpi.guarded`), and each rank first removes the shared-memory segments that
+ended jobs left on its node and records its own (runtime/shm.py). `run(config)` pins the
+torch thread count first (`runtime.threads`, on every rank), then: with one rank (or no
+MPI), rank 0 evaluates in-process through the conductor; with more, rank 0 conducts and
+every other rank serves as a worker (runtime/mpi.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from cqd_mpi.run.config import BinsConfig, Config, parse_size
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend
 from cqd_mpi.run.tracking import Tracker
-from cqd_mpi.runtime import mpi
+from cqd_mpi.runtime import mpi, shm
 from cqd_mpi.runtime.conductor import Conductor
 from cqd_mpi.runtime.groups import EvalGroup, InProcessGroup
 from cqd_mpi.runtime.signals import StopFlag
@@ -105,15 +106,16 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
         if backend.rebound:
             conductor.checkpoint()
         try:
-            return conductor.run()
+            status = conductor.run()
         finally:
             stop.uninstall()
             if tracker is not None:
                 tracker.close()
-            for group in groups:
-                group.close()
             for task in tasks.values():
                 task.close()
+        for group in groups:
+            group.close()
+        return status
     finally:
         lock.close()
 
@@ -172,9 +174,15 @@ def start(load: Callable[[object], Config], *, force: bool = False, echo=print) 
     comm = mpi.world()
 
     def job() -> int:
+        if comm is not None:
+            shm.sweep()
+            shm.record()
         config = load(comm)
         log_to_files(config.runtime.run_dir, comm.Get_rank() if comm is not None else 0)
-        return run(config, force=force, comm=comm, echo=echo)
+        status = run(config, force=force, comm=comm, echo=echo)
+        if comm is not None:
+            shm.forget()
+        return status
 
     if comm is None or comm.Get_size() == 1:
         return job()

@@ -28,6 +28,7 @@ import numpy as np
 from cqd_mpi.errors import ConfigError, require
 from cqd_mpi.run.config import Config
 from cqd_mpi.run.evaluation import shard
+from cqd_mpi.runtime import shm
 from cqd_mpi.runtime.groups import EvalGroup, Outcome
 from cqd_mpi.runtime.signals import StopFlag
 from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs
@@ -68,11 +69,13 @@ def abort(comm, status: int = 1) -> None:
     """End every rank of the job (an exception on one rank must not hang the others).
 
     The launcher stops forwarding a rank's output once it hears of the abort, so lines still
-    in the pipe would be lost: flush, then give it ABORT_GRACE_S to forward them first.
+    in the pipe would be lost: flush, then give it ABORT_GRACE_S to forward them first. The
+    job's shared-memory segments are unlinked first, as MPI_Abort leaves them (runtime/shm.py).
     """
     try:
         import sys
 
+        shm.release()
         sys.stdout.flush()
         sys.stderr.flush()
         time.sleep(ABORT_GRACE_S)
@@ -286,6 +289,7 @@ def serve(comm, config: Config, *, stop: StopFlag | None = None) -> None:
     worker = Worker(config, rank=rank, world_size=comm.Get_size())
     log.info("worker rank %d (pid %d) in eval group %d", rank, os.getpid(), my_group)
     _ = worker.engine  # build the live model before the first model arrives
+    shm.record()
     try:
         worker_loop(comms[my_group], worker, stop)
     finally:
@@ -296,4 +300,6 @@ def serve(comm, config: Config, *, stop: StopFlag | None = None) -> None:
 def conductor_groups(comm, config: Config, stop: StopFlag) -> list[MPIGroup]:
     """Rank 0's end of every eval group (collective with the workers' `serve`)."""
     comms, _ = group_comms(comm, config.runtime.eval_groups)
-    return [MPIGroup(c, index=i, transport=config.runtime.transport, stop=stop) for i, c in enumerate(comms)]
+    groups = [MPIGroup(c, index=i, transport=config.runtime.transport, stop=stop) for i, c in enumerate(comms)]
+    shm.record()
+    return groups

@@ -17,6 +17,7 @@ from cqd_mpi.engines import Engine, create
 from cqd_mpi.run.config import Config, task_settings
 from cqd_mpi.run.evaluation import ItemChunk, evaluate_chunks
 from cqd_mpi.run.rundir import RunDir
+from cqd_mpi.runtime.deadline import Watchdog, chunk_deadline
 from cqd_mpi.tasks import Task, TaskContext, task_class
 from cqd_mpi.tasks.base import ItemResult
 
@@ -50,6 +51,7 @@ class Worker:
         self.rank = rank
         self.tasks = tasks if tasks is not None else build_tasks(config, rank=rank, world_size=world_size)
         self._engine: Engine | None = None
+        self._watchdog = Watchdog()
 
     @property
     def engine(self) -> Engine:
@@ -74,8 +76,22 @@ class Worker:
         self.engine.finish_update()
 
     def evaluate(self, chunks: Sequence[ItemChunk]) -> dict[int, list[ItemResult]]:
+        """Score the chunks, each under its deadline (runtime/deadline.py)."""
         faults.point("eval")
-        return evaluate_chunks(self.tasks, self.engine, chunks)
+        results = {}
+        for chunk in chunks:
+            seconds = chunk_deadline(self.config.runtime.eval_deadline, self.tasks[chunk.task], chunk.item_ids)
+            with self._watchdog.watch(seconds, self._overran(chunk, seconds)):
+                faults.point("chunk")
+                results.update(evaluate_chunks(self.tasks, self.engine, [chunk]))
+        return results
+
+    def _overran(self, chunk: ItemChunk, seconds: float) -> str:
+        ids = chunk.item_ids
+        return (f"[rank {self.rank}] cqd_mpi: error: chunk {chunk.index} of task {chunk.task!r} "
+                f"({len(ids)} items, {ids[0]} .. {ids[-1]}) ran past its deadline of {seconds:g} s "
+                f"(runtime.eval_deadline); aborting the job. The state in {self.config.runtime.run_dir} "
+                "resumes: rerun the same command.")
 
     def close(self) -> None:
         for task in self.tasks.values():

@@ -89,6 +89,11 @@ class Task(abc.ABC):
 
         raise TaskError(f"task kind {self.kind!r} has no reference solutions to check")
 
+    def item_seconds(self, item_id: str) -> float:
+        """The most time one item may spend outside the model (its sandboxes, servers,
+        environments) by the task's own limits; sizes `runtime.eval_deadline: auto`."""
+        return 0.0
+
     def metric(self, results: Sequence[ItemResult]) -> float:
         return float(sum(r.score for r in results) / len(results)) if results else 0.0
 

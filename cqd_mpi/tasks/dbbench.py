@@ -444,6 +444,10 @@ class DBBenchTask(Task):
             self._items = items
         return self._items
 
+    def item_seconds(self, item_id: str) -> float:
+        """Every round's statement, and the item's set-up and check, at the statement limit."""
+        return (self.settings.max_rounds + 2) * self.settings.statement_seconds
+
     def item_ids(self) -> list[str]:
         return list(self.items)
 

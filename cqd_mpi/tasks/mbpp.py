@@ -250,6 +250,12 @@ class MbppPlusTask(Task):
             how += f" (it downloads {url} into {path.parent})"
         return f"MBPP+ data file {path} does not exist; nothing is downloaded at run time. To get it, {how}"
 
+    def item_seconds(self, item_id: str) -> float:
+        """Two runs of the solution (one retry) and two of the judge, each at its wall limit."""
+        settings = self.settings
+        judge = settings.startup_seconds + len(self.inputs(item_id)) * settings.judge_seconds + JUDGE_ITEM_SECONDS
+        return 2 * (settings.timeout_seconds + judge)
+
     def item_ids(self) -> list[str]:
         return list(self.problems)
 

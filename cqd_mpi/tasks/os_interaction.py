@@ -672,6 +672,11 @@ class OSInteractionTask(Task):
             self._items = items
         return self._items
 
+    def item_seconds(self, item_id: str) -> float:
+        """Each pass: the environment's budget, its last command and its checks' script."""
+        env = self.settings.environment
+        return self.settings.repeats * (env.item_seconds + env.command_seconds + env.script_seconds)
+
     def item_ids(self) -> list[str]:
         return list(self.items)
 

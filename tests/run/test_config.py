@@ -37,6 +37,8 @@ def test_valid_config_loads_with_defaults(good, tmp_path):
     (lambda c: c["qd"].update(generations=True), r"qd.generations: expected an integer, got True"),
     (lambda c: c["runtime"].update(pipeline_depth=-1), r"runtime.pipeline_depth: expected an integer >= 0"),
     (lambda c: c["runtime"].update(max_shard_size="lots"), r"runtime.max_shard_size: expected a size"),
+    (lambda c: c["runtime"].update(eval_deadline=0), r"runtime.eval_deadline: expected 'auto' or a number of seconds > 0"),
+    (lambda c: c["runtime"].update(eval_deadline="soon"), r"runtime.eval_deadline: expected 'auto' or a number, got 'soon'"),
     (lambda c: c.pop("runtime"), r"runtime: required key is missing"),
     (lambda c: c["tasks"][1].update(settings={"n_itemz": 3}), r"tasks\[1\].settings: unknown key 'n_itemz'"),
     (lambda c: c["tasks"][0].update(kind="nonsense"), r"tasks\[0\].kind: unknown task kind 'nonsense'"),

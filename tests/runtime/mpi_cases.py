@@ -6,7 +6,9 @@ on COMM_SELF, and under `mpiexec -n 3` on COMM_WORLD (this file's main):
     mpiexec -n 3 python -m mpi4py tests/runtime/mpi_cases.py
 
 On one rank the conductor is alone (the transport sends to nobody, the group is the
-in-process one); on several, every worker must end with what the conductor sent.
+in-process one); on several, every worker must end with what the conductor sent. Collective
+clean-ups (closing a group or a broadcast) come after the checks, never in a `finally`: a rank
+whose check failed must reach mpi4py's abort, not wait in a collective the others never join.
 """
 
 from __future__ import annotations
@@ -50,20 +52,18 @@ def case_the_broadcast_reaches_engines_with_and_without_receive_buffers(comm) ->
     expected = dict(source.tensors())
     specs = wire_specs(source.layout())
     broadcast = ModelBroadcast(comm, chunk_bytes=4096)
-    try:
-        for engine_class in (TransformersEngine, PluginEngine):
-            if comm.Get_rank() == 0:
-                broadcast.send(source.tensors())
-                continue
-            engine = engine_class(family["base"], device="cpu")
-            broadcast.receive(engine, specs)
-            engine.finish_update()
-            live = engine.inner if isinstance(engine, PluginEngine) else engine
-            for name, tensor in expected.items():
-                got = live.receive_buffer(name)
-                assert torch.equal(got, tensor), f"rank {comm.Get_rank()} {engine_class.__name__}: {name} differs"
-    finally:
-        broadcast.close()
+    for engine_class in (TransformersEngine, PluginEngine):
+        if comm.Get_rank() == 0:
+            broadcast.send(source.tensors())
+            continue
+        engine = engine_class(family["base"], device="cpu")
+        broadcast.receive(engine, specs)
+        engine.finish_update()
+        live = engine.inner if isinstance(engine, PluginEngine) else engine
+        for name, tensor in expected.items():
+            got = live.receive_buffer(name)
+            assert torch.equal(got, tensor), f"rank {comm.Get_rank()} {engine_class.__name__}: {name} differs"
+    broadcast.close()
     comm.Barrier()
     if comm.Get_rank() == 0:
         shutil.rmtree(family["root"], ignore_errors=True)
@@ -104,14 +104,12 @@ def case_an_eval_group_scores_a_model_as_rank_0_alone_does(comm) -> None:
         group = InProcessGroup(Worker(config))
     else:
         group = MPIGroup(comm, index=0, transport="mpi", stop=StopFlag())
-    try:
-        assert not group.agree_stop()
-        group.submit(job, chunks, ModelSource(TimedStream(expert.tensors()), expert.layout()))
-        outcome = None
-        while outcome is None:
-            outcome = group.poll()
-    finally:
-        group.close()
+    assert not group.agree_stop()
+    group.submit(job, chunks, ModelSource(TimedStream(expert.tensors()), expert.layout()))
+    outcome = None
+    while outcome is None:
+        outcome = group.poll()
+    group.close()
     assert outcome.job == job
     assert sorted(outcome.results) == sorted(expected)
     for index, results in expected.items():

@@ -1,6 +1,7 @@
 """The MPI runtime under mpiexec (pip mpich wheel): invariants over rank counts, eval groups,
 transports, failures and preemption."""
 
+import json
 import os
 import re
 import shutil
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,7 @@ from tests.runtime.helpers import assert_same_results, run_cli, wait_for_generat
 from tests.runtime.test_conductor import small_config
 
 pytestmark = pytest.mark.mpi
+SHM = Path("/dev/shm")
 
 if shutil.which("mpiexec") is None:
     pytest.fail("mpiexec is not on PATH: install the test extra (pip install -e '.[test]'), which brings the mpich wheel",
@@ -108,14 +111,75 @@ def test_exception_in_a_worker_aborts_every_rank_quickly(tiny_family, tmp_path):
     assert read_state(tmp_path / "run" / "state.h5")["attrs"]["phase"] == "init"
 
 
-def test_kill_9_of_the_conductor_then_rerun_resumes_exactly(one_rank, tiny_family, tmp_path):
+def test_exception_on_rank_0_during_a_broadcast_aborts_every_rank_and_resumes(one_rank, tiny_family, tmp_path):
+    """Rank 0 fails while the workers wait in the child's broadcast: on its way out it joins no
+    collective (it used to wait in the stop agreement forever), so the abort ends the job."""
     config = mpi_config(tiny_family, tmp_path)
-    killed = run_cli("run", config, mpi_ranks=3, env=subprocess_env(CQD_MPI_FAULT="merge@0:kill:7"), timeout=120)
-    assert killed.returncode != 0
-    assert read_state(tmp_path / "run" / "state.h5")["attrs"]["phase"] == "search"
+    registry = tmp_path / "shm-registry"
+    start = time.time()
+    failed = run_cli("run", config, mpi_ranks=3, timeout=60,
+                     env=subprocess_env(CQD_MPI_FAULT="merge@0:raise:6", CQD_MPI_SHM_REGISTRY=registry))
+    elapsed = time.time() - start
+    assert failed.returncode != 0
+    assert "[rank 0] Traceback" in failed.stderr
+    assert "InjectedFault: injected fault at merge (hit 6, rank 0)" in failed.stderr
+    assert elapsed < 45
+    segments = recorded_segments(registry)
+    assert segments and not any((SHM / name).exists() for name in segments), "MPI_Abort left its segments"
     resumed = run_cli("run", config, mpi_ranks=3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
+    assert_same_results(one_rank, tmp_path / "run")
+
+
+def test_an_evaluation_past_its_deadline_aborts_the_job_naming_it_and_resumes(one_rank, tiny_family, tmp_path):
+    """A worker whose task blocks for ever (the `hang` fault at a chunk) ends the job at
+    runtime.eval_deadline, with a message naming the rank, the task and the chunk."""
+    config = mpi_config(tiny_family, tmp_path, **{"runtime.eval_deadline": 5})
+    start = time.time()
+    hung = run_cli("run", config, mpi_ranks=3, env=subprocess_env(CQD_MPI_FAULT="chunk@2:hang:20"), timeout=60)
+    elapsed = time.time() - start
+    assert hung.returncode != 0
+    assert re.search(r"\[rank 2\] cqd_mpi: error: chunk \d+ of task '\w+' \(\d+ items, .*\) ran past its "
+                     r"deadline of 5 s \(runtime.eval_deadline\)", hung.stderr), hung.stderr[-3000:]
+    assert "in wait" in hung.stderr
+    assert elapsed < 40
+    resumed = run_cli("run", config, mpi_ranks=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert_same_results(one_rank, tmp_path / "run")
+
+
+def recorded_segments(registry: Path) -> set[str]:
+    """The shared-memory segments the ranks recorded in this node's registry (runtime/shm.py)."""
+    return {s for path in registry.glob("*.json") for s in json.loads(path.read_text())["segments"]}
+
+
+def test_kill_9_of_the_conductor_then_rerun_resumes_exactly_and_removes_the_leaked_segments(
+        one_rank, tiny_family, tmp_path):
+    """kill -9 leaves the job's /dev/shm segments; the next start on the node removes them, but
+    not those of another live job (tests/runtime/shm_holder.py, recorded in the same registry)."""
+    config = mpi_config(tiny_family, tmp_path)
+    registry = tmp_path / "shm-registry"
+    env = subprocess_env(CQD_MPI_SHM_REGISTRY=registry)
+    killed = run_cli("run", config, mpi_ranks=3, env={**env, "CQD_MPI_FAULT": "merge@0:kill:7"}, timeout=120)
+    assert killed.returncode != 0
+    assert read_state(tmp_path / "run" / "state.h5")["attrs"]["phase"] == "search"
+    leaked = recorded_segments(registry)
+    assert leaked and all((SHM / name).exists() for name in leaked)
+    holder = subprocess.Popen(["mpiexec", "-n", "2", sys.executable, str(Path(__file__).with_name("shm_holder.py"))],
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held = set(holder.stdout.readline().split())
+        assert held and not held & leaked
+        resumed = run_cli("run", config, mpi_ranks=3, env=env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming" in resumed.stdout
+        assert not any((SHM / name).exists() for name in leaked)
+        assert all((SHM / name).exists() for name in held) and held <= recorded_segments(registry)
+    finally:
+        holder.communicate(timeout=60)
+    assert holder.returncode == 0
     assert_same_results(one_rank, tmp_path / "run")
 
 

@@ -1,5 +1,7 @@
-"""A run killed at any point (kill -9) or stopped by a signal resumes to the same final state."""
+"""A run killed at any point (kill -9), stopped by a signal or ended by an evaluation's deadline
+resumes to the same final state."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -7,6 +9,7 @@ import sys
 import pytest
 
 from cqd_mpi.run.state import read_state
+from cqd_mpi.runtime.deadline import EXIT_STATUS
 from tests.conftest import subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli, wait_for_generation
 from tests.runtime.test_conductor import small_config
@@ -67,4 +70,19 @@ def test_sigterm_stops_at_a_generation_boundary_and_resumes(baseline, tiny_famil
     assert stopped_at["phase"] != "done"
     resumed = run_cli("run", config)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_results(baseline, tmp_path / "run")
+
+
+def test_an_evaluation_past_its_deadline_ends_the_run_naming_it_and_resumes(baseline, tiny_family, tmp_path):
+    """One process: the task blocks for ever at a chunk; past runtime.eval_deadline the process
+    exits with the message, and the rerun resumes."""
+    config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run",
+                                                                 **{"runtime.eval_deadline": 4}))
+    hung = run_cli("run", config, env=subprocess_env(CQD_MPI_FAULT="chunk:hang:30"), timeout=60)
+    assert hung.returncode == EXIT_STATUS, hung.stderr[-3000:]
+    assert re.search(r"\[rank 0\] cqd_mpi: error: chunk \d+ of task '\w+' .* ran past its deadline of 4 s", hung.stderr)
+    assert read_state(tmp_path / "run" / "state.h5")["attrs"]["phase"] == "search"
+    resumed = run_cli("run", config)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
     assert_same_results(baseline, tmp_path / "run")
