@@ -189,6 +189,7 @@ class MPIGroup(EvalGroup):
         self._eval_s = 0.0
         self._worker_stop = False
         self._closed = False
+        self._stop_agreed = False
         self.broadcast = ModelBroadcast(comm)
 
     @property
@@ -198,7 +199,8 @@ class MPIGroup(EvalGroup):
     def agree_stop(self) -> bool:
         from mpi4py import MPI
 
-        return bool(self.comm.allreduce(bool(self.stop), op=MPI.LOR))
+        self._stop_agreed = bool(self.comm.allreduce(bool(self.stop), op=MPI.LOR))
+        return self._stop_agreed
 
     def submit(self, job, chunks, source):
         started = time.perf_counter()
@@ -243,7 +245,10 @@ class MPIGroup(EvalGroup):
         if self._closed:
             return
         self._closed = True
-        self.agree_stop()
+        # After an agreement that said stop (a worker's signal), the workers already wait for
+        # the header: a second agreement would never be matched.
+        if not self._stop_agreed:
+            self.agree_stop()
         self.comm.bcast({"op": "stop"}, root=0)
         self.broadcast.close()
 

@@ -4,8 +4,10 @@ srun becomes `mpiexec -n 2` (the real MPI runtime), scontrol records the requeue
 """
 
 import os
+import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +47,7 @@ def slurm(tmp_path):
 
 def start(script, config, env):
     return subprocess.Popen(["bash", str(REPO / "jobs" / script), str(config)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def test_warning_signal_checkpoints_and_requeues_then_the_requeued_job_finishes(slurm, tiny_family, tmp_path):
@@ -68,6 +70,28 @@ def test_warning_signal_checkpoints_and_requeues_then_the_requeued_job_finishes(
     assert "run phase: done" in out and "start 2" in out
     assert not log.exists()
     assert read_state(state)["attrs"]["phase"] == "done"
+
+
+def test_a_stop_signal_that_reaches_only_a_worker_still_checkpoints_and_requeues(slurm, tiny_family, tmp_path):
+    """Rank 0 can miss a signal (the mpich wheel's SIGUSR1 handler swallows it until cqd_mpi's own
+    is installed); the workers' stop agreement must then end the job, not deadlock it."""
+    env, log = slurm
+    config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run"))
+    job = start("single-node.sbatch", config, env())
+    worker_log = tmp_path / "run" / "logs" / "rank-1.log"
+    deadline = time.time() + 60
+    while not (worker_log.exists() and (pid := re.search(r"\(pid (\d+)\)", worker_log.read_text()))):
+        assert time.time() < deadline and job.poll() is None, "the worker never started"
+        time.sleep(0.05)
+    os.kill(int(pid.group(1)), signal.SIGUSR1)
+    try:
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:  # deadlocked: end the ranks too, not only bash
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 0, err[-3000:]
+    assert "stopping (a worker received a stop signal)" in (tmp_path / "run" / "logs" / "rank-0.log").read_text()
+    assert log.read_text().split() == ["requeue", "4242"]
 
 
 def test_restart_cap_stops_requeueing(slurm, tiny_family, tmp_path):
