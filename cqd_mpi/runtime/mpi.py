@@ -58,6 +58,13 @@ def world():
     mpi4py.rc.threads = True
     from mpi4py import MPI
 
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "SLURM_STEP_ID" in os.environ and tasks > 1 and MPI.COMM_WORLD.Get_size() == 1:
+        # Without a PMI from srun every task is a world of one: N conductors on one run dir.
+        raise ConfigError(f"srun started {tasks} tasks but MPI sees a world of 1 in each: srun gives "
+                          f"this MPI library no PMI. Pass srun --mpi=pmi2 (the pip mpich wheel; "
+                          f"CQD_SRUN_MPI=pmi2 for the sbatch scripts) or your site's plugin "
+                          f"(srun --mpi=list; env/README.md)")
     return MPI.COMM_WORLD
 
 
