@@ -126,7 +126,8 @@ fi
 # --- the daemons; started from / so that a deleted checkout cannot pull the rug.
 if ! pid_alive "$state/slurmctld.pid" || ! scontrol ping >/dev/null 2>&1; then
   stop_daemon "$state/slurmctld.pid"
-  (cd / && slurmctld) || die "slurmctld did not start; its log: $state/log/slurmctld.log"
+  # -c: a fresh controller forgets the jobs of an earlier one (their files may be gone).
+  (cd / && slurmctld -c) || die "slurmctld did not start; its log: $state/log/slurmctld.log"
   for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
   scontrol ping >/dev/null 2>&1 || { tail -n 20 "$state/log/slurmctld.log" >&2; die "slurmctld does not answer"; }
 fi

@@ -40,7 +40,8 @@ def slurm_unavailable() -> str | None:
         return "SLURM is not installed (no sbatch)"
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
     if ping.returncode != 0 or "UP" not in ping.stdout:
-        return f"slurmctld does not answer (scontrol ping: {(ping.stdout + ping.stderr).strip()})"
+        first = (ping.stdout + ping.stderr).strip().splitlines()[:1]
+        return f"slurmctld does not answer (scontrol ping: {' '.join(first) or ping.returncode})"
     states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split()
     if not {"idle", "mixed", "allocated"} & set(states):
         return f"no SLURM node is up (sinfo: {states})"
