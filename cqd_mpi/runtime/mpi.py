@@ -58,6 +58,9 @@ def world():
     mpi4py.rc.threads = True
     from mpi4py import MPI
 
+    from cqd_mpi.runtime.signals import catch_early
+
+    catch_early()
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
     if "SLURM_STEP_ID" in os.environ and tasks > 1 and MPI.COMM_WORLD.Get_size() == 1:
         # Without a PMI from srun every task is a world of one: N conductors on one run dir.
