@@ -73,8 +73,9 @@ def test_warning_signal_checkpoints_and_requeues_then_the_requeued_job_finishes(
 
 
 def test_a_stop_signal_that_reaches_only_a_worker_still_checkpoints_and_requeues(slurm, tiny_family, tmp_path):
-    """Rank 0 can miss a signal (the mpich wheel's SIGUSR1 handler swallows it until cqd_mpi's own
-    is installed); the workers' stop agreement must then end the job, not deadlock it."""
+    """A signal can reach a worker and not rank 0 (a kill of one rank, or one that lands just
+    after rank 0's part of the stop agreement); the agreement must then end the job, not
+    deadlock it."""
     env, log = slurm
     config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run"))
     job = start("single-node.sbatch", config, env())
