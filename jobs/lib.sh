@@ -63,7 +63,9 @@ cqd_run() {
     if kill -0 "$srun_pid" 2>/dev/null; then continue; fi
     break
   done
-  trap - USR1 TERM
+  # srun is gone: a late signal (a preemption's SIGTERM) must neither end bash before the
+  # requeue nor change what srun's exit decided.
+  trap ':' USR1 TERM
 
   local phase
   phase=$(cqd_phase "$config")

@@ -20,8 +20,10 @@ from tests.runtime.test_conductor import small_config
 pytestmark = pytest.mark.mpi
 
 FAKE_SRUN = """#!/bin/bash
-# srun stand-in: drop srun's own options, run the command under mpiexec with 2 ranks.
+# srun stand-in: drop srun's own options, run the command under mpiexec with 2 ranks
+# (or, with FAKE_SRUN_GONE set, touch that file and exit 0 at once: a run that stopped).
 while [[ "$1" == --* ]]; do shift; done
+if [ -n "${FAKE_SRUN_GONE:-}" ]; then touch "$FAKE_SRUN_GONE"; exit 0; fi
 exec mpiexec -n 2 "$@"
 """
 FAKE_SCONTROL = """#!/bin/bash
@@ -93,6 +95,21 @@ def test_a_stop_signal_that_reaches_only_a_worker_still_checkpoints_and_requeues
     assert job.returncode == 0, err[-3000:]
     assert "stopping (a worker received a stop signal)" in (tmp_path / "run" / "logs" / "rank-0.log").read_text()
     assert log.read_text().split() == ["requeue", "4242"]
+
+
+def test_a_signal_after_srun_exited_does_not_cut_the_requeue_short(slurm, tiny_family, tmp_path):
+    env, log = slurm
+    config = write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run"))
+    gone = tmp_path / "srun-gone"
+    job = start("single-node.sbatch", config, env(FAKE_SRUN_GONE=gone))
+    deadline = time.time() + 30
+    while not gone.exists():
+        assert time.time() < deadline and job.poll() is None, "srun never ran"
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)  # while the script reads the run's phase (a python start-up)
+    out, err = job.communicate(timeout=60)
+    assert job.returncode == 0, err[-3000:]
+    assert "run phase: none" in out and log.read_text().split() == ["requeue", "4242"]
 
 
 def test_restart_cap_stops_requeueing(slurm, tiny_family, tmp_path):
