@@ -3,17 +3,28 @@
 #
 # Usage (from an sbatch script): source jobs/lib.sh; cqd_run CONFIG [ARGS...] (cqd_env alone
 # sets up the environment for other cqd_mpi commands)
+#
+#   CQD_SRUN_MPI  srun's --mpi plugin for the ranks (default: the cluster's MpiDefault). The pip
+#                 mpich wheel needs pmi2; a site MPI its own (pmix for most Open MPI builds).
+#                 See env/README.md.
 
 cqd_phase() {
-  # The run's phase from its state file (init, search, final, done), or "none".
+  # The run's phase from its state file (init, search, final, done), "none", or "unknown"
+  # (the config or the state cannot be read; the run has said why).
   python - "$1" <<'PY'
 import sys
+from cqd_mpi.errors import CqdError
 from cqd_mpi.run import config
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend
-run = RunDir(config.load(sys.argv[1], check_files=False).runtime.run_dir)
-core = HDF5Backend(run.state_path).load() if run.has_state() else None
-print(core.phase if core else "none")
+try:
+    run = RunDir(config.load(sys.argv[1], check_files=False).runtime.run_dir)
+    core = HDF5Backend(run.state_path).load() if run.has_state() else None
+except CqdError as exc:
+    print(f"cqd_mpi: cannot read the run's phase: {exc}", file=sys.stderr)
+    print("unknown")
+else:
+    print(core.phase if core else "none")
 PY
 }
 
@@ -38,10 +49,12 @@ cqd_run() {
   fi
   echo "cqd_mpi: job ${SLURM_JOB_ID:-?} start $((restarts + 1)) on ${SLURM_JOB_NUM_NODES:-1} node(s), ${SLURM_NTASKS:-1} ranks, $(date -Is)"
 
-  local signalled=0
-  srun --kill-on-bad-exit=1 --cpu-bind=none python -m cqd_mpi run "$config" "$@" &
-  local srun_pid=$!
-  trap 'signalled=1; echo "cqd_mpi: time limit near: asking all ranks to checkpoint and stop"; kill -USR1 "$srun_pid"' USR1 TERM
+  local signalled=0 srun_pid=""
+  # The trap is set before srun starts: a warning signal that came in between would end bash.
+  trap 'signalled=1; echo "cqd_mpi: time limit near: asking all ranks to checkpoint and stop"; [ -z "$srun_pid" ] || kill -USR1 "$srun_pid"' USR1 TERM
+  srun ${CQD_SRUN_MPI:+--mpi="$CQD_SRUN_MPI"} --kill-on-bad-exit=1 --cpu-bind=none python -m cqd_mpi run "$config" "$@" &
+  srun_pid=$!
+  if (( signalled )); then kill -USR1 "$srun_pid"; fi
   local status=0
   while true; do
     wait "$srun_pid"
@@ -50,7 +63,9 @@ cqd_run() {
     if kill -0 "$srun_pid" 2>/dev/null; then continue; fi
     break
   done
-  trap - USR1 TERM
+  # srun is gone: a late signal (a preemption's SIGTERM) must neither end bash before the
+  # requeue nor change what srun's exit decided.
+  trap ':' USR1 TERM
 
   local phase
   phase=$(cqd_phase "$config")

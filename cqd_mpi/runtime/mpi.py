@@ -59,6 +59,16 @@ def world():
     mpi4py.rc.threads = True
     from mpi4py import MPI
 
+    from cqd_mpi.runtime.signals import catch_early
+
+    catch_early()
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "SLURM_STEP_ID" in os.environ and tasks > 1 and MPI.COMM_WORLD.Get_size() == 1:
+        # Without a PMI from srun every task is a world of one: N conductors on one run dir.
+        raise ConfigError(f"srun started {tasks} tasks but MPI sees a world of 1 in each: srun gives "
+                          f"this MPI library no PMI. Pass srun --mpi=pmi2 (the pip mpich wheel; "
+                          f"CQD_SRUN_MPI=pmi2 for the sbatch scripts) or your site's plugin "
+                          f"(srun --mpi=list; env/README.md)")
     return MPI.COMM_WORLD
 
 
@@ -192,6 +202,7 @@ class MPIGroup(EvalGroup):
         self._eval_s = 0.0
         self._worker_stop = False
         self._closed = False
+        self._stop_agreed = False
         self.broadcast = ModelBroadcast(comm)
 
     @property
@@ -201,7 +212,8 @@ class MPIGroup(EvalGroup):
     def agree_stop(self) -> bool:
         from mpi4py import MPI
 
-        return bool(self.comm.allreduce(bool(self.stop), op=MPI.LOR))
+        self._stop_agreed = bool(self.comm.allreduce(bool(self.stop), op=MPI.LOR))
+        return self._stop_agreed
 
     def submit(self, job, chunks, source):
         started = time.perf_counter()
@@ -246,7 +258,10 @@ class MPIGroup(EvalGroup):
         if self._closed:
             return
         self._closed = True
-        self.agree_stop()
+        # After an agreement that said stop (a worker's signal), the workers already wait for
+        # the header: a second agreement would never be matched.
+        if not self._stop_agreed:
+            self.agree_stop()
         self.comm.bcast({"op": "stop"}, root=0)
         self.broadcast.close()
 

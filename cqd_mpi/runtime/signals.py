@@ -13,6 +13,22 @@ import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 log = logging.getLogger("cqd_mpi.signals")
+_early: list[str] = []
+
+
+def catch_early() -> None:
+    """Keep the stop signals that come before a StopFlag is installed, for the first one.
+
+    Called right after MPI_Init: the mpich wheel's own SIGUSR1 handler (failure notices from
+    hydra) would swallow a warning signal during rank 0's set-up, and the workers install
+    their flags only when rank 0 is done with it.
+    """
+
+    def handler(signum, _frame):
+        _early.append(signal.Signals(signum).name)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
 
 
 class StopFlag:
@@ -37,6 +53,10 @@ class StopFlag:
             self.set(name)
 
         self._previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+        if _early:
+            log.warning("received %s during start-up: stopping at the next generation boundary", _early[0])
+            self.set(_early[0])
+            _early.clear()
         return self
 
     def uninstall(self) -> None:
