@@ -136,6 +136,9 @@ class RuntimeConfig:
     keep_backup: bool = True
     threads: int | None = None
     retain_child_bytes: str = "2GB"
+    model_store_bytes: str | None = None
+    """Disk for models/ (run/store.py): beyond it archive members are kept as recipes and rebuilt
+    bit for bit on demand; null keeps every member on disk."""
 
     def validate(self, where: str) -> None:
         if self.seed < 0:
@@ -148,6 +151,8 @@ class RuntimeConfig:
             raise ConfigError(f"{where}.threads: expected an integer >= 1 or null, got {self.threads}")
         parse_size(self.max_shard_size, f"{where}.max_shard_size", minimum=1)
         parse_size(self.retain_child_bytes, f"{where}.retain_child_bytes")
+        if self.model_store_bytes is not None:
+            parse_size(self.model_store_bytes, f"{where}.model_store_bytes")
 
 
 @dataclasses.dataclass
@@ -329,6 +334,7 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
+    ("runtime", "model_store_bytes"),
     ("engine", "device"), ("protocol",), ("tracking",),
 })
 """Keys that cannot change a run's results. The run-wide `protocol` is one: what it changes is
@@ -342,6 +348,7 @@ ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("tasks", "*", "protocol"): None,
     ("qd", "method"): "cycleqd",
     ("qd", "coefficients"): schema.to_dict(CoefficientsConfig()),
+    ("runtime", "model_store_bytes"): None,
 }
 """Keys added since a run could have been frozen, at the values that reproduce what the older
 version did ('*' stands for every element of a list). Tasks frozen without a protocol kept

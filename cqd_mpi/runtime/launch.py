@@ -23,6 +23,7 @@ from cqd_mpi.qd.records import make_splits
 from cqd_mpi.run.config import BinsConfig, Config, parse_size
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend
+from cqd_mpi.run.store import ModelStore
 from cqd_mpi.run.tracking import Tracker
 from cqd_mpi.runtime import mpi
 from cqd_mpi.runtime.conductor import Conductor
@@ -67,7 +68,7 @@ def check_restored(core: CycleQD, config: Config, tasks: Mapping[str, Task]) -> 
     return core
 
 
-def conduct(config: Config, *, force: bool = False, world_size: int = 1,
+def conduct(config: Config, *, force: bool = False, drop_lost: bool = False, world_size: int = 1,
             make_groups: Callable[[dict[str, Task]], list[EvalGroup]] | None = None,
             stop: StopFlag | None = None, echo=print) -> str:
     """Rank 0's whole job. Returns "done" or "stopped" (preempted; the state resumes)."""
@@ -85,11 +86,14 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
             check_restored(core, config, tasks)
             echo(f"resuming {rundir.path}: phase {core.phase}, generation {core.generations_done}/"
                  f"{core.generations}")
+        budget = config.runtime.model_store_bytes
+        store = ModelStore(core=core, rundir=rundir, echo=echo,
+                           budget=None if budget is None else parse_size(budget, "runtime.model_store_bytes"))
         builder = ModelBuilder(
             base_path=config.base, expert_paths=[config.expert_path(n) for n in config.task_names],
-            model_path=lambda m: rundir.weights_of(core.models[m]),
-            mutation=config.qd.mutation, basis_cache=config.runtime.basis_cache,
+            model_path=store.path, mutation=config.qd.mutation, basis_cache=config.runtime.basis_cache,
             max_shard_size=config.runtime.max_shard_size)
+        store.builder = builder
         if fresh:
             builder.check()
         groups = make_groups(tasks) if make_groups else [InProcessGroup(Worker(config, tasks=tasks))]
@@ -100,7 +104,7 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
                               world_size=world_size, staging_dir=rundir.staging_dir(config.runtime.staging_dir),
                               prebuild=config.runtime.pipeline_depth > 0,
                               retain_bytes=parse_size(config.runtime.retain_child_bytes), tracker=tracker,
-                              echo=echo)
+                              echo=echo, store=store, drop_lost=drop_lost)
         try:
             return conductor.run()
         finally:
@@ -123,7 +127,7 @@ def pin_threads(config: Config) -> None:
         torch.set_num_threads(config.runtime.threads)
 
 
-def run(config: Config, *, force: bool = False, comm=None, echo=print) -> int:
+def run(config: Config, *, force: bool = False, drop_lost: bool = False, comm=None, echo=print) -> int:
     """Entry point on every rank (`comm`: MPI.COMM_WORLD, or None for one process): exit
     status 0 when done or cleanly stopped for requeue."""
     pin_threads(config)
@@ -131,11 +135,11 @@ def run(config: Config, *, force: bool = False, comm=None, echo=print) -> int:
 
     log.info("rank %d: %d torch thread(s)", comm.Get_rank() if comm is not None else 0, torch.get_num_threads())
     if comm is None or comm.Get_size() == 1:
-        conduct(config, force=force, echo=echo)
+        conduct(config, force=force, drop_lost=drop_lost, echo=echo)
         return 0
     if comm.Get_rank() == 0:
         stop = StopFlag()
-        conduct(config, force=force, world_size=comm.Get_size(), stop=stop, echo=echo,
+        conduct(config, force=force, drop_lost=drop_lost, world_size=comm.Get_size(), stop=stop, echo=echo,
                 make_groups=lambda _tasks: mpi.conductor_groups(comm, config, stop))
     else:
         mpi.serve(comm, config)
@@ -158,14 +162,14 @@ def log_to_files(run_dir: str, rank: int) -> None:
                 h.setLevel(logging.WARNING)
 
 
-def start(load: Callable[[object], Config], *, force: bool = False, echo=print) -> int:
+def start(load: Callable[[object], Config], *, force: bool = False, drop_lost: bool = False, echo=print) -> int:
     """Load the config on every rank (`load(comm)`, comm None outside MPI) and run it."""
     comm = mpi.world()
 
     def job() -> int:
         config = load(comm)
         log_to_files(config.runtime.run_dir, comm.Get_rank() if comm is not None else 0)
-        return run(config, force=force, comm=comm, echo=echo)
+        return run(config, force=force, drop_lost=drop_lost, comm=comm, echo=echo)
 
     if comm is None or comm.Get_size() == 1:
         return job()
