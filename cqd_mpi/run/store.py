@@ -233,7 +233,7 @@ class ModelStore:
         evicted: list[int] = []
         if total > self.budget:
             pinned = self.pinned()
-            off = {m for m in needed if not self.on_disk(m)}
+            off = {r.id for r in self.core.models if r.kind == "child"} - set(self.on_disk_children())
             candidates = sorted((m for m in self.on_disk_children() if m not in pinned),
                                 key=lambda m: (self._used.get(m, -1), m))
             for m in candidates:

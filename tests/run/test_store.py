@@ -20,7 +20,7 @@ from tests.qd.test_cycleqd import assert_trees_equal
 from tests.runtime.helpers import assert_same_results, comparable_state
 from tests.runtime.test_conductor import small_config
 
-GENERATIONS = 10
+GENERATIONS = 40
 
 
 def config_file(family, root, name, **runtime):
@@ -69,7 +69,7 @@ def test_a_budget_changes_no_result(runs):
     assert_trees_equal(comparable_state(plain), comparable_state(budget))
     assert (plain / "final" / "model.safetensors").read_bytes() == (budget / "final" / "model.safetensors").read_bytes()
     assert child_dirs(plain) == members(plain)
-    assert set(child_dirs(budget)) < set(members(budget))
+    assert len(child_dirs(budget)) < len(members(budget)) // 2
 
 
 def test_evicted_members_export_bit_for_bit(runs, tmp_path):
@@ -147,3 +147,13 @@ def test_a_member_that_cannot_be_rebuilt_is_refused_then_dropped_with_the_flag(t
     assert victim in [m for _, m in state.core.dropped]
     *_, (_, replayed) = state.replay()
     assert [a.occupant.tolist() for a in replayed] == [a.occupant.tolist() for a in state.stored_archives()]
+
+
+def test_no_needed_model_is_more_than_the_bound_of_merges_from_disk(runs):
+    from cqd_mpi.run.rundir import RunDir
+    from cqd_mpi.run.store import MAX_REBUILD_DEPTH, ModelStore
+
+    state = RunState.load(runs["budget"])
+    needed, depth = ModelStore(core=state.core, rundir=RunDir(runs["budget"])).needed()
+    assert needed >= set(members(runs["budget"]))
+    assert 0 < max(depth.values()) <= MAX_REBUILD_DEPTH
