@@ -79,6 +79,8 @@ class ModelStore:
         self.builder = None
         self.rebuilt = 0
         self.rebuild_s = 0.0
+        self.evicted = 0
+        self.digest_s = 0.0
         self._clock = itertools.count()
         self._used: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
@@ -157,8 +159,16 @@ class ModelStore:
 
     def saved(self, m: int) -> None:
         """Child m was just written to models/<m>: record its digest."""
+        start = time.perf_counter()
         self._record(m, weights_digest(self.rundir.model_dir(m)))
+        self.digest_s += time.perf_counter() - start
         self._used[m] = next(self._clock)
+
+    def stats(self) -> dict:
+        """What this process's store did: for report.json and the benchmark."""
+        return {"budget_bytes": self.budget, "disk_bytes": self.disk_bytes(), "on_disk": len(self.on_disk_children()),
+                "evicted": self.evicted, "rebuilt": self.rebuilt, "rebuild_s": self.rebuild_s,
+                "digest_s": self.digest_s}
 
     # what the run needs -------------------------------------------------------------------------
 
@@ -248,6 +258,7 @@ class ModelStore:
                 self._delete(m)
                 off.add(m)
                 evicted.append(m)
+        self.evicted += len(evicted)
         over = total > self.budget
         if over and not self._over_budget:
             log.warning("the model store holds %d bytes, over runtime.model_store_bytes (%d): the rest are "

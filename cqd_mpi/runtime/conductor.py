@@ -218,6 +218,7 @@ class Conductor:
 
         report = build_report(self.core)
         report["phase_seconds"] = dict(self.phase_seconds)
+        report["model_store"] = self.store.stats()
         if self.tracker is not None:
             self.tracker.final(self.core)
         self.rundir.write_json(self.rundir.final_dir / "report.json", report)
