@@ -85,13 +85,16 @@ class ModelStore:
         self._used: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self._digests: dict[str, str] = {}
+        self._mismatched: set[int] = set()
         self._over_budget = False
         if rundir.digests_path.exists():
             try:
-                self._digests = dict(json.loads(rundir.digests_path.read_text()))
-            except (OSError, ValueError, TypeError) as exc:
-                raise StateError(f"{rundir.digests_path} is unreadable ({exc}); delete it to resume "
-                                 "without checking rebuilt models against their digests") from None
+                content = json.loads(rundir.digests_path.read_text())
+                self._digests = {str(k): str(v) for k, v in content["digests"].items()}
+                self._mismatched = {int(m) for m in content["mismatched"]}
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise StateError(f"{rundir.digests_path} is unreadable ({type(exc).__name__}: {exc}); delete it to "
+                                 "resume without checking rebuilt models against their digests") from None
 
     # where weights are ------------------------------------------------------------------------
 
@@ -143,9 +146,15 @@ class ModelStore:
         known = self._digests.get(str(m))
         if known is not None and known != found:
             shutil.rmtree(target, ignore_errors=True)
+            self._mismatched.add(m)
+            self._write_digests()
             raise LostModels(f"child #{m} rebuilt from its recipe differs from the model the run saved "
                              f"({found} != {known}): an expert or the base changed on disk since, or the "
-                             "torch thread count did", [m])
+                             "torch thread count did. Resuming says which models are lost; `run --drop-lost` "
+                             "goes on without them", [m])
+        if m in self._mismatched:
+            self._mismatched.discard(m)
+            self._write_digests()
         if known is None:
             self._record(m, found)
         self.rebuilt += 1
@@ -154,8 +163,14 @@ class ModelStore:
 
     def _record(self, m: int, digest: str) -> None:
         self._digests[str(m)] = digest
+        self._write_digests()
+
+    def _write_digests(self) -> None:
+        """digests.json: each saved child's digest, and the children whose rebuild did not match it
+        (retried, and named as lost, at the next resume)."""
         if not self.read_only:
-            atomic_write_text(self.rundir.digests_path, json.dumps(self._digests, sort_keys=True) + "\n")
+            atomic_write_text(self.rundir.digests_path, json.dumps(
+                {"digests": self._digests, "mismatched": sorted(self._mismatched)}, sort_keys=True) + "\n")
 
     def saved(self, m: int) -> None:
         """Child m was just written to models/<m>: record its digest."""
@@ -307,7 +322,7 @@ class ModelStore:
             needed, depth = self.needed()
             pinned = self.pinned()
             todo = sorted(m for m in needed if not self.on_disk(m) and m not in lost and (
-                self.budget is None or m in pinned or depth[m] > self.max_depth))
+                self.budget is None or m in pinned or depth[m] > self.max_depth or m in self._mismatched))
             todo = [m for m in todo if not (set(self._plan(m)) & lost)]
             if not todo:
                 break
@@ -321,6 +336,7 @@ class ModelStore:
                 log.error("%s", exc)
         lost.update(m for m in needed if not self.on_disk(m) and set(self._plan(m)) & lost)
         if not lost:
+            self.settle()
             return []
         members = {int(x) for a in self.core.archives for x in a.members()}
         listing = ", ".join(f"#{m}" + (" (archive member)" if m in members else "") for m in sorted(lost))
@@ -332,8 +348,9 @@ class ModelStore:
                 "archives and continue (the results then differ from an uninterrupted run).", lost)
         dropped = sorted(lost & self._roots())
         self.core.drop(dropped)
-        for m in dropped:
-            self._delete(m)
+        self._mismatched -= lost
+        self._write_digests()
+        self.settle()
         log.warning("--drop-lost: dropped models %s from the archives after generation %d",
                     ", ".join(f"#{m}" for m in dropped), self.core.generations_done)
         self.echo(f"dropped lost models {', '.join(f'#{m}' for m in dropped)} from the archives (--drop-lost)")

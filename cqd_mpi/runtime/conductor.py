@@ -40,7 +40,7 @@ class Conductor:
                  groups: Sequence[EvalGroup], rundir: RunDir, backend: StateBackend,
                  stop: StopFlag, config_text: str, world_size: int = 1,
                  staging_dir: Path | None = None, prebuild: bool = False,
-                 retain_bytes: int = 0, tracker=None, echo=print, store: ModelStore | None = None,
+                 retain_bytes: int = 0, tracker=None, echo=print, store: ModelStore,
                  drop_lost: bool = False):
         self.core = core
         self.tasks = tasks
@@ -53,7 +53,7 @@ class Conductor:
         self.world_size = world_size
         self.echo = echo
         self.tracker = tracker
-        self.store = store if store is not None else ModelStore(core=core, rundir=rundir)
+        self.store = store
         self.drop_lost = drop_lost
         self.staging_dir = Path(staging_dir) if staging_dir else rundir.staging_dir()
         self.prebuild = prebuild

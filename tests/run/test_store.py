@@ -157,3 +157,29 @@ def test_no_needed_model_is_more_than_the_bound_of_merges_from_disk(runs):
     needed, depth = ModelStore(core=state.core, rundir=RunDir(runs["budget"])).needed()
     assert needed >= set(members(runs["budget"]))
     assert 0 < max(depth.values()) <= MAX_REBUILD_DEPTH
+
+
+def test_a_rebuild_that_differs_from_its_digest_stops_and_is_named_at_the_next_resume(runs, tiny_family, tmp_path):
+    from cqd_mpi.merging.builder import ModelBuilder
+    from cqd_mpi.run.rundir import RunDir
+    from cqd_mpi.run.store import ModelStore
+
+    run_dir = shutil.copytree(runs["budget"], tmp_path / "run")
+    core = RunState.load(run_dir).core
+    for e in core.expert_ids:
+        changed = shutil.copytree(core.models[e].source, tmp_path / f"expert-{e}")
+        shutil.copyfile(tiny_family["base"] / "model.safetensors", changed / "model.safetensors")
+        core.models[e].source = str(changed)
+
+    def store():
+        made = ModelStore(core=core, rundir=RunDir(run_dir), budget=1)
+        made.builder = ModelBuilder(base_path=tiny_family["base"],
+                                    expert_paths=[core.models[e].source for e in core.expert_ids],
+                                    model_path=made.path, mutation=config_mod.load(runs["budget_config"]).qd.mutation)
+        return made
+
+    evicted = sorted(set(members(run_dir)) - set(child_dirs(run_dir)))
+    with pytest.raises(LostModels, match=r"rebuilt from its recipe differs from the model the run saved"):
+        store().path(evicted[0])
+    with pytest.raises(LostModels, match=rf"models .*#{evicted[0]} \(archive member\)"):
+        store().check()
