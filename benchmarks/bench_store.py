@@ -4,12 +4,13 @@ over one long run of tiny Llama models, without a budget and with two, side by s
     python benchmarks/bench_store.py [--generations 300] [--hidden 128] [--layers 4] [--fraction 0.5]
 
 The same config (a tiny random Llama base, three experts, three probe tasks of the runtime
-tests, 15 bins per axis as in the paper) runs in this process three times, one torch thread:
+tests, 15 bins per axis as in the paper) runs in this process, one torch thread, with
 `runtime.model_store_bytes` null (every member on disk), 1B (the least the store can keep:
-elites, inputs of jobs in flight, and ancestors within MAX_REBUILD_DEPTH merges), and a
-`--fraction` of the unbudgeted run's final models/ size. After every generation models/ is
-measured; each run's state must equal the unbudgeted one (timings aside). It then times the
-tensor digest on a 256 MiB model and prints the extrapolation to the paper's scale.
+elites, inputs of jobs in flight, and ancestors within `runtime.model_store_depth` merges)
+at depths 1, 2 (the default) and 4, and a `--fraction` of the unbudgeted run's final models/
+size at depth 2. After every generation models/ is measured; each run's state must equal
+the unbudgeted one (timings aside). It then times the tensor digest on a 256 MiB model and
+prints the extrapolation to the paper's scale.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def family(root: Path, hidden: int, layers: int) -> dict:
     return {"base": base, "experts": experts}
 
 
-def one_run(models: dict, run_dir: Path, generations: int, budget: str | None) -> dict:
+def one_run(models: dict, run_dir: Path, generations: int, budget: str | None, depth: int = 2) -> dict:
     import json
 
     import numpy as np
@@ -59,7 +60,8 @@ def one_run(models: dict, run_dir: Path, generations: int, budget: str | None) -
     from cqd_mpi.runtime.launch import conduct
     from tests.conftest import probe_config, write_config
 
-    config = probe_config(models, run_dir, **{"runtime.model_store_bytes": budget, "runtime.threads": 1})
+    config = probe_config(models, run_dir, **{"runtime.model_store_bytes": budget, "runtime.threads": 1,
+                                              "runtime.model_store_depth": depth})
     config["qd"].update(generations=generations, n_bins=15)
     for task in config["tasks"]:
         task["settings"]["n_items"] = 48
@@ -78,7 +80,7 @@ def one_run(models: dict, run_dir: Path, generations: int, budget: str | None) -
     kinds = state["models"]["kind"]
     occupants = np.concatenate([a["occupant"].ravel() for a in state["archives"].values()])
     members = {int(m) for m in occupants if m >= 0 and kinds[m] == "child"}
-    return {"budget": budget or "null", "wall": wall, "phases": report["phase_seconds"], "store": report["model_store"],
+    return {"budget": budget or "null", "depth": depth, "wall": wall, "phases": report["phase_seconds"], "store": report["model_store"],
             "peak": max(sizes), "final": sizes[-1], "members": len(members),
             "occupied": int(np.count_nonzero(occupants >= 0)), "cells": int(occupants.size),
             "merge_mean": float(np.nanmean(state["history"]["merge_s"])), "run_dir": run_dir}
@@ -127,7 +129,7 @@ def main() -> int:
         load_before = load()
         plain = one_run(models, root / "plain", args.generations, None)
         moderate = f"{int(args.fraction * plain['final'])}B"
-        rows = [plain, one_run(models, root / "tight", args.generations, "1B"),
+        rows = [plain, *(one_run(models, root / f"tight-{d}", args.generations, "1B", d) for d in (1, 2, 4)),
                 one_run(models, root / "moderate", args.generations, moderate)]
         for row in rows[1:]:
             assert_trees_equal(comparable_state(plain["run_dir"]), comparable_state(row["run_dir"]))
@@ -141,12 +143,12 @@ def main() -> int:
     print(f"Run: tiny Llama (hidden {args.hidden}, {args.layers} layers), {model_bytes / 1e6:.2f} MB of weights per "
           f"model, {args.generations} generations, 3 probe tasks of 48 items, 15 bins per axis "
           f"({rows[0]['cells']} cells), rank-4 SVD mutation; every budgeted state equals the unbudgeted one.\n")
-    print("| model_store_bytes | wall s | merge s | rebuilt | rebuild s | digest s | evicted | models/ peak MB "
+    print("| model_store_bytes | depth | wall s | merge s | rebuilt | rebuild s | digest s | evicted | models/ peak MB "
           "| models/ at end MB | dirs at end | members at end | cells occupied |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         s = r["store"]
-        print(f"| {r['budget']} | {r['wall']:.1f} | {r['phases']['merge']:.1f} | {s['rebuilt']} | {s['rebuild_s']:.1f} "
+        print(f"| {r['budget']} | {r['depth'] if r['budget'] != 'null' else '-'} | {r['wall']:.1f} | {r['phases']['merge']:.1f} | {s['rebuilt']} | {s['rebuild_s']:.1f} "
               f"| {s['digest_s']:.1f} | {s['evicted']} | {r['peak'] / 1e6:.1f} | {r['final'] / 1e6:.1f} "
               f"| {s['on_disk']} | {r['members']} | {r['occupied']} |")
     print(f"\nMean merge of a child: {plain['merge_mean'] * 1e3:.0f} ms. tensor digest: {rate:.2f} GB/s.")
@@ -161,7 +163,7 @@ def main() -> int:
     for r in rows[1:]:
         kept = r["store"]["on_disk"] / r["members"]
         per_gen = r["store"]["rebuilt"] / args.generations
-        print(f"- budget {r['budget']}: {r['store']['on_disk']} of {r['members']} members' worth of dirs on disk "
+        print(f"- budget {r['budget']}, depth {r['depth']}: {r['store']['on_disk']} of {r['members']} members' worth of dirs on disk "
               f"({kept:.0%}) -> {kept:.2f} x {members * PAPER_MODEL_BYTES / 1e12:.1f} TB = "
               f"{kept * members * PAPER_MODEL_BYTES / 1e12:.2f} TB; {r['store']['rebuilt']} rebuilds in "
               f"{args.generations} generations = {per_gen:.2f} per generation -> {per_gen:.2f} x {args.merge_8b:.0f} s "

@@ -139,6 +139,8 @@ class RuntimeConfig:
     model_store_bytes: str | None = None
     """Disk for models/ (run/store.py): beyond it archive members are kept as recipes and rebuilt
     bit for bit on demand; null keeps every member on disk."""
+    model_store_depth: int = 2
+    """With a budget, no needed model is more than this many chained merges from weights on disk."""
 
     def validate(self, where: str) -> None:
         if self.seed < 0:
@@ -153,6 +155,8 @@ class RuntimeConfig:
         parse_size(self.retain_child_bytes, f"{where}.retain_child_bytes")
         if self.model_store_bytes is not None:
             parse_size(self.model_store_bytes, f"{where}.model_store_bytes")
+        if self.model_store_depth < 1:
+            raise ConfigError(f"{where}.model_store_depth: expected an integer >= 1, got {self.model_store_depth}")
 
 
 @dataclasses.dataclass
@@ -334,7 +338,7 @@ def load(path: str | Path, *, check_files: bool = True) -> Config:
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
-    ("runtime", "model_store_bytes"),
+    ("runtime", "model_store_bytes"), ("runtime", "model_store_depth"),
     ("engine", "device"), ("protocol",), ("tracking",),
 })
 """Keys that cannot change a run's results. The run-wide `protocol` is one: what it changes is
@@ -349,6 +353,7 @@ ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("qd", "method"): "cycleqd",
     ("qd", "coefficients"): schema.to_dict(CoefficientsConfig()),
     ("runtime", "model_store_bytes"): None,
+    ("runtime", "model_store_depth"): RuntimeConfig.model_store_depth,
 }
 """Keys added since a run could have been frozen, at the values that reproduce what the older
 version did ('*' stands for every element of a list). Tasks frozen without a protocol kept

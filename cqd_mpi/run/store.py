@@ -6,7 +6,7 @@ The models a run needs are its archive members and the inputs of its pending job
 that are on disk or to the experts. With `runtime.model_store_bytes` set, children beyond the
 budget are evicted (least recently used first), but never the experts, the current elites,
 the inputs of jobs in flight, nor a model whose eviction would put a needed model more than
-`max_depth` merges (in a chain) away from weights on disk. Without a budget every needed
+`runtime.model_store_depth` merges (in a chain) away from weights on disk. Without a budget every needed
 child stays on disk, as before. Either way the state file is the same: `saved` says that the
 run keeps a model, not where its bytes are.
 
@@ -33,13 +33,10 @@ import torch
 from cqd_mpi.errors import CqdError, StateError
 from cqd_mpi.merging.weights import ModelDir
 from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.run.config import RuntimeConfig
 from cqd_mpi.run.rundir import RunDir, atomic_write_text
 
 log = logging.getLogger("cqd_mpi.run.store")
-
-MAX_REBUILD_DEPTH = 2
-"""No needed model is more than this many chained merges away from weights on disk."""
-
 
 class LostModels(StateError):
     """Models the run needs whose weights are gone and cannot be rebuilt bit for bit."""
@@ -68,7 +65,7 @@ class ModelStore:
     `scratch` (export reads runs that may be in progress)."""
 
     def __init__(self, *, core: CycleQD, rundir: RunDir, budget: int | None = None,
-                 max_depth: int = MAX_REBUILD_DEPTH, read_only: bool = False, echo=None):
+                 max_depth: int = RuntimeConfig.model_store_depth, read_only: bool = False, echo=None):
         self.core = core
         self.rundir = rundir
         self.budget = budget

@@ -87,7 +87,7 @@ def conduct(config: Config, *, force: bool = False, drop_lost: bool = False, wor
             echo(f"resuming {rundir.path}: phase {core.phase}, generation {core.generations_done}/"
                  f"{core.generations}")
         budget = config.runtime.model_store_bytes
-        store = ModelStore(core=core, rundir=rundir, echo=echo,
+        store = ModelStore(core=core, rundir=rundir, echo=echo, max_depth=config.runtime.model_store_depth,
                            budget=None if budget is None else parse_size(budget, "runtime.model_store_bytes"))
         builder = ModelBuilder(
             base_path=config.base, expert_paths=[config.expert_path(n) for n in config.task_names],

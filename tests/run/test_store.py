@@ -151,12 +151,12 @@ def test_a_member_that_cannot_be_rebuilt_is_refused_then_dropped_with_the_flag(t
 
 def test_no_needed_model_is_more_than_the_bound_of_merges_from_disk(runs):
     from cqd_mpi.run.rundir import RunDir
-    from cqd_mpi.run.store import MAX_REBUILD_DEPTH, ModelStore
+    from cqd_mpi.run.store import ModelStore
 
     state = RunState.load(runs["budget"])
     needed, depth = ModelStore(core=state.core, rundir=RunDir(runs["budget"])).needed()
     assert needed >= set(members(runs["budget"]))
-    assert 0 < max(depth.values()) <= MAX_REBUILD_DEPTH
+    assert 0 < max(depth.values()) <= config_mod.RuntimeConfig.model_store_depth
 
 
 def test_a_rebuild_that_differs_from_its_digest_stops_and_is_named_at_the_next_resume(runs, tiny_family, tmp_path):
