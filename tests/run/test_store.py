@@ -87,12 +87,14 @@ def test_evicted_members_export_bit_for_bit(runs, tmp_path):
 def test_the_budget_may_change_on_resume_and_older_configs_resume(runs):
     frozen = runs["budget"] / "config.yaml"
     old = yaml.safe_load(frozen.read_text())
-    del old["runtime"]["model_store_bytes"]
+    del old["runtime"]["model_store_bytes"], old["runtime"]["model_store_depth"]
     frozen.write_text(yaml.safe_dump(old, sort_keys=False))
     assert run(runs["budget_config"])[0] == "done"
+    given = yaml.safe_load(runs["budget_config"].read_text())
     with pytest.raises(ConfigError, match=r"runtime.model_store_bytes: expected a size such as '5GB'"):
-        config_mod.from_dict({**yaml.safe_load(runs["budget_config"].read_text()),
-                              "runtime": {"run_dir": "x", "model_store_bytes": "lots"}})
+        config_mod.from_dict({**given, "runtime": {"run_dir": "x", "model_store_bytes": "lots"}})
+    with pytest.raises(ConfigError, match=r"runtime.model_store_depth: expected an integer >= 1, got 0"):
+        config_mod.from_dict({**given, "runtime": {"run_dir": "x", "model_store_depth": 0}})
 
 
 def stopped_run(family, tmp_path, name="run"):
@@ -129,7 +131,8 @@ def test_a_member_that_cannot_be_rebuilt_is_refused_then_dropped_with_the_flag(t
     family = {"base": tiny_family["base"],
               "experts": {n: shutil.copytree(p, tmp_path / f"expert-{n}") for n, p in tiny_family["experts"].items()}}
     path, run_dir = stopped_run(family, tmp_path)
-    victim = deepest_member(run_dir)
+    pending = read_state(run_dir / "state.h5")["pending"]
+    victim = max({int(pending["parent1"][0]), int(pending["parent2"][0])} & set(members(run_dir)))
     shutil.rmtree(run_dir / "models" / str(victim))
     for expert in family["experts"].values():
         shutil.copyfile(tiny_family["base"] / "model.safetensors", expert / "model.safetensors")
@@ -143,6 +146,9 @@ def test_a_member_that_cannot_be_rebuilt_is_refused_then_dropped_with_the_flag(t
     assert any(f"#{victim}" in line and "--drop-lost" in line for line in lines)
     assert f"dropped models #{victim}" in caplog.text
     assert victim not in members(run_dir)
+    resampled = read_state(run_dir / "state.h5")["models"]
+    first = int(pending["model_id"][0])
+    assert victim not in {*resampled["parent1"][first:], *resampled["parent2"][first:]}
     state = RunState.load(run_dir)
     assert victim in [m for _, m in state.core.dropped]
     *_, (_, replayed) = state.replay()
