@@ -315,6 +315,7 @@ class ModelStore:
                     log.warning("child #%d: %s; deleting it to rebuild it from its recipe", m, exc)
                     self._delete(m)
         lost: set[int] = set()
+        why: list[str] = []
         while True:
             needed, depth = self.needed()
             pinned = self.pinned()
@@ -330,6 +331,7 @@ class ModelStore:
                 self.echo(f"rebuilt child #{m} from its recipe (its weights were missing)")
             except LostModels as exc:
                 lost.update(exc.lost)
+                why.append(str(exc))
                 log.error("%s", exc)
         lost.update(m for m in needed if not self.on_disk(m) and set(self._plan(m)) & lost)
         if not lost:
@@ -340,7 +342,7 @@ class ModelStore:
         if not drop_lost:
             raise LostModels(
                 f"{self.rundir.path}: the weights of models {listing} are missing and cannot be rebuilt bit for "
-                "bit from their recipes (see the log above), so the run cannot go on with them. Restore their "
+                f"bit from their recipes ({'; '.join(why)}), so the run cannot go on with them. Restore their "
                 f"dirs under {self.rundir.models_dir}, or rerun with `run --drop-lost` to drop them from the "
                 "archives and continue (the results then differ from an uninterrupted run).", lost)
         dropped = sorted(lost & self._roots())

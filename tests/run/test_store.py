@@ -189,3 +189,15 @@ def test_a_rebuild_that_differs_from_its_digest_stops_and_is_named_at_the_next_r
         store().path(evicted[0])
     with pytest.raises(LostModels, match=rf"models .*#{evicted[0]} \(archive member\)"):
         store().check()
+
+
+def test_unreadable_expert_weights_are_named_before_anything_runs(runs, tmp_path):
+    from cqd_mpi.errors import StateError
+    from cqd_mpi.run.rundir import RunDir
+    from cqd_mpi.run.store import ModelStore
+
+    core = RunState.load(runs["budget"]).core
+    broken = shutil.copytree(core.models[2].source, tmp_path / "expert", ignore=shutil.ignore_patterns("*.safetensors"))
+    core.models[2].source = str(broken)
+    with pytest.raises(StateError, match=rf"(?s)base and experts.*#2 \(expert\): {broken} has neither model.safetensors"):
+        ModelStore(core=core, rundir=RunDir(runs["budget"])).check()
