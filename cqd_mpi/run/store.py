@@ -4,11 +4,12 @@ recipe, rebuilt bit for bit on demand from ancestors that are.
 The models a run needs are its archive members and the inputs of its pending jobs
 (`CycleQD.live_models`), plus, for each needed child not on disk, its parents, down to models
 that are on disk or to the experts. With `runtime.model_store_bytes` set, children beyond the
-budget are evicted (least recently used first), but never the experts, the current elites,
-the inputs of jobs in flight, nor a model whose eviction would put a needed model more than
-`runtime.model_store_depth` merges (in a chain) away from weights on disk. Without a budget every needed
-child stays on disk, as before. Either way the state file is the same: `saved` says that the
-run keeps a model, not where its bytes are.
+budget are evicted, those least likely to be drawn as parents first (models in no archive,
+then by sampling probability, then least recently used), but never the experts, the current
+elites, the inputs of jobs in flight, nor a model whose eviction would put a needed model
+more than `runtime.model_store_depth` chained merges away from weights on disk. Without a
+budget every needed child stays on disk, as before. Either way the state file is the same:
+`saved` says that the run keeps a model, not where its bytes are.
 
 A digest of each child's tensors is recorded in RUN_DIR/digests.json when it is saved, and a
 rebuilt child must match it, so a recipe that no longer reproduces its model (an expert
@@ -28,6 +29,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cqd_mpi.errors import CqdError, StateError
@@ -256,8 +258,9 @@ class ModelStore:
         if total > self.budget:
             pinned = self.pinned()
             off = {r.id for r in self.core.models if r.kind == "child"} - set(self.on_disk_children())
+            chance = self._sampling_chance()
             candidates = sorted((m for m in self.on_disk_children() if m not in pinned),
-                                key=lambda m: (self._used.get(m, -1), m))
+                                key=lambda m: (chance.get(m, 0.0), self._used.get(m, -1), m))
             for m in candidates:
                 if total <= self.budget:
                     break
@@ -278,6 +281,26 @@ class ModelStore:
                         total, self.budget, self.max_depth)
         self._over_budget = over
         return evicted
+
+    def _sampling_chance(self) -> dict[int, float]:
+        """Each member's largest probability of being drawn as a parent in one of its archives
+        (elite or uniform sampling, as the run samples): members unlikely to be drawn soon, and
+        models in no archive, are evicted first."""
+        from cqd_mpi.qd.sampling import elite_weights
+
+        chance: dict[int, float] = {}
+        for archive in self.core.archives:
+            members = archive.members()
+            if not members.size:
+                continue
+            if self.core.sampling == "elite":
+                p = elite_weights(np.stack([self.core.models[m].scores for m in members]),
+                                  alpha_low=self.core.alpha_low, alpha_high=self.core.alpha_high)
+            else:
+                p = np.full(members.size, 1.0 / members.size)
+            for m, q in zip(members.tolist(), p.tolist()):
+                chance[m] = max(chance.get(m, 0.0), q)
+        return chance
 
     def _delete(self, m: int) -> None:
         """Renamed away first, so a crash never leaves a partial models/<m> (sweep removes the rest)."""
