@@ -155,7 +155,7 @@ def test_a_member_that_cannot_be_rebuilt_is_refused_then_dropped_with_the_flag(t
     assert [a.occupant.tolist() for a in replayed] == [a.occupant.tolist() for a in state.stored_archives()]
 
 
-def test_no_needed_model_is_more_than_the_bound_of_merges_from_disk(runs):
+def test_no_needed_model_is_more_than_the_bound_of_merges_from_disk(runs, tmp_path):
     from cqd_mpi.run.rundir import RunDir
     from cqd_mpi.run.store import ModelStore
 
@@ -163,6 +163,11 @@ def test_no_needed_model_is_more_than_the_bound_of_merges_from_disk(runs):
     needed, depth = ModelStore(core=state.core, rundir=RunDir(runs["budget"])).needed()
     assert needed >= set(members(runs["budget"]))
     assert 0 < max(depth.values()) <= config_mod.RuntimeConfig.model_store_depth
+    run_dir = shutil.copytree(runs["plain"], tmp_path / "run")
+    for bound in (1, 2, 3):
+        store = ModelStore(core=RunState.load(run_dir).core, rundir=RunDir(run_dir), budget=1, max_depth=bound)
+        assert store.settle()
+        assert max(store.needed()[1].values()) == bound
 
 
 def test_a_rebuild_that_differs_from_its_digest_stops_and_is_named_at_the_next_resume(runs, tiny_family, tmp_path):
