@@ -3,15 +3,19 @@ the aggregate with the run's betas or others.
 
 A model whose weights are on disk (base, experts, archive members, the final aggregate) is
 streamed from its dir. One that is not is rebuilt from its recipe in /models, which is
-deterministic: a child from its parents, crossover weights and mutation seed (only while both
-parents are still available), the naive average and the aggregate from their members. The
+deterministic: a child from its parents, crossover weights and mutation seed (parents off
+disk, such as members a `runtime.model_store_bytes` budget evicted, are rebuilt first, next to
+the output, through run/store.py), the naive average and the aggregate from their members. The
 default aggregate (temperature 1) uses the same elites and the same softmax as the run, so
 it reproduces RUN_DIR/final byte for byte.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
 from cqd_mpi.qd.coefficients import CoefficientSearch
 from cqd_mpi.qd.records import ModelRecipe
+from cqd_mpi.run.store import ModelStore
 
 
 class Exporter:
@@ -34,6 +39,7 @@ class Exporter:
         runtime = self._config().get("runtime") or {}
         self.max_shard_size = max_shard_size or runtime.get("max_shard_size") or "5GB"
         self._builder = None
+        self.store = ModelStore(core=run.core, rundir=run.rundir, read_only=True)
 
     def _config(self) -> dict:
         text = self.run.config_text
@@ -51,9 +57,11 @@ class Exporter:
         """The dir holding the model's weights, or None when the run has none for it."""
         run = self.run
         record = run.models[model_id]
-        if record.kind in ("base", "expert") or (record.kind == "child" and record.saved) or (
+        if record.kind in ("base", "expert") or (
                 record.kind == "aggregate" and record.saved and run.phase == "done"):
             return run.rundir.weights_of(record)
+        if record.kind == "child" and record.saved and run.rundir.model_dir(model_id).is_dir():
+            return run.rundir.model_dir(model_id)
         return None
 
     def _source(self, model_id: int) -> ModelDir:
@@ -77,26 +85,30 @@ class Exporter:
             self._builder = ModelBuilder(
                 base_path=run.rundir.weights_of(run.models[0]),
                 expert_paths=[str(run.rundir.weights_of(run.models[e])) for e in run.expert_ids],
-                model_path=lambda m: self._source(m).path, mutation=mutation,
+                model_path=self.store.path, mutation=mutation,
                 basis_cache=runtime.get("basis_cache"), max_shard_size=self.max_shard_size)
+            self.store.builder = self._builder
         return self._builder
+
+    @contextlib.contextmanager
+    def _scratch_next_to(self, out: str | Path):
+        """Ancestors rebuilt for an export go next to its output, and are removed after it."""
+        parent = Path(out).resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        self.store.scratch = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.ancestors-", dir=parent))
+        try:
+            yield
+        finally:
+            shutil.rmtree(self.store.scratch, ignore_errors=True)
 
     def recipe(self, model_id: int) -> ModelRecipe:
         """How to rebuild a model that is not on disk (the run's own recipe), or StateError
         saying why it cannot be."""
         run = self.run
         record = run.models[model_id]
-        if record.kind == "child":
-            missing = sorted({p for p in run.parents(model_id) if self.stored_path(p) is None})
-            if missing:
-                gone = ", ".join(run.describe(p) for p in missing)
-                raise StateError(
-                    f"{run.describe(model_id)} is not saved: it left every archive (or never entered one), so "
-                    f"its weights were deleted. It can be rebuilt from its recipe only while both parents are "
-                    f"available, but {gone} {'is' if len(missing) == 1 else 'are'} not saved either.")
-        elif record.kind == "aggregate" and not run.has_archives:
+        if record.kind == "aggregate" and not run.has_archives:
             raise StateError(f"{run.describe(model_id)} has no archives to aggregate yet")
-        elif record.kind not in ("average", "aggregate", "combination"):
+        if record.kind not in ("child", "average", "aggregate", "combination"):
             raise StateError(f"{run.describe(model_id)} has no recipe to rebuild it from")
         return run.core.recipe(model_id)
 
@@ -109,7 +121,9 @@ class Exporter:
         if self.stored_path(model_id) is not None and not rebuild:
             source = self._source(model_id)
             return write_hf_dir(source.tensors(), out, like=source, max_shard_size=self.max_shard_size)
-        return self.builder().write(model_id, self.recipe(model_id), Path(out))
+        recipe = self.recipe(model_id)
+        with self._scratch_next_to(out):
+            return self.builder().write(model_id, recipe, Path(out))
 
     def elite_id(self, task: str) -> int:
         archives = self.run.stored_archives()
@@ -148,7 +162,8 @@ class Exporter:
         """theta_base + sum_k beta_k tau_k over the archives' elites."""
         members, betas = self.aggregate_members(temperature=temperature, weights=weights)
         recipe = ModelRecipe("aggregate", members=tuple(members), betas=tuple(betas))
-        return members, betas, self.builder().write(-1, recipe, Path(out))
+        with self._scratch_next_to(out):
+            return members, betas, self.builder().write(-1, recipe, Path(out))
 
     def baseline(self, out: str | Path, spec) -> Path:
         """A TIES / DARE merge (merging/sparse.py `SparseMerge`) of the run's experts."""

@@ -92,6 +92,7 @@ class CycleQD:
         self.phase = "init"
         self.generations_done = 0
         self.next_stamp = 0
+        self.dropped: list[tuple[int, int]] = []
         self._dispatched = 0
 
         self._add_model("base", 0, source=str(base_path), saved=True)
@@ -284,11 +285,21 @@ class CycleQD:
                     stamp += 1
             return entered
 
+        def drop(generation: int) -> None:
+            gone = [m for g, m in self.dropped if g == generation]
+            for archive in archives:
+                archive.occupant[np.isin(archive.occupant, gone)] = -1
+                archive.quality[archive.occupant < 0] = np.nan
+                archive.inserted[archive.occupant < 0] = -1
+
         for e in self.expert_ids:
             offer(self.models[e])
+        drop(0)
         yield 0, archives, None
         for row in self.history:
-            yield row.generation, archives, offer(self.models[row.child_id])
+            entered = offer(self.models[row.child_id])
+            drop(row.generation)
+            yield row.generation, archives, entered
 
     # the state's view -----------------------------------------------------------------------
 
@@ -328,6 +339,37 @@ class CycleQD:
         if record.kind == "aggregate":
             return ModelRecipe("aggregate", members=tuple(self.elites()), betas=tuple(self.aggregate_betas()))
         return STORED
+
+    def drop(self, model_ids: Sequence[int]) -> None:
+        """Take models whose weights are lost out of the archives (recorded in `dropped` as
+        (generations_done, id), so `replay` repeats it) and plan the pending jobs that read them
+        again: the children from the first such one on are sampled anew, or the final phase
+        starts over."""
+        ids = {int(m) for m in model_ids}
+        for archive in self.archives:
+            gone = np.isin(archive.occupant, sorted(ids))
+            if gone.any() and gone.sum() == np.count_nonzero(archive.occupant >= 0):
+                raise ValueError(f"dropping models {sorted(ids)} would leave archive "
+                                 f"{self.task_names[archive.quality_task]!r} empty")
+            archive.occupant[gone], archive.quality[gone], archive.inserted[gone] = -1, np.nan, -1
+        for m in sorted(ids):
+            self.models[m].saved = False
+            self.dropped.append((self.generations_done, m))
+        hit = [i for i, job in enumerate(self.pending)
+               if ids & ({job.model_id} | set(job.recipe.parents) | set(job.recipe.members))]
+        if not hit:
+            return
+        self._dispatched = 0
+        if self.phase == "search":
+            first = self.pending[hit[0]].model_id
+            del self.pending[hit[0]:]
+            del self.models[first:]
+            self._refill()
+        elif self.phase == "final":
+            first = min(job.model_id for job in self.pending if self.models[job.model_id].kind in ("average", "aggregate"))
+            self.pending = []
+            del self.models[first:]
+            self._start_final()
 
     def live_models(self) -> set[int]:
         """Models whose weights must stay on disk: archive members and pending jobs' inputs."""

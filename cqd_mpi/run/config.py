@@ -143,6 +143,11 @@ class RuntimeConfig:
     eval_deadline: Literal["auto"] | float = "auto"
     """Seconds one chunk of items may take on a worker before the job aborts, naming the rank,
     task and chunk (runtime/deadline.py); auto: sized from the chunk's items and their limits."""
+    model_store_bytes: str | None = None
+    """Disk for models/ (run/store.py): beyond it archive members are kept as recipes and rebuilt
+    bit for bit on demand; null keeps every member on disk."""
+    model_store_depth: int = 2
+    """With a budget, no needed model is more than this many chained merges from weights on disk."""
 
     def validate(self, where: str) -> None:
         if self.seed < 0:
@@ -158,6 +163,10 @@ class RuntimeConfig:
         if self.eval_deadline != "auto" and not self.eval_deadline > 0:
             raise ConfigError(f"{where}.eval_deadline: expected 'auto' or a number of seconds > 0, "
                               f"got {self.eval_deadline}")
+        if self.model_store_bytes is not None:
+            parse_size(self.model_store_bytes, f"{where}.model_store_bytes")
+        if self.model_store_depth < 1:
+            raise ConfigError(f"{where}.model_store_depth: expected an integer >= 1, got {self.model_store_depth}")
 
 
 @dataclasses.dataclass
@@ -349,7 +358,8 @@ def load(path: str | Path, *, check_files: bool = True, tasks_only: bool = False
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
-    ("runtime", "threads"), ("runtime", "eval_deadline"), ("engine", "device"), ("protocol",), ("tracking",),
+    ("runtime", "threads"), ("runtime", "eval_deadline"), ("runtime", "model_store_bytes"),
+    ("runtime", "model_store_depth"), ("engine", "device"), ("protocol",), ("tracking",),
 })
 """Keys that cannot change a run's results, or whose effect is checked elsewhere. The run-wide
 `protocol` is one: what it changes is resolved into each task's `protocol` and `settings`,
@@ -365,6 +375,8 @@ ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("qd", "method"): "cycleqd",
     ("qd", "coefficients"): schema.to_dict(CoefficientsConfig()),
     ("runtime", "eval_deadline"): "auto",
+    ("runtime", "model_store_bytes"): None,
+    ("runtime", "model_store_depth"): RuntimeConfig.model_store_depth,
 }
 """Keys added since a run could have been frozen, at the values that reproduce what the older
 version did ('*' stands for every element of a list). Tasks frozen without a protocol kept

@@ -2,7 +2,9 @@
 
     RUN_DIR/config.yaml     frozen config; a resume with a config that would change results is refused
     RUN_DIR/state.h5        the checkpoint (state.h5.bak: the previous one)
-    RUN_DIR/models/<id>/    archive members as Hugging Face dirs
+    RUN_DIR/models/<id>/    archive members as Hugging Face dirs (with runtime.model_store_bytes,
+                            some kept as recipes only: run/store.py)
+    RUN_DIR/digests.json    the tensors' digest of every child saved, to check rebuilt ones
     RUN_DIR/final/          the aggregated model (HF dir) and report.json
     RUN_DIR/plots/          PNGs from `analyze`
     RUN_DIR/logs/           per-rank logs
@@ -69,6 +71,7 @@ class RunDir:
     logs_dir = property(lambda self: self.path / "logs")
     backup_path = property(lambda self: self.path / "state.h5.bak")
     work_dir = property(lambda self: self.path / "work")
+    digests_path = property(lambda self: self.path / "digests.json")
 
     def staging_dir(self, configured: str | os.PathLike | None = None) -> Path:
         """Where transport `file` writes children: `runtime.staging_dir`, else RUN_DIR/staging."""
@@ -118,13 +121,13 @@ class RunDir:
             raise StateError(f"model {record.id} ({record.kind}) has no weights in the run")
         return self.resolve(path)
 
-    def sweep(self, saved_ids: set[int]) -> list[int]:
-        """Delete model dirs that the state does not mark as saved, and unfinished temp dirs."""
+    def sweep(self, keep: set[int]) -> list[int]:
+        """Delete model dirs other than those of `keep` (the children the run needs), and unfinished temp dirs."""
         removed = []
         if not self.models_dir.exists():
             return removed
         for entry in self.models_dir.iterdir():
-            if entry.name.isdigit() and int(entry.name) in saved_ids:
+            if entry.name.isdigit() and int(entry.name) in keep:
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             if entry.name.isdigit():

@@ -328,6 +328,7 @@ def to_tree(core: CycleQD) -> dict:
             "bc_lower_factor": core.bc_lower_factor, "bc_upper_factor": core.bc_upper_factor,
             "rng": "numpy SeedSequence([seed, generation, crc32(purpose)])",
             "method": method_name(core), **core.settings(),
+            **({"dropped": np.array(core.dropped, dtype=np.int64)} if core.dropped else {}),
         },
         "tasks": {},
         "archives": {},
@@ -402,6 +403,7 @@ def from_tree(tree: Mapping) -> CycleQD:
         setattr(core, key, float(attrs[key]))
     core.sampling = str(attrs["sampling"])
     core.phase = str(attrs["phase"])
+    core.dropped = [(int(g), int(m)) for g, m in np.asarray(attrs.get("dropped", np.zeros((0, 2))))]
     core.bins = []
     core.auto_bins = []
     for name in names:

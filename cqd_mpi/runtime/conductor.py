@@ -3,8 +3,9 @@ tells the results back in order, saves archive members and checkpoints after eve
 
 The order of work on disk makes every crash resumable: a model entering an archive is
 written (atomically) before the checkpoint that refers to it; models that left every
-archive are deleted only after the checkpoint that forgets them; on restart, model dirs the
-checkpoint does not know are swept away and unfinished jobs are issued again.
+archive are deleted (or, beyond `runtime.model_store_bytes`, members evicted: run/store.py)
+only after the checkpoint; on restart, model dirs the checkpoint does not need are swept
+away, missing ones rebuilt (or named as lost), and unfinished jobs are issued again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cqd_mpi.qd.records import Job
 from cqd_mpi.run.evaluation import combine, make_chunks
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import StateBackend
+from cqd_mpi.run.store import ModelStore
 from cqd_mpi.runtime.groups import EvalGroup, ModelSource, Outcome, TimedStream
 from cqd_mpi.runtime.signals import StopFlag
 from cqd_mpi.tasks import Task
@@ -38,7 +40,8 @@ class Conductor:
                  groups: Sequence[EvalGroup], rundir: RunDir, backend: StateBackend,
                  stop: StopFlag, config_text: str, world_size: int = 1,
                  staging_dir: Path | None = None, prebuild: bool = False,
-                 retain_bytes: int = 0, tracker=None, echo=print):
+                 retain_bytes: int = 0, tracker=None, echo=print, store: ModelStore,
+                 drop_lost: bool = False):
         self.core = core
         self.tasks = tasks
         self.builder = builder
@@ -50,6 +53,8 @@ class Conductor:
         self.world_size = world_size
         self.echo = echo
         self.tracker = tracker
+        self.store = store
+        self.drop_lost = drop_lost
         self.staging_dir = Path(staging_dir) if staging_dir else rundir.staging_dir()
         self.prebuild = prebuild
         self.ready: deque[Job] = deque()
@@ -63,8 +68,9 @@ class Conductor:
     def run(self) -> str:
         """Run until the core is done ("done") or a stop was requested ("stopped")."""
         self.core.redispatch()
-        self.rundir.sweep({r.id for r in self.core.models if r.saved and r.kind == "child"})
-        if not self.rundir.state_path.exists():
+        self.store.sweep()
+        dropped = self.store.check(drop_lost=self.drop_lost)
+        if dropped or not self.rundir.state_path.exists():
             self.checkpoint()
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         if self.tracker is not None:
@@ -158,6 +164,7 @@ class Conductor:
                 shutil.move(staged, target)
             else:
                 self._write(job, built, target)
+            self.store.saved(job.model_id)
         elif staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
         if self.core.models[job.model_id].kind == "aggregate":
@@ -172,8 +179,7 @@ class Conductor:
         if self.tracker is not None and job.phase == "search":
             self.tracker.sync(self.core)
         done = time.perf_counter()
-        for model_id in told.dead:
-            shutil.rmtree(self.rundir.model_dir(model_id), ignore_errors=True)
+        self.store.settle()
         for key, value in (("merge", outcome.merge_s), ("transfer", outcome.transfer_s),
                            ("eval", outcome.eval_s), ("save", saved - start), ("checkpoint", done - saved)):
             self.phase_seconds[key] += value
@@ -212,6 +218,7 @@ class Conductor:
 
         report = build_report(self.core)
         report["phase_seconds"] = dict(self.phase_seconds)
+        report["model_store"] = self.store.stats()
         if self.tracker is not None:
             self.tracker.final(self.core)
         self.rundir.write_json(self.rundir.final_dir / "report.json", report)

@@ -24,6 +24,7 @@ from cqd_mpi.qd.records import make_splits
 from cqd_mpi.run.config import BinsConfig, Config, parse_size
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend
+from cqd_mpi.run.store import ModelStore
 from cqd_mpi.run.tracking import Tracker
 from cqd_mpi.runtime import mpi, shm
 from cqd_mpi.runtime.conductor import Conductor
@@ -68,7 +69,7 @@ def check_restored(core: CycleQD, config: Config, tasks: Mapping[str, Task]) -> 
     return core
 
 
-def conduct(config: Config, *, force: bool = False, world_size: int = 1,
+def conduct(config: Config, *, force: bool = False, drop_lost: bool = False, world_size: int = 1,
             make_groups: Callable[[dict[str, Task]], list[EvalGroup]] | None = None,
             stop: StopFlag | None = None, echo=print) -> str:
     """Rank 0's whole job. Returns "done" or "stopped" (preempted; the state resumes)."""
@@ -87,11 +88,14 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
             check_restored(core, config, tasks)
             echo(f"resuming {rundir.path}: phase {core.phase}, generation {core.generations_done}/"
                  f"{core.generations}")
+        budget = config.runtime.model_store_bytes
+        store = ModelStore(core=core, rundir=rundir, echo=echo, max_depth=config.runtime.model_store_depth,
+                           budget=None if budget is None else parse_size(budget, "runtime.model_store_bytes"))
         builder = ModelBuilder(
             base_path=config.base, expert_paths=[config.expert_path(n) for n in config.task_names],
-            model_path=lambda m: rundir.weights_of(core.models[m]),
-            mutation=config.qd.mutation, basis_cache=config.runtime.basis_cache,
+            model_path=store.path, mutation=config.qd.mutation, basis_cache=config.runtime.basis_cache,
             max_shard_size=config.runtime.max_shard_size)
+        store.builder = builder
         if fresh:
             builder.check()
         groups = make_groups(tasks) if make_groups else [InProcessGroup(Worker(config, tasks=tasks))]
@@ -102,7 +106,7 @@ def conduct(config: Config, *, force: bool = False, world_size: int = 1,
                               world_size=world_size, staging_dir=rundir.staging_dir(config.runtime.staging_dir),
                               prebuild=config.runtime.pipeline_depth > 0,
                               retain_bytes=parse_size(config.runtime.retain_child_bytes), tracker=tracker,
-                              echo=echo)
+                              echo=echo, store=store, drop_lost=drop_lost)
         if backend.rebound:
             conductor.checkpoint()
         try:
@@ -136,17 +140,17 @@ def thread_count() -> int:
     return torch.get_num_threads()
 
 
-def run(config: Config, *, force: bool = False, comm=None, echo=print) -> int:
+def run(config: Config, *, force: bool = False, drop_lost: bool = False, comm=None, echo=print) -> int:
     """Entry point on every rank (`comm`: MPI.COMM_WORLD, or None for one process): exit
     status 0 when done or cleanly stopped for requeue."""
     pin_threads(config)
     log.info("rank %d: %d torch thread(s)", comm.Get_rank() if comm is not None else 0, thread_count())
     if comm is None or comm.Get_size() == 1:
-        conduct(config, force=force, echo=echo)
+        conduct(config, force=force, drop_lost=drop_lost, echo=echo)
         return 0
     if comm.Get_rank() == 0:
         stop = StopFlag()
-        conduct(config, force=force, world_size=comm.Get_size(), stop=stop, echo=echo,
+        conduct(config, force=force, drop_lost=drop_lost, world_size=comm.Get_size(), stop=stop, echo=echo,
                 make_groups=lambda _tasks: mpi.conductor_groups(comm, config, stop))
     else:
         mpi.serve(comm, config)
@@ -169,7 +173,7 @@ def log_to_files(run_dir: str, rank: int) -> None:
                 h.setLevel(logging.WARNING)
 
 
-def start(load: Callable[[object], Config], *, force: bool = False, echo=print) -> int:
+def start(load: Callable[[object], Config], *, force: bool = False, drop_lost: bool = False, echo=print) -> int:
     """Load the config on every rank (`load(comm)`, comm None outside MPI) and run it."""
     comm = mpi.world()
 
@@ -179,7 +183,7 @@ def start(load: Callable[[object], Config], *, force: bool = False, echo=print) 
             shm.record()
         config = load(comm)
         log_to_files(config.runtime.run_dir, comm.Get_rank() if comm is not None else 0)
-        status = run(config, force=force, comm=comm, echo=echo)
+        status = run(config, force=force, drop_lost=drop_lost, comm=comm, echo=echo)
         if comm is not None:
             shm.forget()
         return status
