@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import io
 import os
 import sys
 import threading
@@ -48,6 +49,16 @@ def end_job(status: int = EXIT_STATUS) -> None:
     os._exit(status)
 
 
+def _arm_backstop(seconds: float) -> None:
+    """faulthandler's timer, on the process's own stderr (sys.stderr may be a capture without a
+    file descriptor, as under pytest or a notebook); skipped where there is none."""
+    stream = sys.__stderr__
+    try:
+        faulthandler.dump_traceback_later(seconds, exit=True, file=stream)
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return
+
+
 class Watchdog:
     """One thread per process that ends the job when the watched block outlives its deadline."""
 
@@ -65,8 +76,8 @@ class Watchdog:
                 self._thread.start()
             self._armed = (time.monotonic() + seconds, message)
             self._cond.notify()
-        faulthandler.dump_traceback_later(seconds + GIL_GRACE_S, exit=True)
         try:
+            _arm_backstop(seconds + GIL_GRACE_S)
             yield
         finally:
             faulthandler.cancel_dump_traceback_later()
@@ -86,5 +97,6 @@ class Watchdog:
                     self._cond.wait(left)
                     continue
                 print(message, file=sys.stderr, flush=True)
-                faulthandler.dump_traceback(all_threads=True)
+                with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
+                    faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
                 end_job()

@@ -1,9 +1,14 @@
 """runtime.eval_deadline: `auto` adds up each item's own limits from the task's settings."""
 
+import contextlib
+import io
+import time
 from pathlib import Path
 
+import pytest
+
 from cqd_mpi import schema
-from cqd_mpi.runtime.deadline import AUTO_CHUNK_S, AUTO_ITEM_S, chunk_deadline
+from cqd_mpi.runtime.deadline import AUTO_CHUNK_S, AUTO_ITEM_S, Watchdog, chunk_deadline
 from cqd_mpi.tasks.base import TaskContext
 from cqd_mpi.tasks.dbbench import DBBenchTask
 from cqd_mpi.tasks.mbpp import JUDGE_ITEM_SECONDS, MbppPlusTask
@@ -31,3 +36,16 @@ def test_auto_sizes_a_chunk_from_its_items_and_their_limits():
     judge = 5 + 2 * len(mbpp.inputs(item)) + JUDGE_ITEM_SECONDS
     assert chunk_deadline("auto", mbpp, [item]) == AUTO_CHUNK_S + AUTO_ITEM_S + 2 * (20 + judge)
     assert chunk_deadline(12.5, db, ids) == 12.5
+
+
+def test_a_watch_is_disarmed_on_the_way_out_even_where_stderr_has_no_file_descriptor():
+    """As in a notebook or under pytest's capture: the block runs, and nothing is left armed to
+    end the process later (a watch left armed would exit the host process minutes after)."""
+    watchdog = Watchdog()
+    with contextlib.redirect_stderr(io.StringIO()):
+        with watchdog.watch(0.3, "not reached"):
+            pass
+        with pytest.raises(KeyError), watchdog.watch(0.3, "not reached"):
+            raise KeyError("the block's own error")
+    assert watchdog._armed is None
+    time.sleep(0.6)
