@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import io
-import os
 import sys
 import threading
 import time
 from collections.abc import Sequence
+
+from cqd_mpi.runtime.ending import end_job
 
 AUTO_CHUNK_S = 300.0
 """`eval_deadline: auto`: seconds a chunk may take besides its items (the engine's set-up)."""
@@ -35,18 +36,6 @@ def chunk_deadline(setting: str | float, task, item_ids: Sequence[str]) -> float
     if setting != "auto":
         return float(setting)
     return AUTO_CHUNK_S + sum(AUTO_ITEM_S + task.item_seconds(i) for i in item_ids)
-
-
-def end_job(status: int = EXIT_STATUS) -> None:
-    """Abort every rank under MPI, else exit this process at once (the main thread may be stuck)."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
-        from cqd_mpi.runtime.mpi import abort
-
-        abort(mpi.COMM_WORLD, status)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 def _arm_backstop(seconds: float) -> None:
@@ -99,4 +88,4 @@ class Watchdog:
                 print(message, file=sys.stderr, flush=True)
                 with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
                     faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
-                end_job()
+                end_job(EXIT_STATUS)

@@ -29,6 +29,7 @@ from cqd_mpi.errors import ConfigError, require
 from cqd_mpi.run.config import Config
 from cqd_mpi.run.evaluation import shard
 from cqd_mpi.runtime import shm
+from cqd_mpi.runtime.ending import abort
 from cqd_mpi.runtime.groups import EvalGroup, Outcome
 from cqd_mpi.runtime.signals import StopFlag
 from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs
@@ -70,27 +71,6 @@ def world():
                           f"CQD_SRUN_MPI=pmi2 for the sbatch scripts) or your site's plugin "
                           f"(srun --mpi=list; env/README.md)")
     return MPI.COMM_WORLD
-
-
-ABORT_GRACE_S = 1.0
-
-
-def abort(comm, status: int = 1) -> None:
-    """End every rank of the job (an exception on one rank must not hang the others).
-
-    The launcher stops forwarding a rank's output once it hears of the abort, so lines still
-    in the pipe would be lost: flush, then give it ABORT_GRACE_S to forward them first. The
-    job's shared-memory segments are unlinked first, as MPI_Abort leaves them (runtime/shm.py).
-    """
-    try:
-        import sys
-
-        shm.release()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        time.sleep(ABORT_GRACE_S)
-    finally:
-        comm.Abort(status)
 
 
 def guarded(comm, job):
