@@ -228,6 +228,8 @@ class Shell:
                 more = more[:held] + more[held + 2:]
             raw += more
             if state != "prompt":
+                raw += self._pending[:max(0, limits.output_bytes - len(raw))]
+                self._pending = b""
                 self.close()
         if state == "eof":
             self.close()

@@ -350,3 +350,30 @@ def _reachable(path: str) -> bool:
         if current == current.parent:
             return True
         current = current.parent
+
+
+def test_a_shell_hung_up_after_a_timeout_keeps_all_it_printed():
+    """A shell whose prompt never comes back after Ctrl-C (a loaded node, a trapped SIGINT) is hung
+    up; the last bytes it printed, held back while looking for the prompt, are in the output."""
+    import pty
+
+    from cqd_mpi.sandboxes.osenv import PROMPT, FdChannel, Shell
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp("python3", ["python3", "-c", "import os, signal, sys, time\n"
+                              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                              "os.system('stty -echo raw')\n"
+                              f"sys.stdout.buffer.write({PROMPT!r}); sys.stdout.flush()\n"
+                              "sys.stdin.readline()\n"
+                              "sys.stdout.write('before\\n'); sys.stdout.flush(); time.sleep(60)"])
+    shell = Shell(FdChannel(fd), limits=EnvLimits(command_seconds=1, interrupt_seconds=0.5))
+    try:
+        shell.start()
+        out = shell.run("echo before; sleep 1000")
+        assert out.timed_out and not shell.alive
+        assert out.text == "before\n", out
+    finally:
+        shell.close()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
