@@ -4,7 +4,7 @@ Run by the host's Python as ``python -I -S osenv_enter.py CONFIG_JSON`` with a u
 on fd `status_fd`; stdlib only. It joins every namespace of the environment's first process
 (`pid`), takes its root, and forks the program there with the environment's limits and
 capabilities: `rlimits` (name -> value) and the capability bounding set cut to `caps`
-(numbers), so a program run as root gets those and no more; the signals Python ignores are
+(numbers), so a program run as root gets those and no more; every signal ignored or blocked by the worker is
 reset, and the open-files limit is raised to its hard limit, as in a container. With `pty` the process gets a new
 terminal from the environment's own /dev/ptmx, whose master end goes back over the socket.
 The socket then carries ``pid N`` (the host pid of the program) or ``error MESSAGE``; this
@@ -48,6 +48,24 @@ def _which(name, path):
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     raise FileNotFoundError(f"{name}: not found on PATH {path}")
+
+
+def _default_signals():
+    """Every signal at its default and none blocked, as a container's first process starts.
+
+    What the worker ignores would be inherited: Python's own SIGPIPE and SIGXFSZ, and SIGINT
+    and SIGQUIT of any rank started in the background by a non-interactive shell (`srun ... &`
+    in an sbatch script), where bash would then leave Ctrl-C ignored by every command.
+    """
+    for number in signal.valid_signals():
+        if number in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if signal.getsignal(number) == signal.SIG_IGN:
+                signal.signal(number, signal.SIG_DFL)
+        except (OSError, ValueError):
+            continue
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def main():
@@ -100,8 +118,7 @@ def main():
                     os.dup2(slave, fd)
                 os.close(slave)
             channel.close()
-            for number in (signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(number, signal.SIG_DFL)
+            _default_signals()
             for name, value in config.get("rlimits", {}).items():
                 resource.setrlimit(getattr(resource, name), (value, value))
             _, most = resource.getrlimit(resource.RLIMIT_NOFILE)

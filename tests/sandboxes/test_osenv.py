@@ -377,3 +377,18 @@ def test_a_shell_hung_up_after_a_timeout_keeps_all_it_printed():
         shell.close()
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_signals_the_worker_ignores_are_not_ignored_in_the_environment(env):
+    """A rank started in the background by a non-interactive shell (`srun ... &` in an sbatch
+    script) ignores SIGINT and SIGQUIT; bash would pass that on, and Ctrl-C would stop nothing."""
+    before = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGQUIT)}
+    try:
+        shell = env.shell()
+        assert shell.run("grep SigIgn /proc/self/status").text == "SigIgn:\t0000000000000000\r\n"
+        out = shell.run("sleep 1000")
+        assert out.timed_out and shell.alive
+        assert shell.run("echo after").text == "after\r\n"
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
