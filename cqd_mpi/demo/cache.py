@@ -10,10 +10,14 @@ complete dir.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,3 +79,27 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def recipe_version(recipe, *, recipe_format: int) -> str:
+    """A training recipe's cache version: sha256 of its fields and its builder's format, 12 hex digits."""
+    text = json.dumps({"format": recipe_format, **dataclasses.asdict(recipe)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def recipe_stamp(recipe) -> dict[str, Any]:
+    """What a build's recipe.json holds, as JSON reads it back."""
+    return json.loads(json.dumps({"version": recipe.version, **dataclasses.asdict(recipe)}))
+
+
+def write_stamp(directory: Path, recipe) -> None:
+    (directory / "recipe.json").write_text(json.dumps(recipe_stamp(recipe), indent=1) + "\n")
+
+
+def has_stamp(directory: Path, recipe) -> bool:
+    """Whether `directory` holds recipe.json of exactly this recipe."""
+    try:
+        saved = json.loads((directory / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return saved == recipe_stamp(recipe)

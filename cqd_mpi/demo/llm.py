@@ -14,8 +14,6 @@ docs/demo-calibration.md records how the recipe and the QD settings were chosen.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -29,7 +27,7 @@ import numpy as np
 import torch
 
 from cqd_mpi import locations
-from cqd_mpi.demo.cache import build_cached, deterministic
+from cqd_mpi.demo.cache import build_cached, deterministic, has_stamp, recipe_version, write_stamp
 from cqd_mpi.tasks import skills
 
 log = logging.getLogger("cqd_mpi.demo.llm")
@@ -71,8 +69,7 @@ class TrainingRecipe:
 
     @property
     def version(self) -> str:
-        text = json.dumps({"format": RECIPE_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return recipe_version(self, recipe_format=RECIPE_FORMAT)
 
     def task_settings(self, skill: str) -> dict[str, Any]:
         return {"skill": skill, "n_items": self.n_items, "min_length": self.min_length,
@@ -206,17 +203,8 @@ def _train_all(recipe: TrainingRecipe, out: Path) -> None:
                      skill, recipe.expert_steps, loss, time.perf_counter() - start)
 
 
-def _stamp(recipe: TrainingRecipe) -> dict[str, Any]:
-    """What recipe.json holds, as JSON reads it back."""
-    return json.loads(json.dumps({"version": recipe.version, **dataclasses.asdict(recipe)}))
-
-
 def _complete(directory: Path, recipe: TrainingRecipe) -> bool:
-    try:
-        saved = json.loads((directory / "recipe.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return saved == _stamp(recipe) and all(
+    return has_stamp(directory, recipe) and all(
         (directory / name / file).is_file()
         for name in ("base", *recipe.skills)
         for file in ("config.json", "model.safetensors", "tokenizer.json"))
@@ -242,7 +230,7 @@ def build(recipe: TrainingRecipe = TrainingRecipe(), *, cache_dir: str | os.Path
 
     def train(work: Path) -> None:
         _train_all(recipe, work)
-        (work / "recipe.json").write_text(json.dumps(_stamp(recipe), indent=1) + "\n")
+        write_stamp(work, recipe)
 
     final = build_cached(root, name, complete=lambda path: _complete(path, recipe), train=train)
     return _models(final, recipe)

@@ -17,8 +17,6 @@ docs/sam.md records how the recipe was chosen and the claim's calibration over s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 from cqd_mpi import locations
-from cqd_mpi.demo.cache import build_cached, deterministic
+from cqd_mpi.demo.cache import build_cached, deterministic, has_stamp, recipe_version, write_stamp
 
 log = logging.getLogger("cqd_mpi.demo.sam")
 
@@ -170,8 +168,7 @@ class TrainingRecipe:
 
     @property
     def version(self) -> str:
-        text = json.dumps({"format": RECIPE_FORMAT, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return recipe_version(self, recipe_format=RECIPE_FORMAT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,22 +293,14 @@ def _train_all(recipe: TrainingRecipe, out: Path) -> None:
             save_model(base, out / domain)
             log.info("SAM demo: %s expert trained (%d steps, loss %.3f, %.0fs)", domain, recipe.expert_steps, loss,
                      time.perf_counter() - start)
-        (out / "recipe.json").write_text(json.dumps(_stamp(recipe), indent=1) + "\n")
-
-
-def _stamp(recipe: TrainingRecipe) -> dict[str, Any]:
-    return json.loads(json.dumps({"version": recipe.version, **dataclasses.asdict(recipe)}))
+        write_stamp(out, recipe)
 
 
 def _complete(directory: Path, recipe: TrainingRecipe) -> bool:
-    try:
-        saved = json.loads((directory / "recipe.json").read_text())
-    except (OSError, ValueError):
-        return False
     models = all((directory / name / file).is_file() for name in ("base", *recipe.experts)
                  for file in ("config.json", "model.safetensors", "preprocessor_config.json"))
     data = all(len(list((directory / "data" / d / "masks").glob("*.png"))) == recipe.n_items for d in recipe.experts)
-    return saved == _stamp(recipe) and models and data
+    return has_stamp(directory, recipe) and models and data
 
 
 def _models(directory: Path, recipe: TrainingRecipe) -> DemoModels:
