@@ -5,9 +5,9 @@
 blobs with specular highlights on smoothly shaded tissue-coloured backgrounds) and
 `camouflage` (striped objects on stripes of the same colours, told apart only by the stripes'
 direction). A tiny SamModel built from a config (`cqd_mpi.engines.sam.sam_config`, no download)
-is trained on `shapes` (the base), then one expert per expert domain is fine-tuned from the
-base with a small learning rate, replaying some `shapes`, as fine-tunes of a large pretrained
-model are. Each expert domain also gets a dataset folder in Kvasir-SEG layout (images/ and
+is trained on a mix that is mostly `shapes` (the base), then one expert per expert domain is
+fine-tuned from the base with a small learning rate, replaying the other domains, as
+fine-tunes of a large pretrained model are. Each expert domain also gets a dataset folder in Kvasir-SEG layout (images/ and
 masks/ as PNG files) that the real `segmentation` task reads; the models never train on
 those scenes. Everything is cached under ``$XDG_CACHE_HOME/cqd_mpi/sam-demo-<version>/``;
 the version hashes the recipe. `demo_config()` is the CycleQD run over the two experts.
@@ -33,7 +33,7 @@ from cqd_mpi.demo.cache import build_cached, deterministic, has_stamp, recipe_ve
 
 log = logging.getLogger("cqd_mpi.demo.sam")
 
-RECIPE_FORMAT = 1
+RECIPE_FORMAT = 2
 """Bump when the builder's code changes what it writes for an unchanged TrainingRecipe."""
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -110,11 +110,13 @@ def camouflage_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, n
     """Camouflage: a striped blob on stripes of the same two colours at another angle."""
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     first, second = rng.uniform(30, 220, 3), rng.uniform(30, 220, 3)
+    while np.abs(first - second).sum() < 150:
+        second = rng.uniform(30, 220, 3)
     angle = rng.uniform(0, np.pi)
     turn = angle + np.pi / 2 + rng.uniform(-0.35, 0.35)
 
     def stripes(theta: float) -> np.ndarray:
-        period = rng.uniform(4.0, 6.5)
+        period = rng.uniform(5.0, 8.0)
         wave = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period + rng.uniform(0, 2 * np.pi))
         weight = (0.5 + 0.5 * wave)[..., None]
         return weight * first + (1 - weight) * second
@@ -143,14 +145,14 @@ class TrainingRecipe:
     num_layers: int = 2
     num_heads: int = 4
     decoder_hidden_size: int = 32
-    n_items: int = 200
+    n_items: int = 600
     item_seed: int = 0
     batch_size: int = 32
     base_steps: int = 1000
     base_lr: float = 2e-3
     base_mix: tuple[int, ...] = (6, 1, 1)
     expert_steps: int = 300
-    expert_lr: float = 1e-3
+    expert_lr: float = 5e-4
     expert_share: int = 3
     replay_experts: bool = True
     seed: int = 0
@@ -336,7 +338,7 @@ def demo_config(models: DemoModels, *, run_dir: str | os.PathLike = "cqd-sam-dem
             "crossover": {"mu": 1.0, "sigma": 0.03},
             "mutation": {"kind": "svd", "basis": "child", "rank": "full", "w_max": 0.3},
             "n_bins": 15,
-            "search_fraction": 0.5,
+            "search_fraction": 0.25,
         },
         "runtime": {"run_dir": str(run_dir), "seed": seed, "threads": 1},
         "engine": {"kind": "sam", "device": "cpu", "dtype": "float32", "settings": {"batch_size": 50}},
