@@ -142,7 +142,7 @@ OS = {
         "max_new_tokens": 512,
     },
 }
-"""AgentBench's OS task (cqd_mpi/tasks/os_interaction.py). `paper`: the authors' 110
+"""AgentBench's OS task (cqd_mpi/tasks/os_interaction/). `paper`: the authors' 110
 fixed items of standard + dev, each pass repeated 5 times and averaged, 5 rounds; `reference`:
 AgentBench v0.2's os-std (all items of the file, once), 8 rounds."""
 
