@@ -119,7 +119,7 @@ DBBENCH = {
         "metric": "category-mean",
     },
 }
-"""AgentBench's DB task (tasks/dbbench.py). `paper`: the authors' 341 items of standard + dev,
+"""AgentBench's DB task (tasks/dbbench/). `paper`: the authors' 341 items of standard + dev,
 5 rounds, their pooled accuracy; `reference`: AgentBench v0.2's dbbench config (15 rounds, the
 mean of the SELECT, INSERT and UPDATE accuracies) on the file given (dbbench-std is
 data/dbbench/standard.jsonl)."""
