@@ -95,7 +95,7 @@ MBPP = {
         "timeout_seconds": 120.0,
     },
 }
-"""MBPP+ (tasks/mbpp.py). `paper`: the authors' instruction-response prompt, their stops, text
+"""MBPP+ (tasks/mbpp/). `paper`: the authors' instruction-response prompt, their stops, text
 sanitizer and time limit, base tests of MbppPlus v0.1.0; `reference`: evalplus 0.3.1's chat
 codegen, tree-sitter sanitizer and evaluate (MBPP+ = base and extra tests) on v0.2.0."""
 
