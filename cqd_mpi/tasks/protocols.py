@@ -95,7 +95,7 @@ MBPP = {
         "timeout_seconds": 120.0,
     },
 }
-"""MBPP+ (tasks/mbpp.py). `paper`: the authors' instruction-response prompt, their stops, text
+"""MBPP+ (tasks/mbpp/). `paper`: the authors' instruction-response prompt, their stops, text
 sanitizer and time limit, base tests of MbppPlus v0.1.0; `reference`: evalplus 0.3.1's chat
 codegen, tree-sitter sanitizer and evaluate (MBPP+ = base and extra tests) on v0.2.0."""
 
@@ -119,7 +119,7 @@ DBBENCH = {
         "metric": "category-mean",
     },
 }
-"""AgentBench's DB task (tasks/dbbench.py). `paper`: the authors' 341 items of standard + dev,
+"""AgentBench's DB task (tasks/dbbench/). `paper`: the authors' 341 items of standard + dev,
 5 rounds, their pooled accuracy; `reference`: AgentBench v0.2's dbbench config (15 rounds, the
 mean of the SELECT, INSERT and UPDATE accuracies) on the file given (dbbench-std is
 data/dbbench/standard.jsonl)."""
@@ -142,7 +142,7 @@ OS = {
         "max_new_tokens": 512,
     },
 }
-"""AgentBench's OS task (cqd_mpi/tasks/os_interaction.py). `paper`: the authors' 110
+"""AgentBench's OS task (cqd_mpi/tasks/os_interaction/). `paper`: the authors' 110
 fixed items of standard + dev, each pass repeated 5 times and averaged, 5 rounds; `reference`:
 AgentBench v0.2's os-std (all items of the file, once), 8 rounds."""
 

@@ -1,16 +1,5 @@
-"""MBPP+ (evalplus): greedy pass@1, generated code run in a sandbox, scored as a protocol says.
-
-Data come from evalplus's MbppPlus jsonl (its release in evalplus's cache dir, the file named
-by MBPP_OVERRIDE_PATH, or `data:` in the task config), read with evalplus's own deserializer;
-nothing is downloaded. How a problem becomes a prompt, a completion becomes code, and code a
-verdict is a set of settings, tabled by protocol in cqd_mpi.tasks.protocols: `paper` (the
-CycleQD authors' instruction, format, stops and text sanitizer, base tests of MbppPlus v0.1.0;
-tasks/mbpp_authors.py) or `reference` (evalplus 0.3.1's codegen, sanitizer and evaluate on
-v0.2.0, base and extra tests). Each completion runs in a fresh sandbox (cqd_mpi.sandboxes)
-that never sees the expected outputs; evalplus's `untrusted_check` then scores the recorded
-outputs in a second sandbox run, so a completion cannot fake its own verdict. docs/mbpp.md and
-docs/protocols.md have the details.
-"""
+"""The MBPP+ task (`kind: mbpp`): its problems, prompts, solutions, and their runs and verdicts;
+see the package docstring for the protocols."""
 
 from __future__ import annotations
 
@@ -25,167 +14,31 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from cqd_mpi.engines.base import TextGeneration
-from cqd_mpi.errors import ConfigError, TaskError, require
-from cqd_mpi.tasks import mbpp_authors, protocols
+from cqd_mpi.errors import TaskError, require
+from cqd_mpi.tasks import protocols
 from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task
-
-HARNESS = Path(__file__).resolve().parents[1] / "sandboxes" / "evalplus_harness.py"
-
-INSTRUCTION_PREFIX = protocols.EVALPLUS_INSTRUCTION_PREFIX
-RESPONSE_PREFIX = protocols.EVALPLUS_RESPONSE_PREFIX
-SYSTEM_MESSAGE = protocols.AUTHORS_SYSTEM_MESSAGE
+from cqd_mpi.tasks.mbpp import authors as mbpp_authors
+from cqd_mpi.tasks.mbpp.data import default_data_path, load_problems
+from cqd_mpi.tasks.mbpp.harness import (
+    HARNESS,
+    JUDGE_ERRORS,
+    JUDGE_ITEM_SECONDS,
+    VERDICTS,
+    Groundtruth,
+    RunRecord,
+    _read_run,
+)
+from cqd_mpi.tasks.mbpp.settings import (
+    Settings,
+)
 
 CHAT_STOP = ("\n```\n",)
 """evalplus's extra stop string for a model with a chat template, added to its EOS list."""
 
 TEXT_EXCERPT_CHARS = 4000
-
-VERDICTS = ("pass", "fail", "timeout")
-"""evalplus's statuses (evalplus.eval.PASS, FAIL, TIMEOUT)."""
-
-JUDGE_ERRORS = {"pass": None, "fail": "wrong-answer", "timeout": "timeout"}
-
-JUDGE_ITEM_SECONDS = 3.0
-"""What evalplus's untrusted_check adds to an item's time limits: its join slack and the child's start."""
-
-_DEFAULT = protocols.MBPP[protocols.DEFAULT]
-
-
-@dataclasses.dataclass
-class Settings:
-    """`settings:` of an MBPP+ task in the config; the defaults are the `paper` preset's.
-
-    prompt_format: 'instruction-response' (the authors' format, rendered by the task and sent
-    through generate), 'chat' (the engine's chat template, continued from `response_prefix`)
-    or 'completion' (base models: the raw prompt). instruction: 'assertion' (the authors': the
-    problem text and its first assert) or 'evalplus' (instruction_prefix and the prompt in a
-    fence). response_prefix: the text right after the response marker ('instruction-response')
-    or the assistant turn to continue ('chat'). stop: null for evalplus's stop strings of the
-    prompt format. sanitizer: 'authors' (their text sanitizer) or 'evalplus' (evalplus's
-    codegen and tree-sitter sanitize). tests: 'base' or 'base+plus' (evalplus's MBPP+).
-    judge_seconds: the time to decode and check one output.
-    """
-
-    task_ids: list[str] | None = None
-    version: str = _DEFAULT["version"]
-    prompt_format: Literal["instruction-response", "chat", "completion"] = _DEFAULT["prompt_format"]
-    system_message: str | None = _DEFAULT["system_message"]
-    instruction: Literal["assertion", "evalplus"] = _DEFAULT["instruction"]
-    instruction_prefix: str = INSTRUCTION_PREFIX
-    response_prefix: str = _DEFAULT["response_prefix"]
-    stop: list[str] | None = dataclasses.field(default_factory=lambda: list(_DEFAULT["stop"]))
-    max_new_tokens: int = _DEFAULT["max_new_tokens"]
-    sanitizer: Literal["authors", "evalplus"] = _DEFAULT["sanitizer"]
-    tests: Literal["base", "base+plus"] = _DEFAULT["tests"]
-    sandbox: Literal["auto", "bwrap", "unshare"] = "auto"
-    timeout_seconds: float = _DEFAULT["timeout_seconds"]
-    startup_seconds: float = 5.0
-    min_time_limit: float = _DEFAULT["min_time_limit"]
-    gt_time_limit_factor: float = _DEFAULT["gt_time_limit_factor"]
-    judge_seconds: float = 2.0
-    memory_mb: int = _DEFAULT["memory_mb"]
-    max_processes: int = 16
-    parallel: int = 2
-
-    def validate(self, where: str) -> None:
-        positive = ("max_new_tokens", "timeout_seconds", "startup_seconds", "min_time_limit",
-                    "gt_time_limit_factor", "judge_seconds", "memory_mb", "max_processes", "parallel")
-        for name in positive:
-            value = getattr(self, name)
-            if not value > 0:
-                raise ConfigError(f"{where}.{name}: expected a number > 0, got {value!r}")
-        if self.memory_mb < 64:
-            raise ConfigError(f"{where}.memory_mb: expected at least 64 (the interpreter needs it), got {self.memory_mb}")
-        if self.task_ids is not None and not self.task_ids:
-            raise ConfigError(f"{where}.task_ids: expected a non-empty list of task ids or null, got []")
-        if self.stop is not None and not all(self.stop):
-            raise ConfigError(f"{where}.stop: expected non-empty strings or null, got {self.stop!r}")
-
-
-def default_data_path(version: str = "default") -> tuple[Path, str]:
-    """Where evalplus keeps the MbppPlus release `version` (MBPP_OVERRIDE_PATH wins), and its URL."""
-    override = os.environ.get("MBPP_OVERRIDE_PATH")
-    evalplus_mbpp = require("evalplus.data.mbpp", extra="llm", feature="The MBPP+ task")
-    from evalplus.data.utils import get_dataset_metadata
-
-    release = evalplus_mbpp.MBPP_PLUS_VERSION if version == "default" else version
-    url, cache_path = get_dataset_metadata("MbppPlus", release, False)
-    return (Path(override) if override else Path(cache_path)), url
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a jsonl or jsonl.gz file, blank lines skipped as evalplus's stream_jsonl does;
-    an unreadable row is a TaskError naming the file and its line."""
-    import gzip
-
-    rows = []
-    try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else
-              open(path, encoding="utf-8")) as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.isspace():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    where = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc
-                    raise TaskError(f"MBPP+ data {path} line {number}: not valid JSON ({where})") from exc
-                if not isinstance(row, dict) or not isinstance(row.get("task_id"), str):
-                    raise TaskError(f"MBPP+ data {path} line {number}: expected a JSON object with a string "
-                                    f"'task_id', got {str(row)[:60]!r}")
-                rows.append(row)
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise TaskError(f"MBPP+ data {path}: cannot read it as MbppPlus jsonl ({type(exc).__name__}: {exc})") from exc
-    return rows
-
-
-def load_problems(path: Path) -> dict[str, dict[str, Any]]:
-    """The MbppPlus problems in `path` (jsonl or jsonl.gz), inputs deserialized as evalplus does."""
-    require("evalplus.data", extra="llm", feature="The MBPP+ task")
-    from evalplus.data.mbpp import mbpp_deserialize_inputs
-    from evalplus.data.utils import completeness_check
-
-    problems = {row["task_id"]: row for row in read_jsonl(path)}
-    if not problems:
-        raise TaskError(f"MBPP+ data {path}: the file holds no problems")
-    for task_id, problem in problems.items():
-        for key in ("entry_point", "prompt", "base_input"):
-            if key not in problem:
-                raise TaskError(f"MBPP+ data {path}: problem {task_id!r} has no {key!r} field")
-        if not str(problem["entry_point"]).isidentifier():
-            raise TaskError(f"MBPP+ data {path}: problem {task_id!r} has entry_point "
-                            f"{problem['entry_point']!r}, expected a Python identifier")
-        try:
-            problem["base_input"] = mbpp_deserialize_inputs(task_id, problem["base_input"])
-            problem["plus_input"] = mbpp_deserialize_inputs(task_id, problem.get("plus_input", []))
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
-            raise TaskError(f"MBPP+ data {path}: problem {task_id!r} has inputs evalplus cannot deserialize: {exc}") from exc
-    try:
-        completeness_check("MBPP+", problems)
-    except AssertionError as exc:
-        raise TaskError(f"MBPP+ data {path}: {exc}") from exc
-    return problems
-
-
-@dataclasses.dataclass(frozen=True)
-class Groundtruth:
-    outputs: list
-    seconds: list[float]
-
-
-@dataclasses.dataclass(frozen=True)
-class RunRecord:
-    """What the run-mode harness reported for one solution; `outputs` are its result lines,
-    undecoded (only the judge's sandbox builds values from them)."""
-
-    error: str | None
-    outputs: list[str]
-    seconds: float
-    message: str = ""
-    stderr: str = ""
 
 
 class MbppPlusTask(Task):
@@ -522,56 +375,3 @@ class MbppPlusTask(Task):
             ok, message = False, str(exc)
         statuses.append(BackendStatus("python sandbox", ok, message))
         return statuses
-
-
-_SIGNAL_ERRORS = {"SIGXCPU": "timeout", "SIGKILL": "crash", "SIGSEGV": "crash", "SIGABRT": "crash"}
-
-
-def _read_run(result, *, expected_count: int) -> RunRecord:
-    """Turn the harness's event lines and the sandbox's exit into a RunRecord with an error class.
-
-    Work here is linear in the output, which the sandbox caps: lines are parsed as JSON (flat
-    types only, string keys) and output values are kept as text for the judge."""
-    stderr = result.stderr.decode(errors="replace")[-500:]
-
-    def record(error, message="", outputs=()):
-        return RunRecord(error=error, outputs=list(outputs), seconds=result.seconds, message=message, stderr=stderr)
-
-    if not result.started:
-        return record("sandbox", "the sandbox did not start")
-    if result.output_exceeded:
-        return record("output-limit", "the program wrote more than the output cap")
-    if result.timed_out:
-        return record("timeout", "the wall-clock limit was reached")
-    outputs = []
-    for line in result.stdout.decode(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-            kind = event["event"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            return record("crash", "the result stream is malformed")
-        message = str(event.get("message", ""))[:300]
-        exc_type = str(event.get("type", ""))
-        if kind == "syntax":
-            return record("syntax", f"{exc_type}: {message}")
-        if kind == "no-entry-point":
-            return record("no-entry-point", f"the solution defines no function {event.get('name')!r}")
-        if kind in ("load-error", "raised"):
-            error = "memory" if exc_type == "MemoryError" else "runtime"
-            return record(error, f"{exc_type}: {message}", outputs)
-        if kind == "timeout":
-            return record("timeout", f"input {event.get('index')} ran past its time limit", outputs)
-        if kind == "unencodable":
-            return record("wrong-answer", f"output {event.get('index')} is not a plain value: {message}", outputs)
-        if kind == "output":
-            if event.get("index") != len(outputs) or "value" not in event:
-                return record("crash", "the result stream is out of order")
-            outputs.append(line)
-        if kind == "done":
-            if len(outputs) != expected_count:
-                return record("crash", f"{len(outputs)} outputs for {expected_count} inputs")
-            return record(None, "", outputs)
-    signal_name = result.killed_by.name if result.killed_by else None
-    error = _SIGNAL_ERRORS.get(signal_name or "", "crash")
-    how = f"killed by {signal_name}" if signal_name else f"exited with status {result.returncode}"
-    return record(error, f"the program {how} before finishing its tests", outputs)
