@@ -89,9 +89,37 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
+# Tests that share a machine-wide resource run in one xdist group, one at a time, on one worker:
+# processes found by scanning /proc (OS environments, evalplus harnesses), the SLURM cluster,
+# vLLM's share of host memory, MPI jobs. Every other module is a group of its own, so its
+# module-scoped set-ups (runs, models) are built once. Checked by tests/test_groups.py.
+SHARED_RESOURCES = {
+    "sandboxes": ("sandboxes/", "tasks/test_agentbench_run.py", "tasks/test_dbbench.py",
+                  "tasks/test_mbpp.py", "tasks/test_mbpp_authors.py", "tasks/test_os_interaction.py",
+                  "tasks/test_protocols.py", "commands/test_check_tasks.py", "commands/test_doctor.py",
+                  "env/"),
+    "slurm": ("jobs/",),
+    "vllm": ("engines/test_vllm.py",),
+    "mpi": ("runtime/", "engines/test_plugins.py", "tasks/test_segmentation_run.py"),
+}
+
+
+def xdist_group_of(relative_path: str) -> str:
+    """The xdist group of a test module, by its path under tests/."""
+    for group, prefixes in SHARED_RESOURCES.items():
+        if relative_path.startswith(prefixes):
+            return group
+    return relative_path
+
+
 def pytest_collection_modifyitems(config, items):
     """`cuda` tests need a GPU: where torch sees none they are skipped with the reason shown
-    in the summary, and run with `python -m pytest -m cuda` on a GPU node (docs/gpu.md)."""
+    in the summary, and run with `python -m pytest -m cuda` on a GPU node (docs/gpu.md).
+    Under xdist, each test joins its group (SHARED_RESOURCES)."""
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            relative = Path(str(item.fspath)).resolve().relative_to(REPO / "tests").as_posix()
+            item.add_marker(pytest.mark.xdist_group(xdist_group_of(relative)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU, and torch sees none here (docs/gpu.md says how they ran)")

@@ -82,13 +82,29 @@ def test_without_vllm_the_engine_names_the_extra_to_install(tiny_dirs):
         VLLMEngine(tiny_dirs["a"], device="cpu")
 
 
+def failure_report(result, run_dir: Path | None = None) -> str:
+    """What a failed vLLM command printed, cut so that the cause survives: every traceback (the
+    engine core's own, printed by its process, comes before the launcher's "Engine core
+    initialization failed"), the ranks' logs' tracebacks, then the tail."""
+    texts = [("stdout", result.stdout or ""), ("stderr", result.stderr or "")]
+    if run_dir is not None:
+        texts += [(log.name, log.read_text(errors="replace")) for log in sorted((run_dir / "logs").glob("rank-*.log"))]
+    blocks = []
+    for name, text in texts:
+        for match in re.finditer(r"Traceback \(most recent call last\):\n(?:[ \t].*\n|\n)*.*", text):
+            blocks.append(f"--- {name}: {match.group(0)[-4000:]}")
+    tail = "\n".join(f"--- {name} (tail): {text[-3000:]}" for name, text in texts[:2])
+    return "\n".join(blocks[:6]) + "\n" + tail
+
+
 @pytest.mark.slow
 def test_the_in_place_suite_passes_in_the_vllm_environment():
     python = vllm_python()
-    result = run_command([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/engines/vllm_suite.py"],
+    result = run_command([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=",
+                          "tests/engines/vllm_suite.py"],
                          cwd=REPO, timeout=1200)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert re.search(r"\b\d+ passed\b", summary) and "skipped" not in summary, summary
 
 
@@ -141,14 +157,14 @@ def test_a_vllm_run_under_mpi_killed_and_resumed_has_the_transformers_engines_st
                python, "-m", "cqd_mpi", "run", str(path)]
 
     killed = run_command(command, env=subprocess_env(CQD_MPI_FAULT="eval@1:kill:4"), timeout=900)
-    assert killed.returncode != 0, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert killed.returncode != 0, failure_report(killed, run_dir)
     assert read_state(run_dir / "state.h5")["attrs"]["phase"] in ("init", "search")
     first_pids = vllm_worker_pids(run_dir)
     assert len(first_pids) == 2, first_pids
     assert not wait_until_gone(first_pids), "vLLM worker processes outlived their killed engine ranks"
 
     resumed = run_command(command, timeout=900)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure_report(resumed, run_dir)
     assert "resuming" in resumed.stdout
     assert_same_results(reference / "run", run_dir)
     assert not wait_until_gone(vllm_worker_pids(run_dir) - first_pids), "vLLM outlived a finished run"

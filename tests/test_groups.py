@@ -1,0 +1,36 @@
+"""The xdist groups (tests/conftest.py): every test module that touches a machine-wide resource
+runs in that resource's group, so two of them never run at once."""
+
+import re
+from pathlib import Path
+
+from tests.conftest import REPO, SHARED_RESOURCES, xdist_group_of
+
+# What in a test module's source means it uses a machine-wide resource, and which group owns it.
+USES = {
+    "mpi": re.compile(r"mpi_ranks=|\"mpiexec\""),
+    "slurm": re.compile(r"\bsbatch\b|\bsrun\b"),
+    "vllm": re.compile(r"CQD_VLLM_PYTHON"),
+    "sandboxes": re.compile(r"Path\(\"/proc\"\)|osenv_helpers|bwrap|DOCKER_HOST|127\.0\.0\.1:3306|mysql://"),
+}
+
+
+def test_every_module_using_a_shared_resource_is_in_a_resource_group():
+    wrong = []
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        if path == Path(__file__).resolve():
+            continue
+        relative = path.relative_to(REPO / "tests").as_posix()
+        source = path.read_text()
+        used = [name for name, pattern in USES.items() if pattern.search(source)]
+        if used and xdist_group_of(relative) not in SHARED_RESOURCES:
+            wrong.append(f"{relative} uses {used} but runs in its own group")
+    assert not wrong, wrong
+
+
+def test_groups_name_existing_modules():
+    for prefixes in SHARED_RESOURCES.values():
+        for prefix in prefixes:
+            assert (Path(REPO / "tests" / prefix)).exists(), prefix
+    assert xdist_group_of("qd/test_archive.py") == "qd/test_archive.py"
+    assert xdist_group_of("jobs/test_slurm.py") == "slurm"
