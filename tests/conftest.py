@@ -104,11 +104,18 @@ SHARED_RESOURCES = {
 }
 
 
-def xdist_group_of(relative_path: str) -> str:
-    """The xdist group of a test module, by its path under tests/."""
+MARKER_GROUPS = {"docker": "sandboxes", "mpi": "mpi"}
+
+
+def xdist_group_of(relative_path: str, markers: tuple[str, ...] = ()) -> str:
+    """The xdist group of a test, by its module's path under tests/, then by its markers
+    (a module elsewhere whose test starts MPI jobs or containers joins that group)."""
     for group, prefixes in SHARED_RESOURCES.items():
         if relative_path.startswith(prefixes):
             return group
+    for marker in markers:
+        if marker in MARKER_GROUPS:
+            return MARKER_GROUPS[marker]
     return relative_path
 
 
@@ -119,7 +126,8 @@ def pytest_collection_modifyitems(config, items):
     if config.pluginmanager.hasplugin("xdist"):
         for item in items:
             relative = Path(str(item.fspath)).resolve().relative_to(REPO / "tests").as_posix()
-            item.add_marker(pytest.mark.xdist_group(xdist_group_of(relative)))
+            markers = tuple(mark.name for mark in item.iter_markers())
+            item.add_marker(pytest.mark.xdist_group(xdist_group_of(relative, markers)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU, and torch sees none here (docs/gpu.md says how they ran)")

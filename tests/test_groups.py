@@ -16,6 +16,7 @@ USES = {
 
 
 def test_every_module_using_a_shared_resource_is_in_a_resource_group():
+    """By its path: a test module in another place would have to mark every such test."""
     wrong = []
     for path in sorted((REPO / "tests").rglob("test_*.py")):
         if path == Path(__file__).resolve():
@@ -34,3 +35,4 @@ def test_groups_name_existing_modules():
             assert (Path(REPO / "tests" / prefix)).exists(), prefix
     assert xdist_group_of("qd/test_archive.py") == "qd/test_archive.py"
     assert xdist_group_of("jobs/test_slurm.py") == "slurm"
+    assert xdist_group_of("tasks/test_other.py", ("slow", "mpi")) == "mpi"
