@@ -141,7 +141,7 @@ class TensorReader:
         self._iterated = True
         try:
             for position, name in enumerate(self.names):
-                tensors = tuple(self._shard(m, name).get(name) for m in range(len(self.models)))
+                tensors = tuple(self._get(m, name) for m in range(len(self.models)))
                 yield name, tensors
                 for m, tensor in enumerate(tensors):
                     key = (m, self.models[m].spec(name).file)
@@ -152,6 +152,11 @@ class TensorReader:
             for shard in self._open.values():
                 shard.close()
             self._open.clear()
+
+    def _get(self, m: int, name: str) -> torch.Tensor:
+        stored, rows = self.models[m].source(name)
+        tensor = self._shard(m, name).get(stored)
+        return tensor if rows is None else tensor[:rows]
 
     def _shard(self, m: int, name: str) -> MappedFile:
         file = self.models[m].spec(name).file

@@ -95,6 +95,11 @@ class ModelDir:
     def __contains__(self, name: str) -> bool:
         return name in self._specs
 
+    def source(self, name: str) -> tuple[str, int | None]:
+        """Where tensor `name` is read: its name in the files, and the leading rows taken (None: all).
+        The same name here; a view of another model under other names says otherwise."""
+        return name, None
+
     def spec(self, name: str) -> TensorSpec:
         try:
             return self._specs[name]
