@@ -73,3 +73,16 @@ def save_tiny_llava(path: Path, *, language_model: Path | None, seed: int, noise
                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                    chat_template=CHAT_TEMPLATE).save_pretrained(path)
     return path
+
+
+def vl_family(root: Path) -> dict:
+    """A tiny text base (with its tokenizer), two text experts and a LLaVA expert whose language
+    model is the base's plus noise with EXTRA_ROWS more vocabulary rows; VQA data to ask it."""
+    from tests.tiny_llama import save_tiny_llama
+    from tests.vqa_data import textvqa
+
+    base = save_tiny_llama(root / "base", seed=0, tokenizer=True)
+    experts = {name: save_tiny_llama(root / f"expert-{name}", seed=i + 1, like=base, noise=0.2, tokenizer=True)
+               for i, name in enumerate(("alpha", "beta"))}
+    experts["vqa"] = save_tiny_llava(root / "expert-vqa", language_model=base, seed=7, noise=0.2)
+    return {"base": base, "experts": experts, "vqa_data": textvqa(root / "textvqa", n=8)}
