@@ -22,16 +22,19 @@ if TYPE_CHECKING:
 LIFTED = "lifted"
 
 
-def template_path(config: Config) -> str | None:
-    """The vision-language expert whose vision stack every model gets, or None (a text-only run)."""
-    if config.vision.expert is not None:
-        path = config.expert_path(config.vision.expert)
+def _template(experts: dict[str, str], chosen: str | None) -> str | None:
+    if chosen is not None:
+        path = experts[chosen]
         if not is_vision_language(path):
             raise ConfigError(f"vision.expert: expected the task of a vision-language expert (a config.json with a "
-                              f"vision_config), but the expert of {config.vision.expert!r}, {path}, has none")
+                              f"vision_config), but the expert of {chosen!r}, {path}, has none")
         return path
-    return next((config.expert_path(n) for n in config.task_names if is_vision_language(config.expert_path(n))),
-                None)
+    return next((path for path in experts.values() if is_vision_language(path)), None)
+
+
+def template_path(config: Config) -> str | None:
+    """The vision-language expert whose vision stack every model gets, or None (a text-only run)."""
+    return _template({n: config.expert_path(n) for n in config.task_names}, config.vision.expert)
 
 
 def layout(config: Config) -> VisionLayout | None:
@@ -41,6 +44,16 @@ def layout(config: Config) -> VisionLayout | None:
     if template is None:
         return None
     return VisionLayout(base=ModelDir(config.base), template=ModelDir(template), mapping=config.vision.mapping)
+
+
+def frozen_layout(frozen: dict) -> VisionLayout | None:
+    """The vision layout of a run from its frozen config (RUN_DIR/config.yaml), for exports."""
+    experts = {e["task"]: e["path"] for e in frozen.get("experts") or []}
+    section = frozen.get("vision") or {}
+    template = _template(experts, section.get("expert"))
+    if template is None:
+        return None
+    return VisionLayout(base=ModelDir(frozen["base"]), template=ModelDir(template), mapping=section.get("mapping"))
 
 
 def check(config: Config, engine: type) -> None:
@@ -60,9 +73,10 @@ def check(config: Config, engine: type) -> None:
 
 
 def model_paths(config: Config, run_dir: Path, vision: VisionLayout | None) -> tuple[str, list[str]]:
-    """The base's and the experts' dirs as the run keeps them: the config's, or with vision, each
+    """The base's and the experts' dirs as the run records them: the config's, or with vision, each
     text-only model (and any vision-language expert but the template) saved under RUN_DIR/lifted
-    as the template's vision stack plus its language model."""
+    as the template's vision stack plus its language model, recorded relative to the run dir
+    (`RunDir.resolve`), so that the state does not depend on where the run dir is."""
     experts = [config.expert_path(n) for n in config.task_names]
     if vision is None:
         return config.base, experts
@@ -74,7 +88,7 @@ def model_paths(config: Config, run_dir: Path, vision: VisionLayout | None) -> t
         out = run_dir / LIFTED / name
         if not out.is_dir():
             vision.write_lifted(path, out)
-        return str(out)
+        return f"{LIFTED}/{name}"
 
     return lifted(config.base, "base"), [lifted(p, f"expert-{n}") for p, n in zip(experts, config.task_names)]
 

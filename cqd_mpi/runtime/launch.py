@@ -95,7 +95,7 @@ def conduct(config: Config, *, force: bool = False, drop_lost: bool = False, wor
         store = ModelStore(core=core, rundir=rundir, echo=echo, max_depth=config.runtime.model_store_depth,
                            budget=None if budget is None else parse_size(budget, "runtime.model_store_bytes"))
         builder = ModelBuilder(
-            base_path=base_path, expert_paths=expert_paths,
+            base_path=rundir.resolve(base_path), expert_paths=[rundir.resolve(p) for p in expert_paths],
             model_path=store.path, mutation=config.qd.mutation, basis_cache=config.runtime.basis_cache,
             max_shard_size=config.runtime.max_shard_size, vision=layout)
         store.builder = builder
