@@ -26,10 +26,11 @@ from cqd_mpi.merging.writer import (
     DEFAULT_MAX_SHARD_SIZE,
     TensorPiece,
     TensorStream,
+    parse_size,
     write_hf_dir,
     write_safetensors,
 )
 
 __all__ = ["DEFAULT_MAX_SHARD_SIZE", "DTYPES", "DTYPE_NAMES", "INDEX_FILE", "SINGLE_FILE", "MappedFile", "ModelDir",
            "SafetensorsFile", "TensorPiece", "TensorReader", "TensorSpec", "TensorStream", "check_compatible",
-           "non_weight_files", "write_hf_dir", "write_safetensors"]
+           "non_weight_files", "parse_size", "write_hf_dir", "write_safetensors"]
