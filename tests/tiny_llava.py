@@ -37,23 +37,37 @@ def save_tokenizer(path: Path):
     return fast
 
 
-def llava_config(**text):
-    from transformers import CLIPVisionConfig, LlavaConfig
+GRID = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+
+
+def llava_config(*, next_: bool = False, **text):
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaNextConfig
 
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                               image_size=IMAGE_SIZE, patch_size=8, projection_dim=16)
-    return LlavaConfig(vision_config=vision, text_config=tiny_config(vocab_size=VOCAB + EXTRA_ROWS, **text),
-                       image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
-                       vision_feature_select_strategy="default", tie_word_embeddings=False)
+    options = dict(vision_config=vision, text_config=tiny_config(vocab_size=VOCAB + EXTRA_ROWS, **text),
+                   image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
+                   vision_feature_select_strategy="default", tie_word_embeddings=False)
+    return LlavaNextConfig(image_grid_pinpoints=GRID, **options) if next_ else LlavaConfig(**options)
 
 
-def save_tiny_llava(path: Path, *, language_model: Path | None, seed: int, noise: float = 0.02, **text) -> Path:
-    """A tiny LLaVA; with `language_model`, its LM is that tiny Llama's weights plus seeded noise
-    (the shared rows; the extra rows and the vision stack are random)."""
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+def save_tiny_llava(path: Path, *, language_model: Path | None, seed: int, noise: float = 0.02,
+                    next_: bool = False, **text) -> Path:
+    """A tiny LLaVA (LLaVA-NeXT with `next_`, its `image_newline` and any-resolution tiles); with
+    `language_model`, its LM is that tiny Llama's weights plus seeded noise (the shared rows;
+    the extra rows and the vision stack are random)."""
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaProcessor,
+    )
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(llava_config(**text))
+    model = (LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration)(
+        llava_config(next_=next_, **text))
     if language_model is not None:
         from tests.tiny_llama import state_dict
 
@@ -67,9 +81,10 @@ def save_tiny_llava(path: Path, *, language_model: Path | None, seed: int, noise
                 param[: ref.shape[0]].copy_(ref + noise * torch.randn(ref.shape, generator=generator))
     model.save_pretrained(path)
     tokenizer = save_tokenizer(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+    sizes = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+    image_processor = (LlavaNextImageProcessor(image_grid_pinpoints=GRID, **sizes) if next_
+                       else CLIPImageProcessor(**sizes))
+    (LlavaNextProcessor if next_ else LlavaProcessor)(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                    chat_template=CHAT_TEMPLATE).save_pretrained(path)
     return path

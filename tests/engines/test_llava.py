@@ -57,3 +57,20 @@ def test_update_in_place_equals_a_fresh_engine(engine, vl_family, tmp_path):
     assert after != before
     engine.update_from_dir(vl_family["experts"]["vqa"])
     assert engine.answer(images(), QUESTIONS, max_new_tokens=4) == before[0]
+
+
+def test_llava_next_answers_and_takes_a_lifted_text_model(vl_family, tmp_path):
+    """LLaVA-NeXT (any-resolution tiles, `image_newline`, carried like the rest of the vision stack)."""
+    from tests.tiny_llava import save_tiny_llava
+
+    next_dir = save_tiny_llava(tmp_path / "next", language_model=vl_family["base"], seed=5, noise=0.2, next_=True)
+    live = engines.create("llava", next_dir, device="cpu", settings={"image_batch_size": 2})
+    assert type(live.model).__name__ == "LlavaNextForConditionalGeneration"
+    layout = VisionLayout(base=ModelDir(vl_family["base"]), template=ModelDir(next_dir))
+    assert "image_newline" in layout.carried
+    batched = live.answer(images(), QUESTIONS, max_new_tokens=3)
+    assert batched == [live.answer([i], [q], max_new_tokens=3)[0] for i, q in zip(images(), QUESTIONS)]
+    lifted = layout.write_lifted(vl_family["base"], tmp_path / "base")
+    live.update_from_dir(lifted)
+    assert live.answer(images(), QUESTIONS, max_new_tokens=3) == LlavaEngine(lifted, device="cpu").answer(
+        images(), QUESTIONS, max_new_tokens=3)
