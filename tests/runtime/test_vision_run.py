@@ -65,6 +65,16 @@ def test_killed_two_worker_run_resumes_to_the_one_worker_state(runs):
     assert "vqa" in runs["table"] and "expert vqa" in runs["table"]
 
 
+def test_analyze_and_compare_show_the_vqa_column(runs):
+    from cqd_mpi.analysis import compare
+    from cqd_mpi.analysis.runstate import RunState, summary
+
+    text = summary(RunState.load(runs["two"]))
+    assert "alpha     beta      vqa     mean" in text
+    markdown = compare.format_markdown(compare.table([compare.read_run(runs["two"])]), ["alpha", "beta", "vqa"])
+    assert "| alpha | beta | vqa | Avg |" in markdown and "| expert vqa |" in markdown
+
+
 def test_every_saved_model_is_a_llava_that_answers_an_image_question(runs, vl_family):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
