@@ -183,10 +183,8 @@ class EngineConfig:
 
 @dataclasses.dataclass
 class VisionConfig:
-    """Vision-language experts (docs/vqa.md, run/vision.py): `expert` names the task whose
-    expert's vision stack every model gets (default: the first expert whose config.json has a
-    vision_config); `mapping` maps that model's name prefixes to the base's
-    ({vision-language prefix: base prefix}; default: derived from the two directories)."""
+    """Vision-language experts (docs/vqa.md): `expert`, the task whose expert's vision stack every
+    model gets (default: the first VLM expert); `mapping`, {VLM name prefix: base prefix} (default: derived)."""
 
     expert: str | None = None
     mapping: dict[str, str] | None = None
