@@ -53,6 +53,15 @@ def bf16(tmp_path_factory) -> dict:
     return family(tmp_path_factory.mktemp("bf16-family"), torch.bfloat16)
 
 
+@pytest.fixture(scope="session")
+def vl_family(tmp_path_factory) -> dict:
+    """tests.tiny_llava.vl_family: a tiny text base, two text experts and a tiny LLaVA expert
+    embedding the base's language model (extra vocabulary rows), and TextVQA-style data."""
+    from tests.tiny_llava import vl_family
+
+    return vl_family(tmp_path_factory.mktemp("vl-family"))
+
+
 def probe_config(family: dict, run_dir: Path, **overrides) -> dict:
     """A run config over the tiny family with three probe tasks (tests/runtime/probe_task.py)."""
     config = {

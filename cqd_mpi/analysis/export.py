@@ -77,6 +77,7 @@ class Exporter:
         """A ModelBuilder configured like the run (mutation settings from its frozen config)."""
         if self._builder is None:
             from cqd_mpi.merging.builder import ModelBuilder
+            from cqd_mpi.run.vision import frozen_layout
 
             config = self._config()
             mutation = schema.build(MutationSpec, (config.get("qd") or {}).get("mutation") or {}, "qd.mutation")
@@ -86,7 +87,8 @@ class Exporter:
                 base_path=run.rundir.weights_of(run.models[0]),
                 expert_paths=[str(run.rundir.weights_of(run.models[e])) for e in run.expert_ids],
                 model_path=self.store.path, mutation=mutation,
-                basis_cache=runtime.get("basis_cache"), max_shard_size=self.max_shard_size)
+                basis_cache=runtime.get("basis_cache"), max_shard_size=self.max_shard_size,
+                vision=frozen_layout(config))
             self.store.builder = self._builder
         return self._builder
 

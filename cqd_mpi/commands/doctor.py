@@ -76,6 +76,7 @@ def _check_config(path: str) -> bool:
     from cqd_mpi.errors import CqdError
     from cqd_mpi.merging.weights import ModelDir, check_compatible
     from cqd_mpi.run import config as config_mod
+    from cqd_mpi.run import vision
     from cqd_mpi.runtime.worker import build_tasks
 
     config = config_mod.load(path)
@@ -100,9 +101,13 @@ def _check_config(path: str) -> bool:
     print("== models")
     try:
         base = ModelDir(config.base)
-        check_compatible(base, [ModelDir(e.path) for e in config.experts])
+        layout = vision.layout(config)
+        check_compatible(base, [layout.view(e.path) if layout else ModelDir(e.path) for e in config.experts])
         print(f"  base and {len(config.experts)} experts: compatible ({len(base.names)} tensors, "
               f"{base.nbytes / 1e9:.2f} GB each)")
+        if layout is not None:
+            print(f"  vision stack from {layout.template.path}: {len(layout.carried)} tensors carried, "
+                  f"{len(layout.extended)} with extra vocabulary rows; name mapping {layout.names.as_config()}")
     except CqdError as exc:
         ok = False
         print(f"  PROBLEM: {exc}")

@@ -17,6 +17,7 @@ from cqd_mpi.engines.base import (
     MaskPrompt,
     PredictedMask,
     TextGeneration,
+    VisualQuestionAnswering,
     capabilities,
 )
 
@@ -24,10 +25,11 @@ BUILTIN = {
     "transformers": "cqd_mpi.engines.hf:TransformersEngine",
     "sam": "cqd_mpi.engines.sam:SamEngine",
     "vllm": "cqd_mpi.engines.vllm:VLLMEngine",
+    "llava": "cqd_mpi.engines.llava:LlavaEngine",
 }
 
 __all__ = ["BUILTIN", "Capability", "Engine", "MaskPrediction", "MaskPrompt", "PredictedMask", "TextGeneration",
-           "capabilities", "create", "engine_class"]
+           "VisualQuestionAnswering", "capabilities", "create", "engine_class"]
 
 
 def engine_class(kind: str, where: str = "engine.kind") -> type[Engine]:

@@ -117,6 +117,24 @@ class MaskPrediction(Capability):
         """One PredictedMask per (image, prompt) pair, in order."""
 
 
+class VisualQuestionAnswering(Capability):
+    """Questions about images answered greedily: one image and one question in, one answer out.
+
+    Batched; an item's answer must not depend on which other items share its batch beyond the
+    rounding of batched kernels. Images are uint8 RGB arrays [height, width, 3] of any size;
+    each question is the full user text (the task's prompt format applied), which the engine
+    places after the image in its chat template. Answers are cut before the earliest stop
+    string (`cut_at_stop`), as text generation's are.
+    """
+
+    capability = "visual question answering"
+
+    @abc.abstractmethod
+    def answer(self, images: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int,
+               stop: Sequence[str] = ()) -> list[str]:
+        """One greedy answer per (image, question) pair, in order."""
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """`text` up to (not including) the earliest occurrence of any stop string."""
     cut = len(text)

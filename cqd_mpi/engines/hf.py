@@ -112,13 +112,18 @@ class TransformersEngine(Engine, TextGeneration):
         self.chat_template = self.prompts.chat_template
         self.tokenizer = self.prompts.tokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype, **_placement(self.device))
+        self.model = self.auto_class().from_pretrained(self.model_dir, dtype=self.dtype, **_placement(self.device))
         self.model.to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
         self.eos_token_ids = self.prompts.eos_token_ids(self.model.generation_config)
         self.weights = InPlaceWeights(self.model, self.model_dir)
         self.tokens_generated = 0
+
+    @staticmethod
+    def auto_class():
+        """The transformers auto class the model is loaded with (a subclass may load another kind)."""
+        return AutoModelForCausalLM
 
     def __repr__(self) -> str:
         return f"TransformersEngine({str(self.model_dir)!r}, device={str(self.device)!r}, dtype={self.dtype})"

@@ -17,6 +17,12 @@ from cqd_mpi.engines.base import NamedTensors
 from cqd_mpi.errors import WeightsError
 
 
+def _unwrapped(name: str) -> str:
+    """A name without its wrapper modules' components (`model`, `language_model`): the checkpoint's
+    `language_model.model.layers.0...` and the live `model.language_model.layers.0...` agree."""
+    return ".".join(part for part in name.split(".") if part not in ("model", "language_model"))
+
+
 class InPlaceWeights:
     """The live tensors of `model` by name, and in-place loading of checkpoint tensors into them.
 
@@ -45,6 +51,14 @@ class InPlaceWeights:
             converted, count = re.subn(pattern, replacement, name)
             if count and converted in self.targets:
                 return converted
+        for pattern, replacement in self._renamings():
+            converted, count = re.subn(pattern, replacement, name)
+            if count and converted in self.targets:
+                return converted
+        if self._renamings():
+            match = self._wrapped().get(_unwrapped(name))
+            if match is not None:
+                return match
         prefix = getattr(self.model, "base_model_prefix", "") or ""
         if prefix:
             if f"{prefix}.{name}" in self.targets:
@@ -54,6 +68,33 @@ class InPlaceWeights:
         close = difflib.get_close_matches(name, list(self.targets), n=3)
         hint = f"; closest live names: {', '.join(close)}" if close else ""
         raise WeightsError(f"tensor {name!r} does not exist in the live model {self.model_dir}{hint}")
+
+    def _renamings(self) -> list[tuple[str, str]]:
+        """transformers' checkpoint renamings of the model's type (transformers >= 5 keeps them apart
+        from the model: a LLaVA checkpoint's `language_model.model.*` is `model.language_model.*` live)."""
+        if not hasattr(self, "_renaming_rules"):
+            self._renaming_rules: list[tuple[str, str]] = []
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            try:
+                from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+                rules = get_checkpoint_conversion_mapping(model_type) if model_type else None
+            except ImportError:
+                rules = None
+            for rule in rules or []:
+                sources, targets = getattr(rule, "source_patterns", None), getattr(rule, "target_patterns", None)
+                if isinstance(sources, list) and isinstance(targets, list) and len(sources) == len(targets):
+                    self._renaming_rules.extend(zip(sources, targets))
+        return self._renaming_rules
+
+    def _wrapped(self) -> dict[str, str]:
+        """Live names by their `_unwrapped` form, where that form is unique."""
+        if not hasattr(self, "_by_unwrapped"):
+            seen: dict[str, list[str]] = {}
+            for live in self.targets:
+                seen.setdefault(_unwrapped(live), []).append(live)
+            self._by_unwrapped = {key: names[0] for key, names in seen.items() if len(names) == 1}
+        return self._by_unwrapped
 
     def target(self, name: str) -> torch.Tensor:
         """The live parameter or buffer that checkpoint tensor `name` is copied into."""

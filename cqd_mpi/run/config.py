@@ -182,6 +182,15 @@ class EngineConfig:
 
 
 @dataclasses.dataclass
+class VisionConfig:
+    """Vision-language experts (docs/vqa.md): `expert`, the task whose expert's vision stack every
+    model gets (default: the first VLM expert); `mapping`, {VLM name prefix: base prefix} (default: derived)."""
+
+    expert: str | None = None
+    mapping: dict[str, str] | None = None
+
+
+@dataclasses.dataclass
 class TrackingConfig:
     """Live curves where researchers look: TensorBoard event files (in `log_dir`, default
     RUN_DIR/tensorboard) and/or a Weights & Biases run (`wandb_mode` offline needs no
@@ -210,6 +219,7 @@ class Config:
     protocol: str = protocols.DEFAULT
     """The evaluation protocol of tasks that name none: 'paper' or 'reference' (docs/protocols.md)."""
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
 
     def validate(self, where: str) -> None:
         protocols.check_default(self.protocol)
@@ -228,6 +238,8 @@ class Config:
         missing = [n for n in names if n not in expert_tasks]
         if missing:
             raise ConfigError(f"experts: expected an expert for every task, none given for {', '.join(missing)}")
+        if self.vision.expert is not None and self.vision.expert not in names:
+            raise ConfigError(f"vision.expert: expected one of the task names {names}, got {self.vision.expert!r}")
         if self.qd.alpha_high < self.qd.alpha_low:
             raise ConfigError(
                 f"qd.alpha_high: expected >= alpha_low ({self.qd.alpha_low}), got {self.qd.alpha_high}"
@@ -300,6 +312,9 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, ta
         _check_model_dir(config.base, "base")
         for i, expert in enumerate(config.experts):
             _check_model_dir(expert.path, f"experts[{i}].path")
+        from cqd_mpi.run import vision
+
+        vision.check(config, engine)
     return config
 
 
@@ -377,6 +392,7 @@ ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("runtime", "eval_deadline"): "auto",
     ("runtime", "model_store_bytes"): None,
     ("runtime", "model_store_depth"): RuntimeConfig.model_store_depth,
+    ("vision",): schema.to_dict(VisionConfig()),
 }
 """Keys added since a run could have been frozen, at the values that reproduce what the older
 version did ('*' stands for every element of a list). Tasks frozen without a protocol kept

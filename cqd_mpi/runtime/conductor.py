@@ -59,7 +59,7 @@ class Conductor:
         self.prebuild = prebuild
         self.ready: deque[Job] = deque()
         self.staged: dict[int, tuple[Path, float]] = {}
-        self.retain = builder.base.nbytes <= retain_bytes
+        self.retain = builder.output.nbytes <= retain_bytes
         self.built: dict[int, TimedStream] = {}
         self.batch_sizes = {name: task.batch_size for name, task in tasks.items()}
         self.phase_seconds = {"merge": 0.0, "transfer": 0.0, "eval": 0.0, "save": 0.0, "checkpoint": 0.0}
@@ -135,7 +135,7 @@ class Conductor:
         if path is None:
             stream = TimedStream(self.builder.stream(job.model_id, job.recipe), retain=self.retain)
             self.built[job.model_id] = stream
-            return ModelSource(stream, self.builder.base.layout())
+            return ModelSource(stream, self.builder.output.layout())
         stored = ModelDir(path)
         return ModelSource(TimedStream(stored.tensors()), stored.layout(), path=path, staged_s=staged_s)
 
@@ -187,8 +187,8 @@ class Conductor:
 
     def _write(self, job: Job, built: TimedStream | None, out_dir: Path) -> None:
         """Save a model: from the tensors kept while it was sent, or by building it again."""
-        if built is not None and built.retained is not None and built.count == len(self.builder.base.names):
-            write_hf_dir(retained_stream(self.builder.base, built.retained), out_dir, like=self.builder.base,
+        if built is not None and built.retained is not None and built.count == len(self.builder.output.names):
+            write_hf_dir(retained_stream(self.builder.output, built.retained), out_dir, like=self.builder.output,
                          max_shard_size=self.builder.max_shard_size)
         else:
             self.builder.write(job.model_id, job.recipe, out_dir)

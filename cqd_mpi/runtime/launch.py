@@ -21,6 +21,7 @@ from cqd_mpi.qd.archive import Bins
 from cqd_mpi.qd.cycleqd import CycleQD
 from cqd_mpi.qd.methods import method_class
 from cqd_mpi.qd.records import make_splits
+from cqd_mpi.run import vision
 from cqd_mpi.run.config import BinsConfig, Config, parse_size
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend
@@ -36,16 +37,16 @@ from cqd_mpi.tasks import Task
 log = logging.getLogger("cqd_mpi.launch")
 
 
-def new_core(config: Config, tasks: Mapping[str, Task]) -> CycleQD:
+def new_core(config: Config, tasks: Mapping[str, Task], paths: tuple[str, list[str]] | None = None) -> CycleQD:
     qd = config.qd
     splits = make_splits({name: task.item_ids() for name, task in tasks.items()},
                          seed=config.runtime.seed, search_fraction=qd.search_fraction)
     bins = [Bins(t.bins.lower, t.bins.upper, t.bins.n_bins) if isinstance(t.bins, BinsConfig) else None
             for t in config.tasks]
     method = method_class(qd.method)
+    base_path, expert_paths = paths or (config.base, [config.expert_path(n) for n in config.task_names])
     return method(
-        task_names=config.task_names, base_path=config.base,
-        expert_paths=[config.expert_path(n) for n in config.task_names], splits=splits,
+        task_names=config.task_names, base_path=base_path, expert_paths=expert_paths, splits=splits,
         generations=qd.generations, seed=config.runtime.seed, bins=bins, n_bins=qd.n_bins,
         bc_lower_factor=qd.bc_lower_factor, bc_upper_factor=qd.bc_upper_factor, sampling=qd.sampling,
         alpha_low=qd.alpha_low, alpha_high=qd.alpha_high, crossover_mu=qd.crossover.mu,
@@ -82,8 +83,10 @@ def conduct(config: Config, *, force: bool = False, drop_lost: bool = False, wor
         rundir.freeze(config)
         tasks = build_tasks(config, rank=0, world_size=world_size)
         fresh = core is None
+        layout = vision.layout(config)
+        base_path, expert_paths = vision.model_paths(config, rundir.path, layout)
         if fresh:
-            core = new_core(config, tasks)
+            core = new_core(config, tasks, (base_path, expert_paths))
         else:
             check_restored(core, config, tasks)
             echo(f"resuming {rundir.path}: phase {core.phase}, generation {core.generations_done}/"
@@ -92,9 +95,9 @@ def conduct(config: Config, *, force: bool = False, drop_lost: bool = False, wor
         store = ModelStore(core=core, rundir=rundir, echo=echo, max_depth=config.runtime.model_store_depth,
                            budget=None if budget is None else parse_size(budget, "runtime.model_store_bytes"))
         builder = ModelBuilder(
-            base_path=config.base, expert_paths=[config.expert_path(n) for n in config.task_names],
+            base_path=rundir.resolve(base_path), expert_paths=[rundir.resolve(p) for p in expert_paths],
             model_path=store.path, mutation=config.qd.mutation, basis_cache=config.runtime.basis_cache,
-            max_shard_size=config.runtime.max_shard_size)
+            max_shard_size=config.runtime.max_shard_size, vision=layout)
         store.builder = builder
         if fresh:
             builder.check()

@@ -14,6 +14,7 @@ import torch
 
 from cqd_mpi import faults
 from cqd_mpi.engines import Engine, create
+from cqd_mpi.run import vision
 from cqd_mpi.run.config import Config, task_settings
 from cqd_mpi.run.evaluation import ItemChunk, evaluate_chunks
 from cqd_mpi.run.rundir import RunDir
@@ -57,7 +58,7 @@ class Worker:
     def engine(self) -> Engine:
         if self._engine is None:
             engine = self.config.engine
-            self._engine = create(engine.kind, self.config.base, device=engine.device, dtype=engine.dtype,
+            self._engine = create(engine.kind, vision.engine_dir(self.config), device=engine.device, dtype=engine.dtype,
                                   settings=engine.settings)
             log.info("rank %d: engine %s", self.rank, self._engine.describe())
         return self._engine
