@@ -13,6 +13,7 @@ from typing import Any
 from cqd_mpi.engines.base import (
     Capability,
     Engine,
+    LogLikelihoods,
     MaskPrediction,
     MaskPrompt,
     PredictedMask,
@@ -26,7 +27,7 @@ BUILTIN = {
     "vllm": "cqd_mpi.engines.vllm:VLLMEngine",
 }
 
-__all__ = ["BUILTIN", "Capability", "Engine", "MaskPrediction", "MaskPrompt", "PredictedMask", "TextGeneration",
+__all__ = ["BUILTIN", "Capability", "Engine", "LogLikelihoods", "MaskPrediction", "MaskPrompt", "PredictedMask", "TextGeneration",
            "capabilities", "create", "engine_class"]
 
 

@@ -10,6 +10,7 @@ BUILTIN = {
     "dbbench": "cqd_mpi.tasks.dbbench:DBBenchTask",
     "segmentation": "cqd_mpi.tasks.segmentation:SegmentationTask",
     "os": "cqd_mpi.tasks.os_interaction:OSInteractionTask",
+    "lm-eval": "cqd_mpi.tasks.lmeval.task:LmEvalTask",
 }
 
 __all__ = ["BUILTIN", "BackendStatus", "ItemResult", "Task", "TaskContext", "task_class"]
