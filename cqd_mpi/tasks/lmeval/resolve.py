@@ -79,11 +79,16 @@ def _explain_load_error(exc: BaseException, name: str, where: str, source: str) 
     return ConfigError(f"{where}.task: lm-eval rejects task {name!r} ({source}): {text}")
 
 
-def _spec(settings) -> str | dict:
+def _build(manager, entry, settings):
+    """The task or group `entry` with the settings' TaskConfig overrides (lm-eval's factory
+    merges them into the YAML's config, as its group files do for their tasks)."""
     overrides = dict(settings.task_config or {})
     if settings.gen_kwargs:
-        overrides["generation_kwargs"] = dict(settings.gen_kwargs)
-    return {"task": settings.task, **overrides} if overrides else settings.task
+        base = dict(entry.cfg.get("generation_kwargs") or {}) if entry.cfg else {}
+        overrides["generation_kwargs"] = {**base, **settings.gen_kwargs}
+    if not overrides:
+        return manager.load([settings.task])
+    return manager.load([manager._factory.build(entry, overrides=overrides, registry=manager.task_index)])
 
 
 def resolve(settings, *, root: Path | str = ".", where: str = "settings") -> Resolved:
@@ -109,10 +114,8 @@ def _resolve(settings, include_path: str | None, where: str) -> Resolved:
         raise ConfigError(f"{where}.task: unknown lm-eval task {name!r}{hint}")
     entry = manager.task_index[name]
     source = str(entry.yaml_path) if entry.yaml_path else "lm-eval's registry"
-    if settings.task_config and entry.kind.name.lower() not in ("task", "py_task"):
-        raise ConfigError(f"{where}.task_config: overrides apply to one task, but {name!r} is a group or tag")
     try:
-        loaded = manager.load([_spec(settings)])
+        loaded = _build(manager, entry, settings)
     except Exception as exc:  # lm-eval, datasets and fsspec raise many kinds
         raise _explain_load_error(exc, name, where, source) from None
     tasks = dict(sorted(loaded["tasks"].items()))
