@@ -76,7 +76,7 @@ def test_bad_input_is_one_line_naming_the_key(tmp_path, lmeval_dir, settings, me
 
 
 def test_hub_fetch_hint_says_how(tmp_path, lmeval_dir):
-    with pytest.raises(ConfigError, match="HF_DATASETS_CACHE.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(ConfigError, match=r"HF_DATASETS_CACHE.*HF_HUB_OFFLINE=1"):
         _load(tmp_path, lmeval_dir, {"task": "cqd_mc", "task_config": {"dataset_path": "cqd-nobody/x",
                                                                         "dataset_kwargs": None}})
 
