@@ -52,6 +52,9 @@ class Settings:
             raise ConfigError(f"{where}.task: expected an lm-eval task or group name, got {self.task!r}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ConfigError(f"{where}.num_fewshot: expected an integer >= 0, got {self.num_fewshot}")
+        if self.include_path is not None and not Path(self.include_path).expanduser().is_absolute():
+            raise ConfigError(f"{where}.include_path: expected an absolute path (workers read the frozen config "
+                              f"from the run directory), got {self.include_path!r}")
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise ConfigError(f"{where}.fewshot_as_multiturn: needs apply_chat_template: true (as in lm-eval)")
 
@@ -95,20 +98,7 @@ class LmEvalTask(Task):
         unknown = [i for i in item_ids if i not in self._known]
         if unknown:
             raise TaskError(f"task {self.name!r}: unknown item ids {unknown[:3]}")
-        try:
-            return self._evaluate(model, item_ids)
-        except TaskError:
-            raise
-        except Exception:
-            if len(item_ids) == 1:
-                raise
-        results = []
-        for item_id in item_ids:  # one bad document is that document's error, not the batch's
-            try:
-                results.extend(self._evaluate(model, [item_id]))
-            except Exception as exc:
-                results.append(ItemResult(item_id, 0.0, error=f"lm-eval: {type(exc).__name__}: {exc}"[:300]))
-        return results
+        return self._evaluate(model, item_ids)  # run/evaluation.isolated_results isolates items
 
     def _evaluate(self, model: Any, item_ids: Sequence[str]) -> list[ItemResult]:
         from lm_eval.evaluator import evaluate

@@ -18,7 +18,7 @@ def lm_eval_config(family, run_dir, lmeval_dir) -> dict:
     config["tasks"] = [{"name": name, "kind": "lm-eval", "batch_size": 5,
                         "settings": {"task": task, "include_path": str(lmeval_dir)}}
                        for name, task in SKILLS.items()]
-    config["qd"]["generations"] = 4
+    config["qd"]["generations"] = 3
     return config
 
 

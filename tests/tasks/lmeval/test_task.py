@@ -65,7 +65,8 @@ def _load(tmp_path, lmeval_dir, settings, engine=None):
     ({"task": "cqd_gen", "gen_kwargs": {"do_sample": True, "temperature": 0.7}},
      "tasks[0].settings.gen_kwargs: lm-eval task 'cqd_gen' samples"),
     ({"task": "cqd_gen", "filter": "loose"}, "tasks[0].settings.filter: lm-eval task 'cqd_gen' has filters"),
-    ({"task": "cqd_mc", "include_path": "no-such-folder"}, "tasks[0].settings.include_path: expected a folder"),
+    ({"task": "cqd_mc", "include_path": "/no-such-folder"}, "tasks[0].settings.include_path: expected a folder"),
+    ({"task": "cqd_mc", "include_path": "tasks"}, "tasks[0].settings.include_path: expected an absolute path"),
     ({"task": "cqd_mc", "colour": 1}, "tasks[0].settings: unknown key 'colour'"),
 ])
 def test_bad_input_is_one_line_naming_the_key(tmp_path, lmeval_dir, settings, message):
