@@ -46,7 +46,7 @@ def test_evaluate_writes_the_normalised_table_and_resumes(finished_run, lmeval_d
     assert all(s["items"] == 12 and s["errors"] == 0 for m in results["models"].values() for s in m["scores"].values())
     assert "| base | 1.000 (" in out and "| final |" in out
     table = json.loads((finished_run / "evaluations" / "table3.table.json").read_text())
-    assert [row["model"] for row in table["rows"]][0] == "base"
+    assert table["rows"][0]["model"] == "base"
     assert len((finished_run / "evaluations" / "table3.csv").read_text().splitlines()) == 6
     assert (finished_run / "evaluations" / "table3.png").read_bytes()[:4] == b"\x89PNG"
 
