@@ -2,7 +2,9 @@
 
 Scores the run's final model, its experts and its base (and any `--model`: a saved model's
 id or a Hugging Face dir) on a suite of tasks (lm-eval tasks or any task kind), every item
-of each task, on ONE engine built on the base whose weights each model replaces in place.
+of each task, on ONE engine per rank built on the base whose weights each model replaces in
+place. Under `mpiexec`/`srun` every rank holds an engine, each (model, task) pair's batches
+are shared out round-robin and gathered on rank 0, which writes the results.
 Results go to RUN_DIR/evaluations/<suite>.json after every (model, task) pair, so a rerun
 skips the pairs already scored and a preempted evaluation resumes; the table normalised by
 the base model's scores is printed and written next to it as .md, .csv, .table.json and .png.
@@ -88,16 +90,44 @@ def _models(run_dir: Path, run_config: dict, wanted: list[str], extra: list[str]
     return models
 
 
+def _score(worker, task, ids: list[str], comm) -> list:
+    """Every item's result, in order: batches of the task's batch_size, under MPI shared out
+    round-robin over the ranks and gathered on rank 0 (None elsewhere)."""
+    from cqd_mpi.run.evaluation import isolated_results
+
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    batches = [ids[start : start + task.batch_size] for start in range(0, len(ids), task.batch_size)]
+    mine = {index: isolated_results(task, batch, lambda b: task.evaluate(worker.engine, b),
+                                    where=f"task {task.name!r}")
+            for index, batch in enumerate(batches) if index % size == rank}
+    if comm is not None:
+        gathered = comm.gather(mine, root=0)
+        if rank != 0:
+            return None
+        mine = {index: results for part in gathered for index, results in part.items()}
+    return [result for index in range(len(batches)) for result in mine[index]]
+
+
 def run(args) -> int:
+    from cqd_mpi.runtime import mpi
+
+    comm = mpi.world()
+    if comm is None:
+        return _evaluate(args, None)
+    return mpi.guarded(comm, lambda: _evaluate(args, comm))
+
+
+def _evaluate(args, comm) -> int:
+    """Every rank builds the engine and the tasks; rank 0 decides what is left, writes the results."""
     import yaml
 
     from cqd_mpi.analysis import generalization
     from cqd_mpi.errors import ConfigError
     from cqd_mpi.run import config as config_mod
-    from cqd_mpi.run.evaluation import isolated_results
     from cqd_mpi.run.rundir import RunDir, atomic_write_text
     from cqd_mpi.runtime.worker import Worker
 
+    rank = comm.Get_rank() if comm is not None else 0
     run_dir = Path(args.run_dir).resolve()
     rundir = RunDir(run_dir)
     if not rundir.config_path.is_file():
@@ -110,35 +140,42 @@ def run(args) -> int:
     models = _models(run_dir, run_config, wanted, args.model)
 
     out_dir = run_dir / "evaluations"
-    out_dir.mkdir(exist_ok=True)
     results_path = out_dir / f"{name}.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"suite": name, "models": {}}
-    results["tasks"] = config.task_names
-    worker = Worker(config)
-    try:
+    results = None
+    if rank == 0:
+        out_dir.mkdir(exist_ok=True)
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {"suite": name, "models": {}}
+        results["tasks"] = config.task_names
         for label, path in models.items():
             entry = results["models"].setdefault(label, {"path": str(path), "scores": {}})
             if entry["path"] != str(path):
                 entry.update(path=str(path), scores={})  # a different model under that label: score it afresh
-            todo = [t for t in config.task_names if t not in entry["scores"]]
-            if not todo:
-                print(f"{label}: every task already scored, skipped")
+    todo = {label: [t for t in config.task_names if t not in results["models"][label]["scores"]]
+            for label in models} if rank == 0 else None
+    if comm is not None:
+        todo = comm.bcast(todo, root=0)
+    worker = Worker(config, rank=rank, world_size=comm.Get_size() if comm is not None else 1)
+    try:
+        for label, path in models.items():
+            if not todo[label]:
+                if rank == 0:
+                    print(f"{label}: every task already scored, skipped")
                 continue
             worker.load_dir(path)  # in place: the engine is built once, on the base
-            for task_name in todo:
+            for task_name in todo[label]:
                 task = worker.tasks[task_name]
-                ids = task.item_ids()[: args.limit]
-                scored = []
-                for start in range(0, len(ids), task.batch_size):
-                    batch = ids[start : start + task.batch_size]
-                    scored += isolated_results(task, batch, lambda b, t=task: t.evaluate(worker.engine, b),
-                                               where=f"task {task_name!r}")
+                scored = _score(worker, task, task.item_ids()[: args.limit], comm)
+                if rank != 0:
+                    continue
+                entry = results["models"][label]
                 entry["scores"][task_name] = {"score": task.metric(scored), "items": len(scored),
                                               "errors": sum(r.error is not None for r in scored)}
                 atomic_write_text(results_path, json.dumps(results, indent=2))
                 print(f"{label}: {task_name} {entry['scores'][task_name]['score']:.4f} ({len(scored)} items)")
     finally:
         worker.close()
+    if rank != 0:
+        return 0
     markdown = generalization.to_markdown(results)
     atomic_write_text(out_dir / f"{name}.md", markdown)
     atomic_write_text(out_dir / f"{name}.csv", generalization.to_csv(results))

@@ -27,7 +27,7 @@ def _suite(path, lmeval_dir, **extra):
     tasks = [{"name": name, "kind": "lm-eval", "batch_size": 8,
               "settings": {"task": task, "include_path": str(lmeval_dir)}}
              for name, task in (("mc", "cqd_mc"), ("gen", "cqd_gen"), ("ll", "cqd_ll"))]
-    path.write_text(yaml.safe_dump({"name": "table3", "tasks": tasks, **extra}))
+    path.write_text(yaml.safe_dump({"name": "table3", "tasks": tasks, **extra}))  # extra may rename it
     return path
 
 
@@ -62,3 +62,18 @@ def test_a_bad_suite_is_one_line(finished_run, lmeval_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("cqd_mpi: error: ") and "models: expected some of final, experts, base" in err
     assert "\n" not in err
+
+
+@pytest.mark.mpi
+def test_evaluate_under_mpiexec_shards_items_and_equals_one_process(finished_run, lmeval_dir, tmp_path):
+    """Two ranks, each with an engine updated in place, batches shared out: the same scores as
+    the one-process evaluation (run first if the module's first test did not)."""
+    one = _suite(tmp_path / "one.yaml", lmeval_dir, name="one", models=["final", "base"])
+    assert main(["evaluate", str(finished_run), "--suite", str(one)]) == 0
+    two = _suite(tmp_path / "two.yaml", lmeval_dir, name="two", models=["final", "base"])
+    result = run_cli("evaluate", finished_run, "--suite", two, mpi_ranks=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("| final |") == 1
+    scores = {name: json.loads((finished_run / "evaluations" / f"{name}.json").read_text())["models"]
+              for name in ("one", "two")}
+    assert scores["one"] == scores["two"]
