@@ -34,8 +34,8 @@ def test_item_scores_are_hflm_per_sample_metrics(hf_engine, hflm_reference, lmev
                                                  filter_key, metric):
     lm_task = make_task(lmeval_dir, task=task, **options)
     ids = lm_task.item_ids()
-    assert ids == [f"{task}/{i}" for i in range(12)]
-    results = lm_task.evaluate(hf_engine, ids[7:]) + lm_task.evaluate(hf_engine, ids[:7])  # any batching
+    assert ids == [f"{task}/{i}" for i in range(len(hflm_reference["samples"][task]) // (1 + (task == "cqd_gen")))]
+    results = lm_task.evaluate(hf_engine, ids[5:]) + lm_task.evaluate(hf_engine, ids[:5])  # any batching
     expected = {f"{task}/{s['doc_id']}": float(s[metric]) for s in hflm_reference["samples"][task]
                 if s["filter"] == filter_key}
     assert {r.item_id: r.score for r in results} == expected
@@ -109,3 +109,18 @@ def test_missing_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(MissingDependency, match=r"pip install 'cqd_mpi\[lm-eval\]'"):
         require()
+
+
+@pytest.mark.parametrize("weighting", ["documents", "tasks"])
+def test_a_group_scores_its_sub_tasks_documents(hf_engine, hflm_reference, lmeval_dir, weighting):
+    group = make_task(lmeval_dir, task="cqd_group", group_weighting=weighting)
+    ids = group.item_ids()
+    assert ids == [f"cqd_ll/{i}" for i in range(8)] + [f"cqd_mc/{i}" for i in range(12)]
+    results = group.evaluate(hf_engine, ids[6:14]) + group.evaluate(hf_engine, ids[:6] + ids[14:])
+    expected = {f"{task}/{s['doc_id']}": float(s["acc"]) for task in ("cqd_mc", "cqd_ll")
+                for s in hflm_reference["samples"][task]}
+    assert {r.item_id: r.score for r in results} == expected
+    means = [float(hflm_reference["results"][task]["acc,none"]) for task in ("cqd_mc", "cqd_ll")]
+    want = sum(expected.values()) / len(expected) if weighting == "documents" else sum(means) / 2
+    assert group.metric(results) == pytest.approx(want, abs=1e-12)
+    assert means[0] != means[1], "sub-tasks of different sizes and scores tell the weightings apart"
