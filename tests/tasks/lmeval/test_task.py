@@ -124,3 +124,17 @@ def test_a_group_scores_its_sub_tasks_documents(hf_engine, hflm_reference, lmeva
     want = sum(expected.values()) / len(expected) if weighting == "documents" else sum(means) / 2
     assert group.metric(results) == pytest.approx(want, abs=1e-12)
     assert means[0] != means[1], "sub-tasks of different sizes and scores tell the weightings apart"
+
+
+def test_few_shot_prompts_do_not_depend_on_the_documents_before_them(lmeval_dir):
+    """lm-eval draws random few-shot examples from one generator in document order; here each
+    document's draw is seeded by the document, so sharding cannot change an item's prompt."""
+    task = make_task(lmeval_dir, task="cqd_mc", num_fewshot=2, fewshot_seed=7).resolved.tasks["cqd_mc"]
+    docs = list(task.eval_docs)
+    alone = task.fewshot_context(docs[5], 2)
+    for doc in docs[:5]:
+        task.fewshot_context(doc, 2)
+    assert task.fewshot_context(docs[5], 2) == alone
+    assert alone.count("Question:") == 3
+    other = make_task(lmeval_dir, task="cqd_mc", num_fewshot=2, fewshot_seed=8).resolved.tasks["cqd_mc"]
+    assert [other.fewshot_context(d, 2) for d in docs] != [task.fewshot_context(d, 2) for d in docs]
