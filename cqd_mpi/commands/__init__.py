@@ -11,4 +11,5 @@ COMMANDS = {
     "similarity": "cqd_mpi.commands.similarity",
     "doctor": "cqd_mpi.commands.doctor",
     "check-tasks": "cqd_mpi.commands.check_tasks",
+    "evaluate": "cqd_mpi.commands.evaluate",
 }

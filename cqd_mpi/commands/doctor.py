@@ -96,8 +96,8 @@ def _check_config(path: str) -> bool:
     print(f"  {config.engine.kind} ({engine.__module__}:{engine.__qualname__}): "
           f"{', '.join(capabilities(engine)) or 'no capabilities'}; settings {config.engine.settings}")
     for task in config.tasks:
-        needed = task_class(task.kind).requires
-        print(f"  [ok] task {task.name} ({task.kind}) needs {needed.capability}")
+        needed = task_class(task.kind).capabilities_needed(config_mod.task_settings(task), root=Path(path).resolve().parent)
+        print(f"  [ok] task {task.name} ({task.kind}) needs {', '.join(c.capability for c in needed)}")
     print("== models")
     try:
         base = ModelDir(config.base)

@@ -13,6 +13,7 @@ from typing import Any
 from cqd_mpi.engines.base import (
     Capability,
     Engine,
+    LogLikelihoods,
     MaskPrediction,
     MaskPrompt,
     PredictedMask,
@@ -28,8 +29,8 @@ BUILTIN = {
     "llava": "cqd_mpi.engines.llava:LlavaEngine",
 }
 
-__all__ = ["BUILTIN", "Capability", "Engine", "MaskPrediction", "MaskPrompt", "PredictedMask", "TextGeneration",
-           "VisualQuestionAnswering", "capabilities", "create", "engine_class"]
+__all__ = ["BUILTIN", "Capability", "Engine", "LogLikelihoods", "MaskPrediction", "MaskPrompt", "PredictedMask",
+           "TextGeneration", "VisualQuestionAnswering", "capabilities", "create", "engine_class"]
 
 
 def engine_class(kind: str, where: str = "engine.kind") -> type[Engine]:

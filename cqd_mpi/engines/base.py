@@ -30,7 +30,7 @@ import abc
 import dataclasses
 import os
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from cqd_mpi.schema import NoSettings
 
@@ -67,6 +67,38 @@ class TextGeneration(Capability):
              stop: Sequence[str] = ()) -> list[str]:
         """Greedy replies to `conversations` rendered with the chat template; a conversation
         that ends with an assistant message is continued from that message's text."""
+
+
+class LogLikelihoods(Capability):
+    """Scoring: log-probabilities of continuations given contexts, token ids in, batched.
+
+    What lm-evaluation-harness's `loglikelihood` requests need (tasks/lmeval/). Both sides
+    are token ids of `tokenizer` (the engine's own, so the caller tokenizes exactly as the
+    engine does); a pair longer than `max_length + 1` tokens loses tokens from the left, as
+    lm-eval's HFLM does. A pair's result must not depend on which other pairs share its batch
+    beyond the rounding of batched kernels.
+    """
+
+    capability = "log-likelihoods"
+    tokenizer: Any
+    """The Hugging Face tokenizer the engine encodes and decodes with."""
+
+    @property
+    @abc.abstractmethod
+    def max_length(self) -> int:
+        """The most tokens the model reads at once (its context length)."""
+
+    @abc.abstractmethod
+    def loglikelihoods(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+        """For each (context ids, continuation ids), both non-empty: the sum of the
+        continuation tokens' log-probabilities given everything before them, and whether
+        greedy decoding would have produced exactly those tokens."""
+
+    @abc.abstractmethod
+    def generate_ids(self, token_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                     stop: Sequence[str] = ()) -> list[str]:
+        """Greedy completions of prompts given as token ids (used as they are: no special
+        tokens added), cut before the earliest stop string as `TextGeneration` does."""
 
 
 @dataclasses.dataclass(frozen=True)

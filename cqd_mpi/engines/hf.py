@@ -25,7 +25,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from cqd_mpi.engines.base import Engine, NamedTensors, TextGeneration, cut_at_stop
+from cqd_mpi.engines.base import Engine, LogLikelihoods, NamedTensors, TextGeneration, cut_at_stop
 from cqd_mpi.engines.devices import checkpoint_dtype, resolve_device, resolve_dtype
 from cqd_mpi.engines.inplace import InPlaceWeights
 from cqd_mpi.engines.prompts import PromptCodec
@@ -78,7 +78,7 @@ class _StopOnStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class TransformersEngine(Engine, TextGeneration):
+class TransformersEngine(Engine, TextGeneration, LogLikelihoods):
     """One transformers causal LM and its tokenizer on this process's device, in eval mode.
 
     `tokens_generated` counts generated (non-padding) tokens over the model's life, for
@@ -228,3 +228,58 @@ class TransformersEngine(Engine, TextGeneration):
         self.tokens_generated += int((new_tokens != self.tokenizer.pad_token_id).sum())
         texts = self.prompts.decode(new_tokens.tolist())
         return [cut_at_stop(text, stop) for text in texts]
+
+    # ------------------------------------------------------------------ scoring
+
+    @property
+    def max_length(self) -> int:
+        """The context length as lm-eval's HFLM reads it: the config's n_positions,
+        max_position_embeddings or n_ctx, else the tokenizer's model_max_length, else 2048."""
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(config, attr, None)
+            if value is not None:
+                return int(value)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return int(limit) if limit is not None and limit < 10**29 else 2048
+
+    def generate_ids(self, token_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                     stop: Sequence[str] = (), batch_size: int | None = None) -> list[str]:
+        """Greedy completions of prompts given as token ids."""
+        return self._generate([list(ids) for ids in token_ids], max_new_tokens, stop, batch_size)
+
+    def loglikelihoods(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                       batch_size: int | None = None) -> list[tuple[float, bool]]:
+        """Sum of log p(continuation | context) and whether it is the greedy continuation, per
+        pair; longest first in batches, right-padded (causal attention never sees the padding),
+        log-softmax in float32."""
+        batch_size = batch_size or self.batch_size
+        inputs = []
+        for context, continuation in pairs:
+            if not context or not continuation:
+                raise ValueError("loglikelihoods: expected a non-empty context and continuation")
+            inputs.append((list(context) + list(continuation))[-(self.max_length + 1):][:-1])
+        order = sorted(range(len(pairs)), key=lambda i: -len(inputs[i]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            scored = self._score_batch([inputs[i] for i in chunk], [list(pairs[i][1]) for i in chunk])
+            for index, result in zip(chunk, scored):
+                results[index] = result
+        return results
+
+    @torch.inference_mode()
+    def _score_batch(self, inputs: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        width = max(len(ids) for ids in inputs)
+        batch = torch.zeros((len(inputs), width), dtype=torch.long)
+        for row, ids in enumerate(inputs):
+            batch[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        logits = self.model(batch.to(self.device)).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        results = []
+        for row, (ids, continuation) in enumerate(zip(inputs, continuations)):
+            selected = logprobs[row, len(ids) - len(continuation) : len(ids)]
+            target = torch.tensor(continuation, dtype=torch.long, device=selected.device)
+            greedy = bool((selected.argmax(dim=-1) == target).all())
+            results.append((float(selected.gather(1, target[:, None]).sum()), greedy))
+        return results

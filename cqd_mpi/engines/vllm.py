@@ -37,7 +37,7 @@ from typing import Literal
 
 import torch
 
-from cqd_mpi.engines.base import Engine, NamedTensors, TextGeneration, cut_at_stop
+from cqd_mpi.engines.base import Engine, LogLikelihoods, NamedTensors, TextGeneration, cut_at_stop
 from cqd_mpi.engines.devices import checkpoint_dtype, resolve_devices, resolve_dtype
 from cqd_mpi.engines.prompts import PromptCodec
 from cqd_mpi.engines.templates import resolve_template
@@ -117,7 +117,7 @@ class _Call(threading.Thread):
         return self.value
 
 
-class VLLMEngine(Engine, TextGeneration):
+class VLLMEngine(Engine, TextGeneration, LogLikelihoods):
     """One vLLM `LLM` on this worker's device(s) and the tokenizer of the base model.
 
     `tokens_generated` counts generated tokens over the engine's life; `worker_pids` are
@@ -306,14 +306,53 @@ class VLLMEngine(Engine, TextGeneration):
     def render_chat(self, conversation: list[dict[str, str]]) -> str:
         return self.prompts.render_chat(conversation)
 
+    def generate_ids(self, token_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                     stop: Sequence[str] = ()) -> list[str]:
+        """Greedy completions of prompts given as token ids."""
+        return self._generate([list(ids) for ids in token_ids], max_new_tokens, stop)
+
+    @property
+    def max_length(self) -> int:
+        """The longest (context + continuation - 1) a log-likelihood reads: vLLM scores a whole
+        prompt and must generate one token after it within max_model_len."""
+        return self.max_model_len - 2
+
+    def loglikelihoods(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+        """vLLM's prompt log-probabilities of each continuation token (the sequence's last
+        max_length + 1 tokens, as HFLM truncates), and whether each was the top-ranked token."""
+        from vllm import SamplingParams
+
+        self._require_complete()
+        sequences = []
+        for context, continuation in pairs:
+            if not context or not continuation:
+                raise ValueError("loglikelihoods: expected a non-empty context and continuation")
+            sequences.append((list(context) + list(continuation))[-(self.max_length + 1):])
+        if not sequences:
+            return []
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
+        results = []
+        for ids, (_, continuation), output in zip(sequences, pairs, outputs):
+            total, greedy = 0.0, True
+            for position in range(len(ids) - len(continuation), len(ids)):
+                scored = output.prompt_logprobs[position][ids[position]]
+                total += float(scored.logprob)
+                greedy = greedy and scored.rank == 1
+            results.append((total, greedy))
+        return results
+
+    def _require_complete(self) -> None:
+        if not self._complete:
+            raise WeightsError(f"the vLLM engine on {self.model_dir} has no complete weights yet "
+                               "(load_format 'dummy', or the last update failed): update it first")
+
     def _generate(self, encoded: list[list[int]], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
         from vllm import SamplingParams
 
         if max_new_tokens < 1:
             raise ConfigError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not self._complete:
-            raise WeightsError(f"the vLLM engine on {self.model_dir} has no complete weights yet "
-                               "(load_format 'dummy', or the last update failed): update it first")
+        self._require_complete()
         if not encoded:
             return []
         stop = [s for s in stop if s]

@@ -306,8 +306,7 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, ta
         task.protocol, task.settings = protocols.resolve(
             task_class_of(task, f"tasks[{i}]"), name=task.protocol, default=config.protocol,
             settings=task.settings, where=f"tasks[{i}]")
-        task_settings(task, f"tasks[{i}]")
-        check_capability(task, engine, f"tasks[{i}]")
+        check_capability(task, engine, f"tasks[{i}]", settings=task_settings(task, f"tasks[{i}]"), root=root)
     if check_files and not tasks_only:
         _check_model_dir(config.base, "base")
         for i, expert in enumerate(config.experts):
@@ -340,12 +339,21 @@ def engine_settings(engine: EngineConfig):
     return schema.build(engine_class(engine).Settings, engine.settings, "engine.settings")
 
 
-def check_capability(task: TaskConfig, engine: type, where: str) -> None:
-    """Refuse a task whose engine lacks the capability it calls, naming all three."""
-    from cqd_mpi.engines import capabilities
+def check_capability(task: TaskConfig, engine: type, where: str, *, settings: Any = None,
+                     root: Path | str = ".") -> None:
+    """Refuse a task whose engine lacks a capability it calls, naming all three."""
     from cqd_mpi.tasks import task_class
 
-    needed = task_class(task.kind, f"{where}.kind").requires
+    cls = task_class(task.kind, f"{where}.kind")
+    if settings is None:
+        settings = task_settings(task, where)
+    for needed in cls.capabilities_needed(settings, root=root, where=f"{where}.settings"):
+        _check_one(task, engine, where, needed)
+
+
+def _check_one(task: TaskConfig, engine: type, where: str, needed: type) -> None:
+    from cqd_mpi.engines import capabilities
+
     if not issubclass(engine, needed):
         has = ", ".join(capabilities(engine)) or "none"
         raise ConfigError(

@@ -11,6 +11,7 @@ BUILTIN = {
     "segmentation": "cqd_mpi.tasks.segmentation:SegmentationTask",
     "os": "cqd_mpi.tasks.os_interaction:OSInteractionTask",
     "textvqa": "cqd_mpi.tasks.textvqa:TextVQATask",
+    "lm-eval": "cqd_mpi.tasks.lmeval.task:LmEvalTask",
 }
 
 __all__ = ["BUILTIN", "BackendStatus", "ItemResult", "Task", "TaskContext", "task_class"]

@@ -89,6 +89,13 @@ class Task(abc.ABC):
 
         raise TaskError(f"task kind {self.kind!r} has no reference solutions to check")
 
+    @classmethod
+    def capabilities_needed(cls, settings: Any, *, root: Path | str = ".", where: str = "settings"
+                            ) -> tuple[type[Capability], ...]:
+        """The capabilities a task with these settings calls (checked when a config is loaded;
+        `root` is the config's folder). `requires` unless a kind's needs depend on its settings."""
+        return (cls.requires,)
+
     def item_seconds(self, item_id: str) -> float:
         """The most time one item may spend outside the model (its sandboxes, servers,
         environments) by the task's own limits; sizes `runtime.eval_deadline: auto`."""

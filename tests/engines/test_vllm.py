@@ -44,7 +44,7 @@ def vllm_python() -> str:
 def test_vllm_is_a_builtin_engine_kind_with_text_generation():
     cls = engine_class("vllm")
     assert cls.__module__ == "cqd_mpi.engines.vllm" and cls.kind == "vllm"
-    assert capabilities(cls) == ["text generation"]
+    assert capabilities(cls) == ["text generation", "log-likelihoods"]
     if importlib.util.find_spec("vllm") is None:
         assert "vllm" not in sys.modules
 
