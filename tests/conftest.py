@@ -109,7 +109,8 @@ SHARED_RESOURCES = {
                   "env/"),
     "slurm": ("jobs/",),
     "vllm": ("engines/test_vllm.py",),
-    "mpi": ("runtime/", "engines/test_plugins.py", "tasks/test_segmentation_run.py"),
+    "mpi": ("runtime/", "engines/test_plugins.py", "tasks/test_segmentation_run.py", "tasks/lmeval/test_run.py",
+            "tasks/lmeval/test_evaluate.py"),
 }
 
 
