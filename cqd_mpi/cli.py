@@ -10,7 +10,7 @@ import sys
 
 from cqd_mpi import __version__
 from cqd_mpi.commands import COMMANDS
-from cqd_mpi.errors import CqdError
+from cqd_mpi.errors import CqdError, storage_error
 
 
 def _load(name: str):
@@ -63,3 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except OSError as exc:
+        error = storage_error(exc)
+        if error is None:
+            raise
+        logging.getLogger("cqd_mpi").debug("the file system refused", exc_info=True)
+        print(f"cqd_mpi: error: {error}", file=sys.stderr)
+        return 2
