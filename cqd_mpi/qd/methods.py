@@ -23,6 +23,10 @@ def method_class(name: str, where: str = "qd.method") -> type[CycleQD]:
     return plugins.load_class(name, builtin=BUILTIN, base=CycleQD, what="search method", where=where)
 
 
+def methods_for(k: int) -> list[str]:
+    """The built-in methods that make sense with k tasks (`min_tasks`)."""
+    return [name for name in BUILTIN if method_class(name).min_tasks <= k]
+
 
 def method_name(core: CycleQD) -> str:
     """The name that `method_class` turns back into the core's class: its built-in name, or

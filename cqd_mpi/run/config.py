@@ -228,6 +228,14 @@ class Config:
         missing = [n for n in names if n not in expert_tasks]
         if missing:
             raise ConfigError(f"experts: expected an expert for every task, none given for {', '.join(missing)}")
+        from cqd_mpi.qd.methods import method_class, methods_for
+
+        needed = method_class(self.qd.method).min_tasks
+        if len(names) < needed:
+            raise ConfigError(
+                f"qd.method: {self.qd.method} needs at least {needed} tasks (with fewer there is no other task "
+                f"to cycle or trade off against), got {len(names)} ({', '.join(names)}); with {len(names)} "
+                f"task(s) use {' or '.join(methods_for(len(names)))}")
         if self.qd.alpha_high < self.qd.alpha_low:
             raise ConfigError(
                 f"qd.alpha_high: expected >= alpha_low ({self.qd.alpha_low}), got {self.qd.alpha_high}"
