@@ -63,11 +63,12 @@ _STORAGE_HINTS = {
 }
 
 
-def storage_error(exc: BaseException) -> StorageError | None:
+def storage_error(exc: BaseException, *, stdout: bool = False) -> StorageError | None:
     """The one-line error for an OSError of the file system (read-only, full, not a directory, no
     permission), or None for any other exception, which keeps its traceback.
 
-    h5py reports the errno inside its message rather than in `errno`; both are read."""
+    h5py reports the errno inside its message rather than in `errno`; both are read. `stdout`:
+    the failed file was the standard output (an OSError from writing it names no file)."""
     import errno as errnos
     import os
     import re
@@ -84,6 +85,7 @@ def storage_error(exc: BaseException) -> StorageError | None:
     path = exc.filename
     if path is None:
         found = re.search(r"name = '([^']*)'", str(exc))
-        path = found.group(1) if found else "a file"
+        path = found.group(1) if found else "the standard output" if stdout else "a file"
     target = f"{os.fspath(path)}" + (f" -> {os.fspath(exc.filename2)}" if exc.filename2 else "")
-    return StorageError(f"cannot use {target}: {os.strerror(code)} ({name}); {_STORAGE_HINTS[name]}")
+    hint = "redirect it elsewhere" if stdout and exc.filename is None else _STORAGE_HINTS[name]
+    return StorageError(f"cannot use {target}: {os.strerror(code)} ({name}); {hint}")
