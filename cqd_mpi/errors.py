@@ -56,6 +56,7 @@ _STORAGE_HINTS = {
     "EPERM": "not permitted: point the output at a place you may write",
     "ENOTDIR": "a part of the path is a file, not a directory",
     "EISDIR": "a directory is where a file was expected",
+    "EEXIST": "a file is where a directory was to be made",
     "ENOENT": "a part of the path does not exist or cannot hold new files",
     "EFBIG": "the file is larger than the file system allows",
     "ENAMETOOLONG": "the path is too long",
