@@ -90,7 +90,7 @@ def test_every_subcommand_with_an_unwritable_output_prints_one_line_and_exits_2(
                               "(EEXIST); a file is where a directory was to be made",
                               "(ENOSPC); redirect it elsewhere")), lines[0]
     if command == "compare":
-        assert "Test-split scores" in captured.out and "CycleQD aggregate" in captured.out
+        assert "Test-split scores" in captured.out and "| base |" in captured.out
 
 
 def test_a_full_stdout_in_a_real_process_is_one_line_and_exit_2():
