@@ -74,6 +74,7 @@ MBPP = {
         "max_new_tokens": 512,
         "sanitizer": "authors",
         "tests": "base",
+        "judge": "evalplus-1895d2f6",
         "min_time_limit": 0.2,
         "gt_time_limit_factor": 4.0,
         "memory_mb": 4096,
@@ -89,6 +90,7 @@ MBPP = {
         "max_new_tokens": 768,
         "sanitizer": "evalplus",
         "tests": "base+plus",
+        "judge": "evalplus-0.3.1",
         "min_time_limit": 1.0,
         "gt_time_limit_factor": 4.0,
         "memory_mb": 4096,
@@ -96,7 +98,8 @@ MBPP = {
     },
 }
 """MBPP+ (tasks/mbpp/). `paper`: the authors' instruction-response prompt, their stops, text
-sanitizer and time limit, base tests of MbppPlus v0.1.0; `reference`: evalplus 0.3.1's chat
+sanitizer and time limit, base tests of MbppPlus v0.1.0 judged by the comparison rules of the
+evalplus commit they pin; `reference`: evalplus 0.3.1's chat
 codegen, tree-sitter sanitizer and evaluate (MBPP+ = base and extra tests) on v0.2.0."""
 
 # -------------------------------------------------------------------------------- DB

@@ -244,17 +244,24 @@ def test_reference_solutions_score_100_percent(kind):
     assert all(r.detail["status"] == "pass" and r.seconds > 0 for r in results)
 
 
-def test_evalplus_oracles_decide_the_verdict():
-    task = make_task()
-    ids = ["Mbpp/2", "Mbpp/82", "Mbpp/82", "Mbpp/3"]
+@pytest.mark.parametrize("protocol, set_equal", [("paper", (0.0, "wrong-answer")), ("reference", (1.0, None))])
+def test_evalplus_oracles_decide_the_verdict(protocol, set_equal):
+    """Mbpp/2 in another order passes evalplus 0.3.1's set-equality oracle (`reference`,
+    eval/_special_oracle.py:10-11, eval/__init__.py:176-177) and fails the pinned commit's plain
+    equality (`paper`, evalplus 1895d2f6 eval/__init__.py:137,161-164): the issue's
+    list(set(a) & set(b)) among them; floats pass within atol under both."""
+    task = make_task(protocol=protocol, tests="base")
+    ids = ["Mbpp/2", "Mbpp/2", "Mbpp/82", "Mbpp/82", "Mbpp/3"]
     codes = [
         "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b), reverse=True))",
+        "def similar_elements(a, b):\n    return list(set(a) & set(b))",
         "import math\ndef volume_sphere(r):\n    return 4 / 3 * math.pi * r ** 3 + 1e-6",
         "def volume_sphere(r):\n    return 4.19 * r ** 3",
         "def is_not_prime(n):\n    return n % 2 == 0",
     ]
     results = task.score(ids, codes)
-    assert [(r.score, r.error) for r in results] == [(1.0, None), (1.0, None), (0.0, "wrong-answer"), (0.0, "wrong-answer")]
+    assert [(r.score, r.error) for r in results] == [set_equal, set_equal, (1.0, None), (0.0, "wrong-answer"),
+                                                     (0.0, "wrong-answer")]
 
 
 def test_plus_tests_run_after_the_base_tests():

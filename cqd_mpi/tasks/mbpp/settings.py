@@ -27,8 +27,11 @@ class Settings:
     fence). response_prefix: the text right after the response marker ('instruction-response')
     or the assistant turn to continue ('chat'). stop: null for evalplus's stop strings of the
     prompt format. sanitizer: 'authors' (their text sanitizer) or 'evalplus' (evalplus's
-    codegen and tree-sitter sanitize). tests: 'base' or 'base+plus' (evalplus's MBPP+).
-    judge_seconds: the time to decode and check one output.
+    codegen and tree-sitter sanitize). tests: 'base' or 'base+plus' (evalplus's MBPP+). judge:
+    whose rules compare an output with the expected one: 'evalplus-1895d2f6' (the commit the
+    authors pin: equality, then numpy's allclose) or 'evalplus-0.3.1' (its untrusted_check: set
+    equality for eight problems, two more oracles, type checks). judge_seconds: the time to
+    decode and check one output.
     """
 
     task_ids: list[str] | None = None
@@ -42,6 +45,7 @@ class Settings:
     max_new_tokens: int = _DEFAULT["max_new_tokens"]
     sanitizer: Literal["authors", "evalplus"] = _DEFAULT["sanitizer"]
     tests: Literal["base", "base+plus"] = _DEFAULT["tests"]
+    judge: Literal["evalplus-1895d2f6", "evalplus-0.3.1"] = _DEFAULT["judge"]
     sandbox: Literal["auto", "bwrap", "unshare"] = "auto"
     timeout_seconds: float = _DEFAULT["timeout_seconds"]
     startup_seconds: float = 5.0

@@ -288,7 +288,8 @@ class MbppPlusTask(Task):
         for _attempt in range(2):
             if not pending:
                 break
-            request = {"mode": "judge", "dataset": "mbpp", "items": pending, "judge_seconds": settings.judge_seconds}
+            request = {"mode": "judge", "dataset": "mbpp", "items": pending, "judge_seconds": settings.judge_seconds,
+                       "rules": settings.judge}
             wall = settings.startup_seconds + sum(
                 len(item["inputs"]) * settings.judge_seconds + JUDGE_ITEM_SECONDS for item in pending)
             limits = dataclasses.replace(self._limits(wall), memory_bytes=max(settings.memory_mb, 1024) << 20)
