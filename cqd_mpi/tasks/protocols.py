@@ -78,7 +78,7 @@ MBPP = {
         "min_time_limit": 0.2,
         "gt_time_limit_factor": 4.0,
         "memory_mb": 4096,
-        "timeout_seconds": 60.0,
+        "timeout_seconds": None,
     },
     "reference": {
         "version": "v0.2.0",
@@ -94,7 +94,7 @@ MBPP = {
         "min_time_limit": 1.0,
         "gt_time_limit_factor": 4.0,
         "memory_mb": 4096,
-        "timeout_seconds": 120.0,
+        "timeout_seconds": 60.0,
     },
 }
 """MBPP+ (tasks/mbpp/). `paper`: the authors' instruction-response prompt, their stops, text

@@ -473,3 +473,20 @@ def test_evaluate_with_a_real_model_and_sandbox(tiny_engine):
         assert [r.detail["completion"] for r in results] == want
         again = task.evaluate(tiny_engine, ids[::-1])[::-1]
         assert [(r.item_id, r.error, r.detail) for r in again] == [(r.item_id, r.error, r.detail) for r in results]
+
+
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_the_per_check_wall_time_rule(protocol):
+    """A run's wall bound: start-up, then per check (base; plus for base+plus) the summed per-input
+    limits plus evalplus's 3 s slack, capped at 60 s by evalplus 0.3.1 (eval/__init__.py:236,
+    `reference`) and uncapped by the pinned commit (1895d2f6 eval/__init__.py:196-199,224, `paper`)."""
+    task = make_task(protocol=protocol, min_time_limit=25.0, gt_time_limit_factor=1.0)
+    item = "Mbpp/3"
+    base = len(task.problems[item]["base_input"])
+    checks = [25.0 * base] + ([25.0 * (len(task.inputs(item)) - base)] if protocol == "reference" else [])
+    assert checks[0] > 60
+    cap = {"paper": None, "reference": 60.0}[protocol]
+    assert task.settings.timeout_seconds == cap
+    expected = task.settings.startup_seconds + sum((c if cap is None else min(cap, c)) + 3.0 for c in checks)
+    assert task.run_wall(item) == pytest.approx(expected)
+    assert task.item_seconds(item) > 2 * expected
