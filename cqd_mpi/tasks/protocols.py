@@ -136,6 +136,7 @@ OS = {
         "max_rounds": 5,
         "repeats": 5,
         "max_new_tokens": 512,
+        "judge_unfinished": True,
     },
     "reference": {
         "item_ids": None,
@@ -143,11 +144,13 @@ OS = {
         "max_rounds": 8,
         "repeats": 1,
         "max_new_tokens": 512,
+        "judge_unfinished": False,
     },
 }
 """AgentBench's OS task (cqd_mpi/tasks/os_interaction/). `paper`: the authors' 110
-fixed items of standard + dev, each pass repeated 5 times and averaged, 5 rounds; `reference`:
-AgentBench v0.2's os-std (all items of the file, once), 8 rounds."""
+fixed items of standard + dev, each pass repeated 5 times and averaged, 5 rounds, an unfinished
+episode judged with an empty answer; `reference`: AgentBench v0.2's os-std (all items of the
+file, once), 8 rounds, an unfinished episode failed."""
 
 
 # --------------------------------------------------------------------------- resolving

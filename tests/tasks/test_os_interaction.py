@@ -280,12 +280,19 @@ def test_wrong_answers_invalid_actions_and_the_round_limit_fail(data):
     assert results[2].detail["rounds"] == 5 and len(results[2].detail["commands"]) == 5
 
 
-def test_judge_unfinished_judges_like_the_cyclEQD_authors_code(data):
+@pytest.mark.parametrize("protocol, expected", [("paper", [1.0, 1.0]), ("reference", [0.0, 0.0])])
+def test_judge_unfinished_judges_like_the_cycleqd_authors_code(data, protocol, expected):
+    """An episode at the round limit (item 2) and one whose reply has no action (item 3): the
+    authors judge both with an empty answer (SakanaAI/CycleQD evaluation/fishfarm/fishfarm/tasks/
+    os_interaction.py:355-357,550-553: `paper`), AgentBench v0.2 fails them (src/server/tasks/
+    os_interaction/task.py:486-495,517-521: `reference`); 5 rounds under both here."""
+    from cqd_mpi.tasks import protocols
+
     replies = {2: [bash("true")] * 4 + [bash(GREET_EXAMPLE)], 3: [bash("chmod u-s /usr/bin/find"), "no action"]}
-    for judge, expected in ((False, [0.0, 0.0]), (True, [1.0, 1.0])):
-        with make_task(data / "data" / "dev.json", judge_unfinished=judge) as task:
-            results = task.evaluate(Policy(replies), ["dev-00002", "dev-00003"])
-            assert [r.score for r in results] == expected
+    judge = protocols.OS[protocol]["judge_unfinished"]
+    with make_task(data / "data" / "dev.json", judge_unfinished=judge, max_rounds=5) as task:
+        results = task.evaluate(Policy(replies), ["dev-00002", "dev-00003"])
+        assert [r.score for r in results] == expected
 
 
 TAMPERING = {
