@@ -230,8 +230,9 @@ def pinned_check(out, expected, entry_point: str, atol: float) -> tuple[bool, fl
 
 
 def _pinned_item(item: dict, judge_seconds: float, verdict) -> None:
-    """In a child process: every output of one item, each decoded and judged within judge_seconds."""
-    from evalplus.eval.utils import time_limit
+    """In a child process: every output of one item, each decoded and judged within judge_seconds
+    (verdict 1: pass; 2: an output took longer, a timeout as in the 0.3.1 judge; 0: fail)."""
+    from evalplus.eval.utils import TimeoutException, time_limit
 
     atol = item["atol"]
     try:
@@ -241,6 +242,8 @@ def _pinned_item(item: dict, judge_seconds: float, verdict) -> None:
             if not passed:
                 return
         verdict.value = 1
+    except TimeoutException:
+        verdict.value = 2
     except BaseException:
         return
 
@@ -255,7 +258,7 @@ def judge_pinned(request: dict, channel: _Channel) -> None:
         child = multiprocessing.Process(target=_pinned_item, args=(item, request["judge_seconds"], verdict))
         child.start()
         child.join(timeout=len(item["outputs"]) * request["judge_seconds"] + 1)
-        status = "pass" if verdict.value == 1 else "fail"
+        status = {1: "pass", 2: "timeout"}.get(verdict.value, "fail")
         if child.is_alive():
             child.kill()
             child.join()

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cqd_mpi.engines.base import TextGeneration
+from cqd_mpi.engines.base import ContextOverflow, TextGeneration
 from cqd_mpi.errors import TaskError, require
 from cqd_mpi.tasks import protocols
 from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task
@@ -358,10 +358,14 @@ class MbppPlusTask(Task):
         raw = self.completions(model, item_ids)
         if len(raw) != len(item_ids):
             raise TaskError(f"task {self.name!r}: the model returned {len(raw)} completions for {len(item_ids)} prompts")
-        codes = [self.solution(i, c) for i, c in zip(item_ids, raw)]
-        results = self.score(item_ids, codes)
-        return [dataclasses.replace(r, detail={**r.detail, "completion": c[:TEXT_EXCERPT_CHARS]})
-                for r, c in zip(results, raw)]
+        fitting = [i for i, c in enumerate(raw) if not isinstance(c, ContextOverflow)]
+        scored = self.score([item_ids[i] for i in fitting], [self.solution(item_ids[i], raw[i]) for i in fitting])
+        results = dict(zip(fitting, scored))
+        return [dataclasses.replace(results[i], detail={**results[i].detail, "completion": c[:TEXT_EXCERPT_CHARS]})
+                if i in results else
+                ItemResult(item_ids[i], 0.0, error="context-limit", detail={"status": "context-limit",
+                                                                             "message": c.message})
+                for i, c in enumerate(raw)]
 
     def reference_results(self, item_ids: Sequence[str]) -> list[ItemResult]:
         """canonical_solution of each item through the same sandbox and judge (check-tasks)."""
