@@ -490,3 +490,21 @@ def test_the_per_check_wall_time_rule(protocol):
     expected = task.settings.startup_seconds + sum((c if cap is None else min(cap, c)) + 3.0 for c in checks)
     assert task.run_wall(item) == pytest.approx(expected)
     assert task.item_seconds(item) > 2 * expected
+
+
+def test_a_prompt_past_the_models_context_is_that_items_result():
+    """An engine's ContextOverflow (engines/base.py) scores its item 0 with error context-limit;
+    the other items of the chunk are run and judged as usual."""
+    from cqd_mpi.engines.base import ContextOverflow
+
+    class Overflowing(ScriptedModel):
+        def generate(self, prompts, *, max_new_tokens, stop=()):
+            texts = super().generate(prompts, max_new_tokens=max_new_tokens, stop=stop)
+            return [ContextOverflow(prompt_tokens=600, context_length=512) if "is_not_prime" in p else t
+                    for p, t in zip(prompts, texts)]
+
+    model = Overflowing({"square_perimeter": "def square_perimeter(a):\n    return 4 * a\n```\n"})
+    results = make_task().evaluate(model, ["Mbpp/3", "Mbpp/17"])
+    assert [(r.item_id, r.score, r.error) for r in results] == [("Mbpp/3", 0.0, "context-limit"), ("Mbpp/17", 1.0, None)]
+    assert results[0].detail == {"status": "context-limit", "message": "the prompt has 600 tokens, which leaves no "
+                                 "room for a reply within the model's context of 512"}
