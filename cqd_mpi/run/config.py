@@ -232,10 +232,9 @@ class Config:
 
         needed = method_class(self.qd.method).min_tasks
         if len(names) < needed:
-            raise ConfigError(
-                f"qd.method: {self.qd.method} needs at least {needed} tasks (with fewer there is no other task "
-                f"to cycle or trade off against), got {len(names)} ({', '.join(names)}); with {len(names)} "
-                f"task(s) use {' or '.join(methods_for(len(names)))}")
+            raise ConfigError(f"qd.method: {self.qd.method} needs at least {needed} tasks (with fewer there is no "
+                              f"other task to cycle or trade off against), got {len(names)} ({', '.join(names)}); "
+                              f"with {len(names)} task(s) use {' or '.join(methods_for(len(names)))}")
         if self.qd.alpha_high < self.qd.alpha_low:
             raise ConfigError(
                 f"qd.alpha_high: expected >= alpha_low ({self.qd.alpha_low}), got {self.qd.alpha_high}"
@@ -262,6 +261,13 @@ def _resolve(path: str | None, root: Path) -> str | None:
     return str(p if p.is_absolute() else (root / p).resolve())
 
 
+def _model(value: str, root: Path, where: str, check: bool) -> str:
+    """A model directory, or a hub id resolved in the local Hugging Face cache (run/hub.py)."""
+    from cqd_mpi.run import hub
+
+    return hub.resolve(value, where) if check and hub.is_hub_id(value, root) else _resolve(value, root)
+
+
 def _check_model_dir(path: str, where: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -286,9 +292,9 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, ta
         data = {"base": ".", "experts": [{"task": name, "path": "."} for name in named],
                 "qd": {"generations": 0}, "runtime": {"run_dir": "."}, **data}
     config = schema.build(Config, data, "")
-    config.base = _resolve(config.base, root)
-    for expert in config.experts:
-        expert.path = _resolve(expert.path, root)
+    config.base = _model(config.base, root, "base", check_files and not tasks_only)
+    for i, expert in enumerate(config.experts):
+        expert.path = _model(expert.path, root, f"experts[{i}].path", check_files and not tasks_only)
     config.runtime.run_dir = _resolve(config.runtime.run_dir, root)
     config.runtime.staging_dir = _resolve(config.runtime.staging_dir, root)
     config.runtime.basis_cache = _resolve(config.runtime.basis_cache, root)
