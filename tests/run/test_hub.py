@@ -32,6 +32,8 @@ def cache_model(cache: Path, repo: str, source: Path, revisions: dict[str, str])
 def hub(tiny_family, tmp_path, monkeypatch):
     cache = tmp_path / "hf-cache"
     cache_model(cache, "cqd/tiny-base", tiny_family["base"], {"main": FIRST, "v2": SECOND})
+    snapshot = cache / "models--cqd--tiny-base" / "snapshots" / FIRST
+    (snapshot / "README.md").write_text("---\nlicense: apache-2.0\n---\n# the tiny base\n")
     for name, path in list(tiny_family["experts"].items())[:2]:
         cache_model(cache, f"cqd/expert-{name}", path, {"main": FIRST})
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -83,3 +85,16 @@ def test_a_run_over_hub_ids_runs_and_resumes_and_another_revision_is_refused(hub
     assert main(["run", str(hub_config(tiny_family, tmp_path, base=f"cqd/tiny-base@{SECOND}"))]) == 2
     err = capsys.readouterr().err
     assert "base" in err and SECOND in err and "Traceback" not in err
+
+    from huggingface_hub import ModelCard
+
+    experts = [f"cqd/expert-{name}" for name in list(tiny_family["experts"])[:2]]
+    for out in (tmp_path / "run" / "final", tmp_path / "elite"):
+        if out.name == "elite":
+            assert main(["export", str(tmp_path / "run"), "--elite", "alpha", str(out)]) == 0
+        card = ModelCard.load(out / "README.md")
+        assert card.data.base_model == ["cqd/tiny-base", *experts] and card.data.license == "apache-2.0"
+        assert card.data.tags[:2] == ["merge", "cycleqd"] and card.data.base_model_relation == "merge"
+        for section in ("## Recipe", "## Lineage", "## Test scores (%)", "| base |", "- alpha: `cqd/expert-alpha`"):
+            assert section in card.text, (out, section)
+    assert "CycleQD aggregate" in ModelCard.load(tmp_path / "run" / "final" / "README.md").text
