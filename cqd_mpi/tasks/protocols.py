@@ -137,6 +137,7 @@ OS = {
         "repeats": 5,
         "max_new_tokens": 512,
         "judge_unfinished": True,
+        "init_failure": "ignore",
     },
     "reference": {
         "item_ids": None,
@@ -145,6 +146,7 @@ OS = {
         "repeats": 1,
         "max_new_tokens": 512,
         "judge_unfinished": False,
+        "init_failure": "fail",
     },
 }
 """AgentBench's OS task (cqd_mpi/tasks/os_interaction/). `paper`: the authors' 110

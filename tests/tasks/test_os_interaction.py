@@ -238,6 +238,20 @@ def test_the_conversation_is_agentbench_one_shot_prompt():
 # ---------------------------------------------------------- the harness, end to end
 
 
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_a_failing_init_script_ends_the_item_or_is_ignored_per_protocol(data, protocol):
+    """The item whose init script exits 3: AgentBench v0.2 ends it unjudged (src/server/tasks/
+    os_interaction/task.py:409-416, `reference`); the authors' code ignores the exit status and
+    plays on (SakanaAI/CycleQD evaluation/fishfarm/fishfarm/tasks/os_interaction.py:441-443,
+    `paper`), so the answer x then passes its match."""
+    from cqd_mpi.tasks import protocols
+
+    setting = protocols.OS[protocol]["init_failure"]
+    with make_task(data / "data" / "dev.json", init_failure=setting) as task:
+        (result,) = task.evaluate(Policy({6: [answer("x")]}), [IDS[6]])
+    assert (result.score, result.error) == ({"paper": (1.0, None), "reference": (0.0, "init")}[protocol])
+
+
 def test_the_reference_ceiling_and_an_item_that_cannot_be_set_up(data, backend):
     with make_task(data / "data" / "dev.json", backend=backend) as task:
         results = task.reference_results(IDS)
