@@ -228,13 +228,6 @@ class Config:
         missing = [n for n in names if n not in expert_tasks]
         if missing:
             raise ConfigError(f"experts: expected an expert for every task, none given for {', '.join(missing)}")
-        from cqd_mpi.qd.methods import method_class, methods_for
-
-        needed = method_class(self.qd.method).min_tasks
-        if len(names) < needed:
-            raise ConfigError(f"qd.method: {self.qd.method} needs at least {needed} tasks (with fewer there is no "
-                              f"other task to cycle or trade off against), got {len(names)} ({', '.join(names)}); "
-                              f"with {len(names)} task(s) use {' or '.join(methods_for(len(names)))}")
         if self.qd.alpha_high < self.qd.alpha_low:
             raise ConfigError(
                 f"qd.alpha_high: expected >= alpha_low ({self.qd.alpha_low}), got {self.qd.alpha_high}"
@@ -310,6 +303,10 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, ta
             settings=task.settings, where=f"tasks[{i}]")
         task_settings(task, f"tasks[{i}]")
         check_capability(task, engine, f"tasks[{i}]")
+    if not tasks_only:
+        from cqd_mpi.qd.methods import check_task_count
+
+        check_task_count(config.qd.method, config.task_names)
     if check_files and not tasks_only:
         _check_model_dir(config.base, "base")
         for i, expert in enumerate(config.experts):
