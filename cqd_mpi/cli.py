@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import logging
 import os
 import sys
 
 from cqd_mpi import __version__
 from cqd_mpi.commands import COMMANDS
-from cqd_mpi.errors import CqdError
+from cqd_mpi.errors import CqdError, storage_error
 
 
 def _load(name: str):
@@ -54,12 +56,60 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    out = sys.stdout = _Stdout(sys.stdout)
     try:
-        return int(_load(args.command).run(args) or 0)
+        status = int(_load(args.command).run(args) or 0)
+        sys.stdout.flush()
+        return status
     except CqdError as exc:
         print(f"cqd_mpi: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _silence_stdout(out)
         return 1
+    except OSError as exc:
+        error = storage_error(exc, stdout=out.failed)
+        if error is None:
+            raise
+        logging.getLogger("cqd_mpi").debug("the file system refused", exc_info=True)
+        print(f"cqd_mpi: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if out.failed:
+            _silence_stdout(out)
+        elif sys.stdout is out:
+            sys.stdout = out.stream
+
+
+class _Stdout:
+    """sys.stdout while a command runs, noting whether writing it failed (a full disk, /dev/full, a
+    closed pipe): such an OSError names no file, and the one-line error must say it was stdout."""
+
+    def __init__(self, stream):
+        self.stream, self.failed = stream, False
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError:
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self.failed = True
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _silence_stdout(out: _Stdout) -> None:
+    """Point the failed stdout at /dev/null, so that exiting does not fail on it a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        os.dup2(devnull, out.stream.fileno())
+    os.close(devnull)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stdout for the rest of this process

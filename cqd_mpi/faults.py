@@ -3,12 +3,15 @@
 Off unless CQD_MPI_FAULT is set to ``POINT[@RANK]:ACTION[:HIT]``: on the HIT-th time (1 by
 default) this process reaches POINT (merge, eval: a worker starts scoring a model, chunk: it
 starts one chunk of items, checkpoint, track, os-setup: an OS item's environment has just
-started), on rank RANK (any when left out), ACTION happens: ``kill`` (SIGKILL to itself, as a
-node failure would), ``raise``, or ``hang`` (block for ever, as a stuck server would).
+started, save-model: a model's weights are being written), on rank RANK (any when left out),
+ACTION happens: ``kill`` (SIGKILL to itself, as a node failure would), ``raise``, ``hang`` (block
+for ever, as a stuck server would), or ``enospc`` (the OSError a full disk raises, naming the
+path the point passes).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -28,7 +31,7 @@ def _rank() -> int:
     return 0
 
 
-def point(name: str) -> None:
+def point(name: str, path: str | os.PathLike | None = None) -> None:
     spec = os.environ.get("CQD_MPI_FAULT")
     if not spec:
         return
@@ -45,5 +48,7 @@ def point(name: str) -> None:
         raise InjectedFault(f"injected fault at {name} (hit {_hits[name]}, rank {_rank()})")
     elif action == "hang":
         threading.Event().wait()
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if path is None else os.fspath(path))
     else:
-        raise ValueError(f"CQD_MPI_FAULT: unknown action {action!r}; expected kill, raise or hang")
+        raise ValueError(f"CQD_MPI_FAULT: unknown action {action!r}; expected kill, raise, hang or enospc")

@@ -45,9 +45,22 @@ def _model_id(text: str) -> int:
         raise ConfigError(f"--model: expected an integer model id, got {text!r}") from None
 
 
+def _model_card(core, model_id: int) -> dict:
+    """Card arguments of one model of the run: the final one's, or its recipe and lineage."""
+    from cqd_mpi.run.card import final_card, score_rows
+
+    record = core.models[model_id]
+    if record.kind == "aggregate":
+        return {k: v for k, v in final_card(core, model_id).items() if k != "core"}
+    return {"title": f"model #{model_id} ({record.kind}) of a {core.label} run", "roots": [model_id],
+            "recipe": f"model #{model_id}, a {record.kind} of generation {record.generation}; its lineage follows.",
+            "scores": score_rows(core, model_id, f"#{model_id}")}
+
+
 def run(args) -> int:
     from cqd_mpi.analysis.export import Exporter, check_output
     from cqd_mpi.analysis.runstate import RunState
+    from cqd_mpi.run.card import write_card
 
     if args.aggregate is None and args.temperature is not None:
         raise ConfigError("--temperature applies to --aggregate only")
@@ -62,6 +75,10 @@ def run(args) -> int:
         members, betas, path = exporter.aggregate(out, temperature=temperature, weights=args.weights)
         for name, member, beta in zip(state.task_names, members, betas):
             print(f"{name:<16} elite {state.describe(member):<24} beta {beta:.6g}")
+        weights = ", ".join(f"#{m} ({t}) x {b:.6g}" for m, t, b in zip(members, state.task_names, betas))
+        cards = {"title": f"aggregate of {', '.join(state.task_names)}", "roots": list(members),
+                 "recipe": f"the base plus the task vectors of the archives' elites, weighted {weights} "
+                           f"(`export --aggregate`)."}
     elif args.baseline is not None:
         from cqd_mpi.merging.sparse import METHODS, SparseMerge
 
@@ -74,18 +91,24 @@ def run(args) -> int:
         path = exporter.baseline(out, spec)
         print(f"{method} of the experts {', '.join(state.task_names)}: density {spec.density}, scale {spec.scale}, "
               f"weights {' '.join(f'{w:.6g}' for w in spec.member_weights(state.k))}")
+        cards = {"title": f"{method} of {', '.join(state.task_names)}",
+                 "recipe": f"`{method}` of the experts' task vectors: density {spec.density}, scale {spec.scale}, "
+                           f"weights {' '.join(f'{w:.6g}' for w in spec.member_weights(state.k))}, seed {spec.seed}."}
     elif args.model is not None:
         model_id = state.check_model(_model_id(args.model[0]))
         out = check_output(args.model[1], state, force=args.force)
         how = "copied" if exporter.stored_path(model_id) is not None else "rebuilt from its recipe"
         path = exporter.model(model_id, out)
         print(f"{state.describe(model_id)}: {how}")
+        cards = _model_card(state.core, model_id)
     else:
         task, target = args.elite
         elite = exporter.elite_id(task)
         out = check_output(target, state, force=args.force)
         _, path = exporter.elite(task, out)
         print(f"elite of {task}: {state.describe(elite)} {state.format_scores(state.scores[elite])}")
+        cards = _model_card(state.core, elite)
+    write_card(path, **{"core": state.core, **cards})
     if state.in_progress:
         print(f"note: the run is in progress (phase {state.phase}); this is as of generation {state.generations_done}")
     print(f"wrote {path} in {time.perf_counter() - started:.2f} s")

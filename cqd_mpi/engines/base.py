@@ -54,6 +54,11 @@ class TextGeneration(Capability):
     batch. Generation stops at the model's end-of-sequence token or `max_new_tokens`, and
     the text is cut before the earliest stop string (`cut_at_stop`), so every engine
     returns the same text for the same tokens.
+
+    A prompt that leaves no room for one token within the model's context is not generated:
+    its output is a `ContextOverflow` (empty text), which the task makes that item's result
+    (AgentBench's AGENT_CONTEXT_LIMIT); the others of the batch are generated as usual, and a
+    completion stops where the context ends.
     """
 
     capability = "text generation"
@@ -99,6 +104,20 @@ class LogLikelihoods(Capability):
                      stop: Sequence[str] = ()) -> list[str]:
         """Greedy completions of prompts given as token ids (used as they are: no special
         tokens added), cut before the earliest stop string as `TextGeneration` does."""
+
+
+class ContextOverflow(str):
+    """The output for a prompt longer than the model's context: empty text that says so."""
+
+    def __new__(cls, *, prompt_tokens: int, context_length: int):
+        text = super().__new__(cls, "")
+        text.prompt_tokens, text.context_length = prompt_tokens, context_length
+        return text
+
+    @property
+    def message(self) -> str:
+        return (f"the prompt has {self.prompt_tokens} tokens, which leaves no room for a reply within the "
+                f"model's context of {self.context_length}")
 
 
 @dataclasses.dataclass(frozen=True)

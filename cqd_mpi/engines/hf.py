@@ -25,7 +25,14 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from cqd_mpi.engines.base import Engine, LogLikelihoods, NamedTensors, TextGeneration, cut_at_stop
+from cqd_mpi.engines.base import (
+    ContextOverflow,
+    Engine,
+    LogLikelihoods,
+    NamedTensors,
+    TextGeneration,
+    cut_at_stop,
+)
 from cqd_mpi.engines.devices import checkpoint_dtype, resolve_device, resolve_dtype
 from cqd_mpi.engines.inplace import InPlaceWeights
 from cqd_mpi.engines.prompts import PromptCodec
@@ -193,17 +200,35 @@ class TransformersEngine(Engine, TextGeneration, LogLikelihoods):
         batch_size = batch_size or self.batch_size
         if not encoded:
             return []
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        context = self.context_length
         completions: list[str] = [""] * len(encoded)
+        fitting = []
+        for index, ids in enumerate(encoded):
+            if context is not None and len(ids) >= context:
+                completions[index] = ContextOverflow(prompt_tokens=len(ids), context_length=context)
+            else:
+                fitting.append(index)
+        order = sorted(fitting, key=lambda i: len(encoded[i]))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            texts = self._generate_batch([encoded[i] for i in chunk], max_new_tokens, stop)
+            rooms = [max_new_tokens if context is None else min(max_new_tokens, context - len(encoded[i]))
+                     for i in chunk]
+            texts = self._generate_batch([encoded[i] for i in chunk], max(rooms), stop, rooms)
             for index, text in zip(chunk, texts):
                 completions[index] = text
         return completions
 
+    @property
+    def context_length(self) -> int | None:
+        """The model's context in tokens (its config's max_position_embeddings), None if it names none."""
+        value = getattr(self.model.config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
     @torch.inference_mode()
-    def _generate_batch(self, token_ids: list[list[int]], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
+    def _generate_batch(self, token_ids: list[list[int]], max_new_tokens: int, stop: Sequence[str],
+                        rooms: Sequence[int] | None = None) -> list[str]:
+        """Greedy completions of one padded batch; row i keeps at most rooms[i] new tokens (what
+        fits in the context: greedy decoding is causal, so the cut equals a shorter generation)."""
         batch = self.tokenizer.pad({"input_ids": token_ids}, padding=True, return_tensors="pt")
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
@@ -226,7 +251,10 @@ class TransformersEngine(Engine, TextGeneration, LogLikelihoods):
         )
         new_tokens = output[:, prompt_length:]
         self.tokens_generated += int((new_tokens != self.tokenizer.pad_token_id).sum())
-        texts = self.prompts.decode(new_tokens.tolist())
+        rows = new_tokens.tolist()
+        if rooms is not None:
+            rows = [row[:room] for row, room in zip(rows, rooms)]
+        texts = self.prompts.decode(rows)
         return [cut_at_stop(text, stop) for text in texts]
 
     # ------------------------------------------------------------------ scoring

@@ -37,7 +37,14 @@ from typing import Literal
 
 import torch
 
-from cqd_mpi.engines.base import Engine, LogLikelihoods, NamedTensors, TextGeneration, cut_at_stop
+from cqd_mpi.engines.base import (
+    ContextOverflow,
+    Engine,
+    LogLikelihoods,
+    NamedTensors,
+    TextGeneration,
+    cut_at_stop,
+)
 from cqd_mpi.engines.devices import checkpoint_dtype, resolve_devices, resolve_dtype
 from cqd_mpi.engines.prompts import PromptCodec
 from cqd_mpi.engines.templates import resolve_template
@@ -356,19 +363,25 @@ class VLLMEngine(Engine, TextGeneration, LogLikelihoods):
         if not encoded:
             return []
         stop = [s for s in stop if s]
-        params = []
+        completions: list[str] = [""] * len(encoded)
+        fitting, params = [], []
         for index, ids in enumerate(encoded):
             room = self.max_model_len - len(ids)
             if room < 1:
-                raise ConfigError(f"generate: prompt {index} has {len(ids)} tokens, which leaves no room for a "
-                                  f"completion within max_model_len {self.max_model_len} (engine.settings)")
+                completions[index] = ContextOverflow(prompt_tokens=len(ids), context_length=self.max_model_len)
+                continue
+            fitting.append(index)
             params.append(SamplingParams(temperature=0.0, max_tokens=min(max_new_tokens, room), stop=stop or None,
                                          stop_token_ids=self.eos_token_ids or None))
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
+        if not fitting:
+            return completions
+        outputs = self.llm.generate([{"prompt_token_ids": encoded[i]} for i in fitting], params, use_tqdm=False)
         generated = [list(output.outputs[0].token_ids) for output in outputs]
         generated = [ids[:self.prompts.stop_length(ids, stop)] for ids in generated]
         self.tokens_generated += sum(map(len, generated))
-        return [cut_at_stop(text, stop) for text in self.prompts.decode(generated)]
+        for index, text in zip(fitting, self.prompts.decode(generated)):
+            completions[index] = cut_at_stop(text, stop)
+        return completions
 
     def close(self) -> None:
         """Shut vLLM's engine processes down."""

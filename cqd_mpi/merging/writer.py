@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cqd_mpi import faults
 from cqd_mpi.errors import WeightsError
 from cqd_mpi.merging.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, non_weight_files
 from cqd_mpi.merging.modeldir import ModelDir
@@ -245,6 +246,7 @@ def write_hf_dir(
         temp.chmod(0o755)
         writer = _ShardWriter(directory=temp, shards=shards, layout=layout)
         try:
+            faults.point("save-model", temp / shards[0].filename)
             _consume(stream, writer)
         finally:
             writer.close(durable=durable)

@@ -196,6 +196,7 @@ class CMAES(CoefficientSearch):
     method = "cma-es"
     label = "CMA-ES"
     final_label = "CMA-ES best"
+    min_tasks = 1
 
     def _new_optimizer(self):
         cma = require("cma", extra="baselines", feature="qd.method cma-es")

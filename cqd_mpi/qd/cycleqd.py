@@ -51,6 +51,8 @@ class CycleQD:
     method = "cycleqd"
     label = "CycleQD"
     final_label = "CycleQD aggregate"
+    min_tasks = 2
+    """Fewer tasks leave no behaviour axis: nothing to cycle or trade off (the config refuses them)."""
 
     def __init__(self, *, task_names: Sequence[str], base_path: str, expert_paths: Sequence[str],
                  splits: Mapping[str, Split], generations: int, seed: int,

@@ -8,6 +8,7 @@ named 'package.module:Class', as task and engine kinds are.
 from __future__ import annotations
 
 from cqd_mpi import plugins
+from cqd_mpi.errors import ConfigError
 from cqd_mpi.qd.cycleqd import CycleQD
 
 BUILTIN = {
@@ -22,6 +23,20 @@ def method_class(name: str, where: str = "qd.method") -> type[CycleQD]:
     """The class of a search method: a key of BUILTIN or 'package.module:Class'."""
     return plugins.load_class(name, builtin=BUILTIN, base=CycleQD, what="search method", where=where)
 
+
+def methods_for(k: int) -> list[str]:
+    """The built-in methods that make sense with k tasks (`min_tasks`)."""
+    return [name for name in BUILTIN if method_class(name).min_tasks <= k]
+
+
+def check_task_count(method: str, tasks: list[str]) -> None:
+    """ConfigError when `method` needs more tasks than the config has (K = 1: nothing to cycle or
+    trade off), naming the methods that make sense with that many."""
+    needed = method_class(method).min_tasks
+    if len(tasks) < needed:
+        raise ConfigError(f"qd.method: {method} needs at least {needed} tasks (with fewer there is no other task to "
+                          f"cycle or trade off against), got {len(tasks)} ({', '.join(tasks)}); with {len(tasks)} "
+                          f"task(s) use {' or '.join(methods_for(len(tasks)))}")
 
 
 def method_name(core: CycleQD) -> str:

@@ -266,6 +266,13 @@ def _resolve(path: str | None, root: Path) -> str | None:
     return str(p if p.is_absolute() else (root / p).resolve())
 
 
+def _model(value: str, root: Path, where: str, check: bool) -> str:
+    """A model directory, or a hub id resolved in the local Hugging Face cache (run/hub.py)."""
+    from cqd_mpi.run import hub
+
+    return hub.resolve(value, where) if check and hub.is_hub_id(value, root) else _resolve(value, root)
+
+
 def _check_model_dir(path: str, where: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -290,9 +297,9 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, ta
         data = {"base": ".", "experts": [{"task": name, "path": "."} for name in named],
                 "qd": {"generations": 0}, "runtime": {"run_dir": "."}, **data}
     config = schema.build(Config, data, "")
-    config.base = _resolve(config.base, root)
-    for expert in config.experts:
-        expert.path = _resolve(expert.path, root)
+    config.base = _model(config.base, root, "base", check_files and not tasks_only)
+    for i, expert in enumerate(config.experts):
+        expert.path = _model(expert.path, root, f"experts[{i}].path", check_files and not tasks_only)
     config.runtime.run_dir = _resolve(config.runtime.run_dir, root)
     config.runtime.staging_dir = _resolve(config.runtime.staging_dir, root)
     config.runtime.basis_cache = _resolve(config.runtime.basis_cache, root)
@@ -307,6 +314,10 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, ta
             task_class_of(task, f"tasks[{i}]"), name=task.protocol, default=config.protocol,
             settings=task.settings, where=f"tasks[{i}]")
         check_capability(task, engine, f"tasks[{i}]", settings=task_settings(task, f"tasks[{i}]"), root=root)
+    if not tasks_only:
+        from cqd_mpi.qd.methods import check_task_count
+
+        check_task_count(config.qd.method, config.task_names)
     if check_files and not tasks_only:
         _check_model_dir(config.base, "base")
         for i, expert in enumerate(config.experts):

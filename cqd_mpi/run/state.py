@@ -114,7 +114,7 @@ class HDF5Backend(StateBackend):
                     f.attrs[key] = _attr_value(value)
                 f.attrs[CHECKSUM] = _digest(f)
             _fsync(tmp)
-            faults.point("checkpoint")
+            faults.point("checkpoint", tmp)
             if self.keep_backup and self.path.exists():
                 link = self.backup.with_name(f"{self.backup.name}.tmp-{os.getpid()}")
                 link.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import math
+import os
 import secrets
 import time
 from collections.abc import Mapping
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from cqd_mpi import faults
-from cqd_mpi.errors import require
+from cqd_mpi.errors import ConfigError, require
 from cqd_mpi.run.rundir import RunDir, atomic_write_text
 
 log = logging.getLogger("cqd_mpi.run.tracking")
@@ -88,6 +89,18 @@ class TensorBoardSink:
 
     def close(self) -> None:
         self._writer.close()
+
+
+def _writable(directory: Path, *, key: str) -> None:
+    """Make `directory` or raise one line naming `key` (a path under a file, in /proc, read-only)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".cqd_mpi-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}: expected a directory where event files can be written, got {directory} "
+                          f"({exc.strerror or exc})") from exc
 
 
 def written_steps(log_dir: Path) -> dict[str, int]:
@@ -174,7 +187,9 @@ class Tracker:
         """The tracker a `tracking:` section asks for, or None when it asks for nothing."""
         sinks: list = []
         if tracking.tensorboard:
-            sinks.append(TensorBoardSink(Path(tracking.log_dir) if tracking.log_dir else rundir.path / "tensorboard"))
+            log_dir = Path(tracking.log_dir) if tracking.log_dir else rundir.path / "tensorboard"
+            _writable(log_dir, key="tracking.log_dir")
+            sinks.append(TensorBoardSink(log_dir))
         if tracking.wandb:
             sinks.append(WandbSink(rundir=rundir, project=tracking.wandb_project, mode=tracking.wandb_mode,
                                    name=name, config=config))

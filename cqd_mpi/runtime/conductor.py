@@ -214,6 +214,7 @@ class Conductor:
         return f"{job.phase:<6} {label:<16} {job.split:<6} {scores}{errors} {elapsed:7.1f}s"
 
     def _finish(self) -> None:
+        from cqd_mpi.run import card
         from cqd_mpi.run.report import build_report, format_report, format_times
 
         report = build_report(self.core)
@@ -222,6 +223,8 @@ class Conductor:
         if self.tracker is not None:
             self.tracker.final(self.core)
         self.rundir.write_json(self.rundir.final_dir / "report.json", report)
+        if report["aggregate"] is not None:
+            card.write_card(self.rundir.final_dir, **card.final_card(self.core, report["aggregate"]["id"]))
         self.echo(format_times(self.phase_seconds, time.perf_counter() - self._started))
         self.echo(format_report(report))
 

@@ -81,11 +81,17 @@ def guarded(comm, job):
     import sys
     import traceback
 
-    from cqd_mpi.errors import CqdError
+    from cqd_mpi.errors import CqdError, storage_error
 
     rank = comm.Get_rank()
     try:
-        return job()
+        try:
+            return job()
+        except OSError as exc:
+            error = storage_error(exc)
+            if error is None:
+                raise
+            raise error from exc
     except CqdError as exc:
         if rank != 0:
             time.sleep(2.0)

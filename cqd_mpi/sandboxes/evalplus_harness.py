@@ -180,11 +180,100 @@ def _replay_code(entry_point: str) -> str:
     )
 
 
+PINNED = "evalplus-1895d2f6"
+"""The comparison rules of the evalplus commit SakanaAI/CycleQD pins (evaluation/fishfarm/
+pyproject.toml:57), written from evalplus/eval/__init__.py:90-99,137-166 and
+eval/_special_oracle.py:6 at that commit; evalplus 0.3.1 (the `reference` judge) added set
+equality for eight problems, oracles for Mbpp/558 and 581, a type and length check before the
+float comparison, and a bool rule for the not-None problems."""
+
+PINNED_NOT_NONE = ("check_str", "text_match_three", "text_starta_endb")
+"""Problems whose output only has to be None or not (_special_oracle.py:6 at 1895d2f6)."""
+
+
+def pinned_floats(value) -> bool:
+    """1895d2f6's is_floats (__init__.py:90-99): a float, or a list or tuple of floats; an empty
+    list or tuple counts (0.3.1 requires a non-empty one)."""
+    if isinstance(value, float):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, float) for v in value)
+    return False
+
+
+def pinned_check(out, expected, entry_point: str, atol: float) -> tuple[bool, float]:
+    """One output judged by 1895d2f6's rules: (passed, the atol later inputs of the item use, since
+    the commit's loop keeps the atol it raised to 1e-6 for float outputs).
+
+    Equality first; Mbpp/164 always passes, Mbpp/295 passes on 0, the not-None problems compare
+    `expected` with `out is not None` (a bool output included); then, when not equal and atol is
+    not 0, numpy's assert_allclose (rtol 1e-7, NaN equal to NaN, shapes must agree, no type
+    check: a tuple may stand for a list)."""
+    import numpy as np
+
+    exact = out == expected
+    if entry_point == "are_equivalent":
+        exact = True
+    elif entry_point == "sum_div":
+        exact = exact or out == 0
+    elif entry_point in PINNED_NOT_NONE:
+        exact = expected == (out is not None)
+    if atol == 0 and pinned_floats(expected):
+        atol = 1e-6
+    if not exact and atol != 0:
+        try:
+            np.testing.assert_allclose(out, expected, atol=atol)
+        except (AssertionError, TypeError, ValueError):
+            return False, atol
+        return True, atol
+    return bool(exact), atol
+
+
+def _pinned_item(item: dict, judge_seconds: float, verdict) -> None:
+    """In a child process: every output of one item, each decoded and judged within judge_seconds
+    (verdict 1: pass; 2: an output took longer, a timeout as in the 0.3.1 judge; 0: fail)."""
+    from evalplus.eval.utils import TimeoutException, time_limit
+
+    atol = item["atol"]
+    try:
+        for line, expected in zip(item["outputs"], item["expected"], strict=True):
+            with time_limit(judge_seconds):
+                passed, atol = pinned_check(recorded_output(line), expected, item["entry_point"], atol)
+            if not passed:
+                return
+        verdict.value = 1
+    except TimeoutException:
+        verdict.value = 2
+    except BaseException:
+        return
+
+
+def judge_pinned(request: dict, channel: _Channel) -> None:
+    """Score recorded outputs by 1895d2f6's rules, each item in its own child process (as that
+    commit's untrusted_check runs it), killed past its outputs' judge_seconds plus one second."""
+    import multiprocessing
+
+    for item in request["items"]:
+        verdict = multiprocessing.Value("i", 0)
+        child = multiprocessing.Process(target=_pinned_item, args=(item, request["judge_seconds"], verdict))
+        child.start()
+        child.join(timeout=len(item["outputs"]) * request["judge_seconds"] + 1)
+        status = {1: "pass", 2: "timeout"}.get(verdict.value, "fail")
+        if child.is_alive():
+            child.kill()
+            child.join()
+            status = "timeout"
+        channel.send(index=int(item["index"]), status=status, details=[])
+
+
 def judge(request: dict, channel: _Channel) -> None:
     """Score recorded outputs with evalplus's untrusted_check, one verdict line per item.
 
     Each output may take `judge_seconds` to decode and compare (evalplus's per-input limit,
     inside its per-item child process, which it kills past the item's total)."""
+    if request.get("rules") == PINNED:
+        judge_pinned(request, channel)
+        return
     from evalplus.eval import untrusted_check
 
     replay = types.ModuleType("cqd_replay")

@@ -10,7 +10,9 @@ in parallel and tears every environment down.
 Errors stay with their item. An exception while one episode is set up, parses a reply,
 acts or is scored ends that episode with score 0 and the stage as its error class
 (`setup`, `reply`, `action`, `scoring`); its traceback goes to the log (the rank's log in a
-run). Only `BackendUnavailable` (a server or engine that every item needs is down after its
+run). A conversation grown past the model's context (the engine's `ContextOverflow` reply)
+ends that episode with score 0 and error `context-limit`, as AgentBench ends a sample with
+AGENT_CONTEXT_LIMIT, and is not judged. Only `BackendUnavailable` (a server or engine that every item needs is down after its
 retries) ends the batch, once every environment has been torn down.
 """
 
@@ -24,12 +26,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from cqd_mpi.engines.base import ContextOverflow
 from cqd_mpi.errors import BackendUnavailable, TaskError
 from cqd_mpi.tasks.base import ItemResult
 
 log = logging.getLogger("cqd_mpi.tasks.multiturn")
 
-STAGES = ("setup", "reply", "action", "scoring")
+STAGES = ("setup", "reply", "action", "scoring", "context-limit")
 MESSAGE_CHARS = 2000
 
 
@@ -83,8 +86,9 @@ class Episode(abc.ABC):
         """The result of an episode that stopped with an exception: score 0, the stage as its error."""
         failure = self.failure
         assert failure is not None
+        status = failure.stage if failure.stage == "context-limit" else f"{failure.stage}-error"
         return ItemResult(item_id=self.item_id, score=0.0, error=failure.stage, seconds=self.seconds,
-                          detail={"status": f"{failure.stage}-error", "message": failure.message})
+                          detail={"status": status, "message": failure.message})
 
 
 Respond = Callable[[Sequence[Episode]], Sequence[str]]
@@ -123,6 +127,9 @@ def play(episodes: Sequence[Episode], respond: Respond, *, parallel: int, where:
                                     f"for {len(running)} conversations")
                 jobs = []
                 for episode, reply in zip(running, replies):
+                    if isinstance(reply, ContextOverflow):
+                        episode.failure = Failure("context-limit", reply.message)
+                        continue
                     action = _guarded("reply", episode, lambda e=episode, r=reply: e.take_reply(str(r)), where)
                     if action is not None and episode.running:
                         jobs.append((episode, action))

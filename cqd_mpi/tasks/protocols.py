@@ -74,10 +74,11 @@ MBPP = {
         "max_new_tokens": 512,
         "sanitizer": "authors",
         "tests": "base",
+        "judge": "evalplus-1895d2f6",
         "min_time_limit": 0.2,
         "gt_time_limit_factor": 4.0,
         "memory_mb": 4096,
-        "timeout_seconds": 60.0,
+        "timeout_seconds": None,
     },
     "reference": {
         "version": "v0.2.0",
@@ -89,14 +90,16 @@ MBPP = {
         "max_new_tokens": 768,
         "sanitizer": "evalplus",
         "tests": "base+plus",
+        "judge": "evalplus-0.3.1",
         "min_time_limit": 1.0,
         "gt_time_limit_factor": 4.0,
         "memory_mb": 4096,
-        "timeout_seconds": 120.0,
+        "timeout_seconds": 60.0,
     },
 }
 """MBPP+ (tasks/mbpp/). `paper`: the authors' instruction-response prompt, their stops, text
-sanitizer and time limit, base tests of MbppPlus v0.1.0; `reference`: evalplus 0.3.1's chat
+sanitizer and time limit, base tests of MbppPlus v0.1.0 judged by the comparison rules of the
+evalplus commit they pin; `reference`: evalplus 0.3.1's chat
 codegen, tree-sitter sanitizer and evaluate (MBPP+ = base and extra tests) on v0.2.0."""
 
 # -------------------------------------------------------------------------------- DB
@@ -133,6 +136,8 @@ OS = {
         "max_rounds": 5,
         "repeats": 5,
         "max_new_tokens": 512,
+        "judge_unfinished": True,
+        "init_failure": "ignore",
     },
     "reference": {
         "item_ids": None,
@@ -140,11 +145,14 @@ OS = {
         "max_rounds": 8,
         "repeats": 1,
         "max_new_tokens": 512,
+        "judge_unfinished": False,
+        "init_failure": "fail",
     },
 }
 """AgentBench's OS task (cqd_mpi/tasks/os_interaction/). `paper`: the authors' 110
-fixed items of standard + dev, each pass repeated 5 times and averaged, 5 rounds; `reference`:
-AgentBench v0.2's os-std (all items of the file, once), 8 rounds."""
+fixed items of standard + dev, each pass repeated 5 times and averaged, 5 rounds, an unfinished
+episode judged with an empty answer; `reference`: AgentBench v0.2's os-std (all items of the
+file, once), 8 rounds, an unfinished episode failed."""
 
 
 # --------------------------------------------------------------------------- resolving

@@ -10,9 +10,14 @@
 - a manifest, `.jsonl` (one object per line) or `.csv` (a header row), with `image` and `mask`
   paths relative to the manifest and an optional `id`.
 
+Every file must lie inside the data directory (the folder, or the manifest's folder) once symbolic
+links are resolved: a link or a manifest path (`../`, absolute) that leaves it is refused, naming
+it, so a dataset cannot make the task read files elsewhere on the node.
+
 Every pair is opened at load, before any model runs: an unreadable file, a mask without an
 image (or an image without a mask), a mask of another size than its image and an empty mask
-are each reported naming the file. The prompt of each item is fixed at load from the true
+are each reported naming the file (a decompression bomb, an image whose pixel count exceeds
+PIL's limit, is one such unreadable file). The prompt of each item is fixed at load from the true
 mask: its bounding box (optionally jittered), seeded points inside it, or none (the mask
 decoder alone). Metrics are the libraries': torchmetrics for IoU, Dice and MAE, py_sod_metrics
 for S-measure, weighted F-measure and E-measure; every per-item score is in [0, 1] (MAE as
@@ -109,7 +114,9 @@ class Settings:
     adds to its image's. image_glob: which files of the image folder are images.
     unmatched_images: 'error', or 'skip' images without a mask (COD10K's test images of
     non-camouflaged scenes). mask_threshold: a mask pixel above it is on the object (palette
-    and 1-bit masks: any non-zero index). prompt: 'box', 'point' or 'none'. box_jitter: each
+    and 1-bit masks: any non-zero index), in 8-bit grey levels: a 16-bit mask's threshold is
+    scaled to 65535, a 32-bit or float mask's to its own largest value, so a soft border stays a
+    border at every depth. prompt: 'box', 'point' or 'none'. box_jitter: each
     box edge moves by up to this fraction of the box's side (seeded). n_points: points per
     item for prompt 'point'. metric: one of METRICS. seed: the prompts' seed. max_items: the
     first N items by id only.
@@ -160,12 +167,24 @@ def read_image(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+def unreadable_errors() -> tuple[type[BaseException], ...]:
+    """What opening a bad image raises: OSError, and PIL's DecompressionBombError, which is not one."""
+    return (OSError, ValueError, _pil().DecompressionBombError)
+
+
 def read_mask(path: Path, threshold: int) -> np.ndarray:
-    """The mask as bool [height, width]: palette and 1-bit masks by index, others by grey level."""
+    """The mask as bool [height, width]: palette and 1-bit masks by index, others by grey level,
+    `threshold` being of 255 and scaled to the mask's own range (Settings.mask_threshold)."""
     with _pil().open(path) as image:
         if image.mode in ("P", "1"):
             return np.asarray(image) > 0
-        if image.mode not in ("L", "I", "I;16", "F"):
+        if image.mode.startswith("I;16"):
+            return np.asarray(image).astype(np.float64) > threshold * 65535 / 255
+        if image.mode in ("I", "F"):
+            values = np.asarray(image).astype(np.float64)
+            top = float(values.max()) if values.size else 0.0
+            return values > threshold * top / 255 if top > 0 else np.zeros(values.shape, dtype=bool)
+        if image.mode != "L":
             image = image.convert("L")
         return np.asarray(image) > threshold
 
@@ -175,6 +194,11 @@ def _image_size(path: Path) -> tuple[int, int]:
     with _pil().open(path) as image:
         image.load()
         return image.height, image.width
+
+
+def _outside(file: Path, root: Path) -> bool:
+    """Whether `file`, its symbolic links resolved, lies outside the directory `root`."""
+    return not file.resolve().is_relative_to(root.resolve())
 
 
 def _folder_pairs(root: Path, settings: Settings, where: str) -> tuple[list[tuple[str, Path, Path]], list[str]]:
@@ -206,7 +230,10 @@ def _folder_pairs(root: Path, settings: Settings, where: str) -> tuple[list[tupl
                             "(unmatched_images: skip leaves such images out)")
     if not pairs and not problems:
         problems.append(f"no image in {image_dir} matching {settings.image_glob!r} has a mask in {mask_dir}")
-    return pairs, problems
+    leaving = [f for pair in pairs for f in pair[1:] if _outside(f, root)]
+    problems += [f"{file} leaves the data directory {root} (to {file.resolve()}): links out of the dataset are "
+                 "refused" for file in leaving]
+    return [pair for pair in pairs if not set(pair[1:]) & set(leaving)], problems
 
 
 def _manifest_pairs(path: Path) -> tuple[list[tuple[str, Path, Path]], list[str]]:
@@ -227,9 +254,13 @@ def _manifest_pairs(path: Path) -> tuple[list[tuple[str, Path, Path]], list[str]
             problems.append(f"manifest {path} line {number}: expected 'image' and 'mask' paths, got {row!r}")
             continue
         image, mask = path.parent / str(row["image"]), path.parent / str(row["mask"])
-        for what, file in (("image", image), ("mask", mask)):
-            if not file.is_file():
-                problems.append(f"manifest {path} line {number}: {what} {file} does not exist")
+        leaving = [(what, file) for what, file in (("image", image), ("mask", mask)) if _outside(file, path.parent)]
+        problems += [f"manifest {path} line {number}: {what} {file} leaves the manifest's directory {path.parent} "
+                     f"(to {file.resolve()}); paths out of the dataset are refused" for what, file in leaving]
+        problems += [f"manifest {path} line {number}: {what} {file} does not exist"
+                     for what, file in (("image", image), ("mask", mask)) if not leaving and not file.is_file()]
+        if leaving:
+            continue
         pairs.append((str(row.get("id") or Path(str(row["image"])).stem), image, mask))
     return pairs, problems
 
@@ -295,12 +326,12 @@ def load_items(data: str | Path | None, settings: Settings, task: str = "") -> d
 def _check_pair(item_id: str, image: Path, mask: Path, settings: Settings, problems: list[str]) -> Item | None:
     try:
         size = _image_size(image)
-    except OSError as exc:
+    except unreadable_errors() as exc:
         problems.append(f"image {image} is unreadable ({exc})")
         return None
     try:
         truth = read_mask(mask, settings.mask_threshold)
-    except OSError as exc:
+    except unreadable_errors() as exc:
         problems.append(f"mask {mask} is unreadable ({exc})")
         return None
     if truth.shape != size:
@@ -345,7 +376,7 @@ class SegmentationTask(Task):
         for item in items:
             try:
                 ready.append((item, read_image(item.image), read_mask(item.mask, self.settings.mask_threshold)))
-            except OSError as exc:
+            except unreadable_errors() as exc:
                 results[item.item_id] = ItemResult(item.item_id, 0.0, error="unreadable",
                                                    detail={"message": f"{item.image} or {item.mask}: {exc}"})
         started = time.perf_counter()

@@ -277,3 +277,23 @@ def test_cuda_device_names_resolve_to_the_local_ranks_gpu(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ConfigError, match=rf"'cuda:{count}' was asked for, but this process sees {count} GPU"):
         resolve_device(f"cuda:{count}")
+
+
+def test_a_prompt_past_the_context_is_that_items_result_and_the_others_are_generated(live_a, monkeypatch):
+    """The contract's context rule (engines/base.py TextGeneration): a prompt with no room left is a
+    ContextOverflow, its batch-mates are generated as alone, and a completion stops where the context ends."""
+    from cqd_mpi.engines.base import ContextOverflow
+
+    short, near = PROMPTS[0], PROMPTS[3]
+    free = live_a.generate([short, near], max_new_tokens=24)
+    context = len(live_a.prompts.encode(near)) + 3
+    long = "x = 1\n" * context
+    monkeypatch.setattr(live_a.model.config, "max_position_embeddings", context)
+    assert live_a.context_length == context
+    got = live_a.generate([short, long, near], max_new_tokens=24, batch_size=3)
+    assert got[0] == free[0]
+    assert isinstance(got[1], ContextOverflow) and got[1] == "" and got[1].context_length == context
+    assert got[1].message == (f"the prompt has {len(live_a.prompts.encode(long))} tokens, which leaves no room "
+                              f"for a reply within the model's context of {context}")
+    assert free[1].startswith(got[2]) and len(got[2]) < len(free[1])
+    assert isinstance(live_a.generate([long * 2], max_new_tokens=4)[0], ContextOverflow)

@@ -17,11 +17,12 @@ import pytest
 import torch
 import vllm  # noqa: F401 (this suite fails, never skips, where vLLM is missing)
 
+from cqd_mpi.engines.base import ContextOverflow
 from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
 from cqd_mpi.engines.templates import INSTRUCTION_RESPONSE
 from cqd_mpi.engines.tiny import build_tiny_llama
 from cqd_mpi.engines.vllm import VLLMEngine, VLLMSettings
-from cqd_mpi.errors import ConfigError, WeightsError
+from cqd_mpi.errors import WeightsError
 from cqd_mpi.merging.weights import ModelDir
 
 PROMPTS = [
@@ -152,7 +153,7 @@ def test_bad_updates_name_the_tensor_and_block_generation_until_a_complete_one(e
     compare(engine, reference, "m1", "a complete update after failed ones")
 
 
-def test_completions_are_clipped_to_max_model_len_and_longer_prompts_refused(engine, models):
+def test_completions_are_clipped_to_max_model_len_and_longer_prompts_are_their_items_result(engine, models):
     engine.update(stream(models["m1"]))
     line = "def f(): return 1\n"
     repeats = next(k for k in range(1, 200) if len(engine.prompts.encode(line * k)) > 450)
@@ -161,8 +162,10 @@ def test_completions_are_clipped_to_max_model_len_and_longer_prompts_refused(eng
     before = engine.tokens_generated
     engine.generate([line * repeats], max_new_tokens=400)
     assert 0 < engine.tokens_generated - before <= 512 - prompt_tokens
-    with pytest.raises(ConfigError, match=r"prompt 0 has \d+ tokens, which leaves no room.*max_model_len 512"):
-        engine.generate([line * (2 * repeats)], max_new_tokens=8)
+    fits, overflow, also_fits = engine.generate([line, line * (2 * repeats), line], max_new_tokens=8)
+    assert isinstance(overflow, ContextOverflow) and overflow == "" and overflow.context_length == 512
+    assert overflow.prompt_tokens == len(engine.prompts.encode(line * 2 * repeats))
+    assert not isinstance(fits, ContextOverflow) and fits == also_fits == engine.generate([line], max_new_tokens=8)[0]
 
 
 PAIRS_TEXT = [("def add(a, b):", "\n    return a + b\n"), ("Write a python function", " to find the minimum"),

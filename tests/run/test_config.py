@@ -67,6 +67,24 @@ def test_bad_config_names_the_key(good, tmp_path, edit, message):
         load_dict(good, tmp_path)
 
 
+def one_task(config: dict, method: str) -> dict:
+    config["tasks"], config["experts"] = config["tasks"][:1], config["experts"][:1]
+    config["qd"]["method"] = method
+    return config
+
+
+@pytest.mark.parametrize("method", ["cycleqd", "nsga2", "qd"])
+def test_one_task_is_refused_by_the_methods_that_need_several_naming_those_that_do_not(good, tmp_path, method):
+    with pytest.raises(ConfigError, match=rf"c.yaml: qd.method: {method} needs at least 2 tasks \(with fewer there is no "
+                                          r"other task to cycle or trade off against\), got 1 \(alpha\); with 1 "
+                                          r"task\(s\) use cma-es$"):
+        load_dict(one_task(good, method), tmp_path)
+
+
+def test_one_task_loads_with_cma_es(good, tmp_path):
+    assert load_dict(one_task(good, "cma-es"), tmp_path).task_names == ["alpha"]
+
+
 def test_errors_name_the_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("qd: [unclosed\n")

@@ -5,12 +5,13 @@ import json
 import signal
 import struct
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cqd_mpi.errors import MissingDependency
+from cqd_mpi.errors import ConfigError, MissingDependency
 from cqd_mpi.run.config import TrackingConfig
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend, from_tree, read_state, to_tree
@@ -130,6 +131,16 @@ tracker = Tracker.from_config(TrackingConfig(wandb=True, wandb_mode="offline", m
 tracker.sync(HDF5Backend(run.state_path).load())
 tracker.close()
 """
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "/proc/cqd-tensorboard"])
+def test_a_log_dir_that_cannot_hold_files_is_one_line_naming_the_key(tmp_path, where):
+    (tmp_path / "a-file").write_text("")
+    log_dir = tmp_path / "a-file" / "tb" if where == "under-a-file" else Path(where)
+    with pytest.raises(ConfigError, match=rf"^tracking.log_dir: expected a directory where event files can be "
+                                          rf"written, got {log_dir} \((Not a directory|No such file or directory)\)$"):
+        Tracker.from_config(TrackingConfig(tensorboard=True, log_dir=str(log_dir)), RunDir(tmp_path), name="t",
+                            config={})
 
 
 def test_wandb_offline_continues_the_run_without_repeating_a_step(tmp_path):

@@ -244,17 +244,24 @@ def test_reference_solutions_score_100_percent(kind):
     assert all(r.detail["status"] == "pass" and r.seconds > 0 for r in results)
 
 
-def test_evalplus_oracles_decide_the_verdict():
-    task = make_task()
-    ids = ["Mbpp/2", "Mbpp/82", "Mbpp/82", "Mbpp/3"]
+@pytest.mark.parametrize("protocol, set_equal", [("paper", (0.0, "wrong-answer")), ("reference", (1.0, None))])
+def test_evalplus_oracles_decide_the_verdict(protocol, set_equal):
+    """Mbpp/2 in another order passes evalplus 0.3.1's set-equality oracle (`reference`,
+    eval/_special_oracle.py:10-11, eval/__init__.py:176-177) and fails the pinned commit's plain
+    equality (`paper`, evalplus 1895d2f6 eval/__init__.py:137,161-164): the issue's
+    list(set(a) & set(b)) among them; floats pass within atol under both."""
+    task = make_task(protocol=protocol, tests="base")
+    ids = ["Mbpp/2", "Mbpp/2", "Mbpp/82", "Mbpp/82", "Mbpp/3"]
     codes = [
         "def similar_elements(a, b):\n    return tuple(sorted(set(a) & set(b), reverse=True))",
+        "def similar_elements(a, b):\n    return list(set(a) & set(b))",
         "import math\ndef volume_sphere(r):\n    return 4 / 3 * math.pi * r ** 3 + 1e-6",
         "def volume_sphere(r):\n    return 4.19 * r ** 3",
         "def is_not_prime(n):\n    return n % 2 == 0",
     ]
     results = task.score(ids, codes)
-    assert [(r.score, r.error) for r in results] == [(1.0, None), (1.0, None), (0.0, "wrong-answer"), (0.0, "wrong-answer")]
+    assert [(r.score, r.error) for r in results] == [set_equal, set_equal, (1.0, None), (0.0, "wrong-answer"),
+                                                     (0.0, "wrong-answer")]
 
 
 def test_plus_tests_run_after_the_base_tests():
@@ -466,3 +473,38 @@ def test_evaluate_with_a_real_model_and_sandbox(tiny_engine):
         assert [r.detail["completion"] for r in results] == want
         again = task.evaluate(tiny_engine, ids[::-1])[::-1]
         assert [(r.item_id, r.error, r.detail) for r in again] == [(r.item_id, r.error, r.detail) for r in results]
+
+
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_the_per_check_wall_time_rule(protocol):
+    """A run's wall bound: start-up, then per check (base; plus for base+plus) the summed per-input
+    limits plus evalplus's 3 s slack, capped at 60 s by evalplus 0.3.1 (eval/__init__.py:236,
+    `reference`) and uncapped by the pinned commit (1895d2f6 eval/__init__.py:196-199,224, `paper`)."""
+    task = make_task(protocol=protocol, min_time_limit=25.0, gt_time_limit_factor=1.0)
+    item = "Mbpp/3"
+    base = len(task.problems[item]["base_input"])
+    checks = [25.0 * base] + ([25.0 * (len(task.inputs(item)) - base)] if protocol == "reference" else [])
+    assert checks[0] > 60
+    cap = {"paper": None, "reference": 60.0}[protocol]
+    assert task.settings.timeout_seconds == cap
+    expected = task.settings.startup_seconds + sum((c if cap is None else min(cap, c)) + 3.0 for c in checks)
+    assert task.run_wall(item) == pytest.approx(expected)
+    assert task.item_seconds(item) > 2 * expected
+
+
+def test_a_prompt_past_the_models_context_is_that_items_result():
+    """An engine's ContextOverflow (engines/base.py) scores its item 0 with error context-limit;
+    the other items of the chunk are run and judged as usual."""
+    from cqd_mpi.engines.base import ContextOverflow
+
+    class Overflowing(ScriptedModel):
+        def generate(self, prompts, *, max_new_tokens, stop=()):
+            texts = super().generate(prompts, max_new_tokens=max_new_tokens, stop=stop)
+            return [ContextOverflow(prompt_tokens=600, context_length=512) if "is_not_prime" in p else t
+                    for p, t in zip(prompts, texts)]
+
+    model = Overflowing({"square_perimeter": "def square_perimeter(a):\n    return 4 * a\n```\n"})
+    results = make_task().evaluate(model, ["Mbpp/3", "Mbpp/17"])
+    assert [(r.item_id, r.score, r.error) for r in results] == [("Mbpp/3", 0.0, "context-limit"), ("Mbpp/17", 1.0, None)]
+    assert results[0].detail == {"status": "context-limit", "message": "the prompt has 600 tokens, which leaves no "
+                                 "room for a reply within the model's context of 512"}

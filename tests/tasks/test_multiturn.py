@@ -118,3 +118,19 @@ def test_environment_steps_run_in_parallel():
     respond, _ = policy({i: ["add 3", "stop"] for i in "xyz"})
     results = play([Meeting(i) for i in "xyz"], respond, parallel=3, where="test")
     assert [r.score for r in results] == [1.0, 1.0, 1.0]
+
+
+def test_a_conversation_past_the_models_context_ends_its_item_alone():
+    """The engine's ContextOverflow reply ends that episode unjudged, with error context-limit
+    (AgentBench v0.2 src/server/tasks/os_interaction/task.py:478-481, AGENT_CONTEXT_LIMIT)."""
+    from cqd_mpi.engines.base import ContextOverflow
+
+    episodes = [Counting("a"), Counting("b")]
+    overflow = ContextOverflow(prompt_tokens=900, context_length=512)
+    respond, calls = policy({"a": ["add 3", "stop"], "b": ["add 1", overflow]})
+    results = play(episodes, respond, parallel=2, where="test")
+    assert calls == [["a", "b"], ["a", "b"]]
+    assert [(r.item_id, r.score, r.error) for r in results] == [("a", 1.0, None), ("b", 0.0, "context-limit")]
+    assert results[1].detail == {"status": "context-limit", "message": "the prompt has 900 tokens, which leaves no "
+                                 "room for a reply within the model's context of 512"}
+    assert episodes[1].log == ["b"]

@@ -238,6 +238,20 @@ def test_the_conversation_is_agentbench_one_shot_prompt():
 # ---------------------------------------------------------- the harness, end to end
 
 
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_a_failing_init_script_ends_the_item_or_is_ignored_per_protocol(data, protocol):
+    """The item whose init script exits 3: AgentBench v0.2 ends it unjudged (src/server/tasks/
+    os_interaction/task.py:409-416, `reference`); the authors' code ignores the exit status and
+    plays on (SakanaAI/CycleQD evaluation/fishfarm/fishfarm/tasks/os_interaction.py:441-443,
+    `paper`), so the answer x then passes its match."""
+    from cqd_mpi.tasks import protocols
+
+    setting = protocols.OS[protocol]["init_failure"]
+    with make_task(data / "data" / "dev.json", init_failure=setting) as task:
+        (result,) = task.evaluate(Policy({6: [answer("x")]}), [IDS[6]])
+    assert (result.score, result.error) == ({"paper": (1.0, None), "reference": (0.0, "init")}[protocol])
+
+
 def test_the_reference_ceiling_and_an_item_that_cannot_be_set_up(data, backend):
     with make_task(data / "data" / "dev.json", backend=backend) as task:
         results = task.reference_results(IDS)
@@ -280,12 +294,19 @@ def test_wrong_answers_invalid_actions_and_the_round_limit_fail(data):
     assert results[2].detail["rounds"] == 5 and len(results[2].detail["commands"]) == 5
 
 
-def test_judge_unfinished_judges_like_the_cyclEQD_authors_code(data):
+@pytest.mark.parametrize("protocol, expected", [("paper", [1.0, 1.0]), ("reference", [0.0, 0.0])])
+def test_judge_unfinished_judges_like_the_cycleqd_authors_code(data, protocol, expected):
+    """An episode at the round limit (item 2) and one whose reply has no action (item 3): the
+    authors judge both with an empty answer (SakanaAI/CycleQD evaluation/fishfarm/fishfarm/tasks/
+    os_interaction.py:355-357,550-553: `paper`), AgentBench v0.2 fails them (src/server/tasks/
+    os_interaction/task.py:486-495,517-521: `reference`); 5 rounds under both here."""
+    from cqd_mpi.tasks import protocols
+
     replies = {2: [bash("true")] * 4 + [bash(GREET_EXAMPLE)], 3: [bash("chmod u-s /usr/bin/find"), "no action"]}
-    for judge, expected in ((False, [0.0, 0.0]), (True, [1.0, 1.0])):
-        with make_task(data / "data" / "dev.json", judge_unfinished=judge) as task:
-            results = task.evaluate(Policy(replies), ["dev-00002", "dev-00003"])
-            assert [r.score for r in results] == expected
+    judge = protocols.OS[protocol]["judge_unfinished"]
+    with make_task(data / "data" / "dev.json", judge_unfinished=judge, max_rounds=5) as task:
+        results = task.evaluate(Policy(replies), ["dev-00002", "dev-00003"])
+        assert [r.score for r in results] == expected
 
 
 TAMPERING = {

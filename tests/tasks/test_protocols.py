@@ -155,6 +155,24 @@ def test_the_reference_prompt_of_mbpp_2_is_evalplus_codegens(llama3_engine):
                          f"{protocols.EVALPLUS_RESPONSE_PREFIX}\n```python\n")
 
 
+def test_reference_writes_bos_once_where_evalplus_0_3_1s_hf_backend_writes_it_twice(llama3_engine):
+    """evalplus 0.3.1 provider/hf.py:57-67 encodes make_raw_chat_prompt's text (provider/utility.py:50-56,
+    which the template begins with BOS) with tokenizer.encode, which adds BOS again. `reference`
+    follows the chat-template convention instead (engines/prompts.py encode_rendered: BOS once, as
+    transformers' apply_chat_template(tokenize=True) gives): the same ids less the second BOS."""
+    from evalplus.provider.utility import make_raw_chat_prompt
+
+    task = make_mbpp(protocol="reference")
+    tokenizer = llama3_engine.tokenizer
+    text = make_raw_chat_prompt(task.problems["Mbpp/2"]["prompt"].strip() + "\n", protocols.EVALPLUS_INSTRUCTION_PREFIX,
+                                protocols.EVALPLUS_RESPONSE_PREFIX, tokenizer)
+    theirs = tokenizer.encode(text)
+    ours = llama3_engine.prompts.encode_chat(task.conversation("Mbpp/2"))
+    bos = tokenizer.bos_token_id
+    assert theirs[:2] == [bos, bos] and ours[0] == bos and ours[1] != bos
+    assert ours == theirs[1:]
+
+
 def test_the_paper_preset_names_its_release_and_warns_on_another(caplog, tmp_path, monkeypatch):
     monkeypatch.delenv("MBPP_OVERRIDE_PATH", raising=False)
     paper, reference = make_mbpp(None, protocol="paper"), make_mbpp(None, protocol="reference")

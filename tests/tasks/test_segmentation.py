@@ -181,6 +181,75 @@ def test_each_kind_of_bad_data_is_named_at_load(kvasir_dir):
         SegmentationTask(name="seg", data=None, settings=Settings(), context=TaskContext())
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height 1-bit pixels and holds no data: a decompression bomb
+    as PIL sees it (its size is checked at open, before any pixel is read)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_is_an_unreadable_file_named_at_load_and_at_evaluation(kvasir_dir, engine):
+    images, masks = kvasir_dir / "images", kvasir_dir / "masks"
+    task = make_task(kvasir_dir)
+    ids = task.item_ids()
+    (images / f"{ids[2]}.jpg").write_bytes(png_header_only(20000, 20000))
+    results = task.evaluate(engine, ids[:3])
+    assert results[2].error == "unreadable" and "exceeds limit" in results[2].detail["message"]
+    with pytest.raises(TaskError, match=rf"image .*{ids[2]}.jpg is unreadable \(Image size \(400000000 pixels\) "
+                                        r"exceeds limit"):
+        make_task(kvasir_dir)
+    kvasir(kvasir_dir)
+    (masks / f"{ids[0]}.jpg").write_bytes(png_header_only(20000, 20000))
+    with pytest.raises(TaskError, match=rf"mask .*{ids[0]}.jpg is unreadable \(Image size"):
+        make_task(kvasir_dir)
+
+
+def test_a_16_bit_mask_is_thresholded_on_its_own_range(tmp_path):
+    from cqd_mpi.tasks.segmentation import read_mask
+
+    object_, border = np.zeros((8, 8), dtype=np.uint16), np.zeros((8, 8), dtype=bool)
+    object_[2:6, 2:6] = 65535
+    object_[1, 1:7] = 1000  # a soft border: 1000/65535 is 4/255 of the scale, far below 127/255
+    border[1, 1:7] = True
+    Image.fromarray(object_).save(tmp_path / "m16.png")
+    assert Image.open(tmp_path / "m16.png").mode == "I;16"
+    eight = (object_.astype(np.float64) / 257).round().astype(np.uint8)
+    Image.fromarray(eight).save(tmp_path / "m8.png")
+    Image.fromarray(object_.astype(np.float32) / 65535).save(tmp_path / "mf.tif")
+    expected = object_ == 65535
+    for name in ("m16.png", "m8.png", "mf.tif"):
+        assert np.array_equal(read_mask(tmp_path / name, 127), expected), name
+        assert np.array_equal(read_mask(tmp_path / name, 0), expected | border), name
+
+
+def test_links_and_manifest_paths_out_of_the_data_directory_are_refused(kvasir_dir, tmp_path):
+    outside = tmp_path / "elsewhere.jpg"
+    shutil.copy(kvasir_dir / "images" / "cju0001kvasir.jpg", outside)
+    (kvasir_dir / "images" / "cju0001kvasir.jpg").unlink()
+    (kvasir_dir / "images" / "cju0001kvasir.jpg").symlink_to(outside)
+    with pytest.raises(TaskError, match=r"1 problem\(s\).*images/cju0001kvasir.jpg leaves the data directory "
+                                        r".*Kvasir-SEG \(to .*elsewhere.jpg\): links out of the dataset are refused"):
+        make_task(kvasir_dir)
+    (kvasir_dir / "images" / "cju0001kvasir.jpg").unlink()
+    (kvasir_dir / "images" / "cju0001kvasir.jpg").symlink_to(kvasir_dir / "masks" / "cju0001kvasir.jpg")
+    assert len(make_task(kvasir_dir).item_ids()) == 6  # a link inside the dataset is fine
+    manifest = kvasir_dir / "items.jsonl"
+    rows = [{"image": f"images/{p.name}", "mask": f"masks/{p.name}"} for p in sorted((kvasir_dir / "masks").iterdir())]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(make_task(manifest).item_ids()) == 6
+    for bad in ("../elsewhere.jpg", str(outside)):
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"image": bad, "mask": "masks/x.jpg"}]))
+        with pytest.raises(TaskError, match=r"items.jsonl line 7: image .*elsewhere.jpg leaves the manifest's "
+                                            r"directory .*Kvasir-SEG \(to .*elsewhere.jpg\); paths out of the dataset"):
+            make_task(manifest)
+
+
 def test_an_item_unreadable_at_evaluation_scores_zero_and_the_rest_are_scored(kvasir_dir, engine):
     task = make_task(kvasir_dir)
     ids = task.item_ids()

@@ -18,6 +18,11 @@ JUDGE_ERRORS = {"pass": None, "fail": "wrong-answer", "timeout": "timeout"}
 JUDGE_ITEM_SECONDS = 3.0
 """What evalplus's untrusted_check adds to an item's time limits: its join slack and the child's start."""
 
+CHECK_SLACK_SECONDS = 3.0
+"""What evalplus adds to one check's time limits, the same in the pinned commit and 0.3.1: 1 s,
+1 more without fast_check (evaluate's default), 1 more in the join (eval/__init__.py:197-199,224
+at 1895d2f6; 236-238,263 in 0.3.1). Only the cap differs: 0.3.1 takes min(60, the sum) first."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Groundtruth:

@@ -27,8 +27,11 @@ class Settings:
     fence). response_prefix: the text right after the response marker ('instruction-response')
     or the assistant turn to continue ('chat'). stop: null for evalplus's stop strings of the
     prompt format. sanitizer: 'authors' (their text sanitizer) or 'evalplus' (evalplus's
-    codegen and tree-sitter sanitize). tests: 'base' or 'base+plus' (evalplus's MBPP+).
-    judge_seconds: the time to decode and check one output.
+    codegen and tree-sitter sanitize). tests: 'base' or 'base+plus' (evalplus's MBPP+). judge:
+    whose rules compare an output with the expected one: 'evalplus-1895d2f6' (the commit the
+    authors pin: equality, then numpy's allclose) or 'evalplus-0.3.1' (its untrusted_check: set
+    equality for eight problems, two more oracles, type checks). judge_seconds: the time to
+    decode and check one output.
     """
 
     task_ids: list[str] | None = None
@@ -42,8 +45,9 @@ class Settings:
     max_new_tokens: int = _DEFAULT["max_new_tokens"]
     sanitizer: Literal["authors", "evalplus"] = _DEFAULT["sanitizer"]
     tests: Literal["base", "base+plus"] = _DEFAULT["tests"]
+    judge: Literal["evalplus-1895d2f6", "evalplus-0.3.1"] = _DEFAULT["judge"]
     sandbox: Literal["auto", "bwrap", "unshare"] = "auto"
-    timeout_seconds: float = _DEFAULT["timeout_seconds"]
+    timeout_seconds: float | None = _DEFAULT["timeout_seconds"]
     startup_seconds: float = 5.0
     min_time_limit: float = _DEFAULT["min_time_limit"]
     gt_time_limit_factor: float = _DEFAULT["gt_time_limit_factor"]
@@ -53,12 +57,14 @@ class Settings:
     parallel: int = 2
 
     def validate(self, where: str) -> None:
-        positive = ("max_new_tokens", "timeout_seconds", "startup_seconds", "min_time_limit",
+        positive = ("max_new_tokens", "startup_seconds", "min_time_limit",
                     "gt_time_limit_factor", "judge_seconds", "memory_mb", "max_processes", "parallel")
         for name in positive:
             value = getattr(self, name)
             if not value > 0:
                 raise ConfigError(f"{where}.{name}: expected a number > 0, got {value!r}")
+        if self.timeout_seconds is not None and not self.timeout_seconds > 0:
+            raise ConfigError(f"{where}.timeout_seconds: expected a number > 0 or null, got {self.timeout_seconds!r}")
         if self.memory_mb < 64:
             raise ConfigError(f"{where}.memory_mb: expected at least 64 (the interpreter needs it), got {self.memory_mb}")
         if self.task_ids is not None and not self.task_ids:

@@ -16,13 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from cqd_mpi.engines.base import TextGeneration
+from cqd_mpi.engines.base import ContextOverflow, TextGeneration
 from cqd_mpi.errors import TaskError, require
 from cqd_mpi.tasks import protocols
 from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task
 from cqd_mpi.tasks.mbpp import authors as mbpp_authors
 from cqd_mpi.tasks.mbpp.data import default_data_path, load_problems
 from cqd_mpi.tasks.mbpp.harness import (
+    CHECK_SLACK_SECONDS,
     HARNESS,
     JUDGE_ERRORS,
     JUDGE_ITEM_SECONDS,
@@ -107,7 +108,7 @@ class MbppPlusTask(Task):
         """Two runs of the solution (one retry) and two of the judge, each at its wall limit."""
         settings = self.settings
         judge = settings.startup_seconds + len(self.inputs(item_id)) * settings.judge_seconds + JUDGE_ITEM_SECONDS
-        return 2 * (settings.timeout_seconds + judge)
+        return 2 * (self.run_wall(item_id) + judge)
 
     def item_ids(self) -> list[str]:
         return list(self.problems)
@@ -249,11 +250,23 @@ class MbppPlusTask(Task):
         return [max(settings.min_time_limit, settings.gt_time_limit_factor * t)
                 for t in self.groundtruth(item_id).seconds]
 
+    def run_wall(self, item_id: str) -> float:
+        """The wall-clock bound of one run of a solution: start-up, then per check (the base inputs,
+        and the plus inputs for tests 'base+plus') the sum of its per-input limits, capped at
+        `timeout_seconds` (evalplus 0.3.1's 60 s; null: no cap, as the pinned commit), plus
+        evalplus's slack (CHECK_SLACK_SECONDS)."""
+        settings, limits = self.settings, self.time_limits(item_id)
+        base = len(self._problem(item_id)["base_input"])
+        checks = [sum(limits[:base])] + ([sum(limits[base:])] if len(limits) > base else [])
+        cap = settings.timeout_seconds
+        return settings.startup_seconds + sum((c if cap is None else min(cap, c)) + CHECK_SLACK_SECONDS
+                                              for c in checks)
+
     def run_solution(self, item_id: str, code: str) -> RunRecord:
         """Execute one solution on the item's base inputs in a fresh sandbox; never raises for the code."""
         problem = self._problem(item_id)
         limits = self.time_limits(item_id)
-        wall = min(self.settings.timeout_seconds, self.settings.startup_seconds + sum(limits))
+        wall = self.run_wall(item_id)
         inputs = self.inputs(item_id)
         request = {"mode": "run", "code": code, "entry_point": problem["entry_point"],
                    "inputs": inputs, "time_limits": limits}
@@ -288,7 +301,8 @@ class MbppPlusTask(Task):
         for _attempt in range(2):
             if not pending:
                 break
-            request = {"mode": "judge", "dataset": "mbpp", "items": pending, "judge_seconds": settings.judge_seconds}
+            request = {"mode": "judge", "dataset": "mbpp", "items": pending, "judge_seconds": settings.judge_seconds,
+                       "rules": settings.judge}
             wall = settings.startup_seconds + sum(
                 len(item["inputs"]) * settings.judge_seconds + JUDGE_ITEM_SECONDS for item in pending)
             limits = dataclasses.replace(self._limits(wall), memory_bytes=max(settings.memory_mb, 1024) << 20)
@@ -344,10 +358,14 @@ class MbppPlusTask(Task):
         raw = self.completions(model, item_ids)
         if len(raw) != len(item_ids):
             raise TaskError(f"task {self.name!r}: the model returned {len(raw)} completions for {len(item_ids)} prompts")
-        codes = [self.solution(i, c) for i, c in zip(item_ids, raw)]
-        results = self.score(item_ids, codes)
-        return [dataclasses.replace(r, detail={**r.detail, "completion": c[:TEXT_EXCERPT_CHARS]})
-                for r, c in zip(results, raw)]
+        fitting = [i for i, c in enumerate(raw) if not isinstance(c, ContextOverflow)]
+        scored = self.score([item_ids[i] for i in fitting], [self.solution(item_ids[i], raw[i]) for i in fitting])
+        results = dict(zip(fitting, scored))
+        return [dataclasses.replace(results[i], detail={**results[i].detail, "completion": c[:TEXT_EXCERPT_CHARS]})
+                if i in results else
+                ItemResult(item_ids[i], 0.0, error="context-limit", detail={"status": "context-limit",
+                                                                             "message": c.message})
+                for i, c in enumerate(raw)]
 
     def reference_results(self, item_ids: Sequence[str]) -> list[ItemResult]:
         """canonical_solution of each item through the same sandbox and judge (check-tasks)."""

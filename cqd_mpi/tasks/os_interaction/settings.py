@@ -84,6 +84,8 @@ class Settings:
     this task's ids or AgentBench's sample ids, or the name of a list shipped with the package
     (cqd_mpi/tasks/items/os-<name>.json; the `paper` protocol's 110 items are `cycleqd`).
     include_dev: with a data dir, also its data/dev.json (the `paper` items are standard + dev).
+    init_failure: an init script that exits non-zero 'fail's the item (AgentBench) or is
+    'ignore'd and the episode goes on (the authors' code).
     """
 
     environment: EnvironmentSettings = dataclasses.field(default_factory=EnvironmentSettings)
@@ -93,6 +95,7 @@ class Settings:
     repeats: int = 1
     parallel: int = 4
     judge_unfinished: bool = False
+    init_failure: Literal["fail", "ignore"] = "fail"
     scripts: str | None = None
     item_ids: list[str] | str | None = None
     include_dev: bool = False
