@@ -67,7 +67,16 @@ def sweep_cases(family, run, blocker, tmp_path) -> dict[str, tuple[list[str], st
         "similarity": (["similarity", a, b, "--base", base], STDOUT),
         "doctor": (["doctor"], STDOUT),
         "check-tasks": (["check-tasks", str(config), "--limit", "2"], STDOUT),
+        "evaluate": (["evaluate", str(run), "--suite", str(probe_suite(tmp_path)), "--limit", "2"], STDOUT),
     }
+
+
+def probe_suite(tmp_path):
+    """A suite of one probe task scored on the base only: evaluate's output then is its table."""
+    task = {"name": "alpha", "kind": "tests.runtime.probe_task:ProbeTask", "settings": {"n_items": 4, "salt": "a"}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({"name": "sweep", "tasks": [task], "models": ["base"]}))
+    return path
 
 
 def test_the_sweep_covers_every_subcommand(tiny_family, tmp_path):

@@ -136,7 +136,7 @@ def _evaluate(args, comm) -> int:
     suite_path = Path(args.suite).resolve()
     name, suite_config, wanted = _suite(suite_path, run_config)
     suite_config["runtime"] = {**run_config.get("runtime", {}), "run_dir": str(run_dir)}
-    config = config_mod.from_dict(suite_config, root=suite_path.parent)
+    config = config_mod.from_dict(suite_config, root=suite_path.parent, tasks_only=True)
     models = _models(run_dir, run_config, wanted, args.model)
 
     out_dir = run_dir / "evaluations"
