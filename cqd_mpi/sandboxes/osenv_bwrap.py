@@ -54,8 +54,10 @@ from cqd_mpi.sandboxes.osenv import (
     ScriptResult,
     Shell,
     digest,
+    listed,
     watched,
 )
+from cqd_mpi.sandboxes.osenv import nspid as ns_pids
 from cqd_mpi.sandboxes.python_exec import _descendants, _kill_tree, _system_binds, _wait_gone
 
 ENTER = Path(__file__).with_name("osenv_enter.py")
@@ -178,18 +180,6 @@ def ensure_rootfs(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Pa
             shutil.rmtree(partial, ignore_errors=True)
             raise
     return target
-
-
-def _nspid(pid: int) -> list[int]:
-    """A process's pid in each nested pid namespace, outermost first ([] when gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("NSpid:"):
-                    return [int(v) for v in line.split()[1:]]
-    except OSError:
-        pass
-    return []
 
 
 def _resolve(root: str, rel: str, *, follow_last: bool = False) -> str | None:
@@ -315,7 +305,7 @@ class BwrapEnvironment(Environment):
                                      f"(rootfs {self.rootfs}): {err or 'no message'}")
         holder = outer = None
         for pid in sorted(_descendants(self.process.pid)):
-            nspid = _nspid(pid)
+            nspid = ns_pids(pid)
             if len(nspid) == 3 and nspid[2] == 1:
                 holder = pid
             elif len(nspid) == 2 and nspid[1] == 1:
@@ -324,6 +314,7 @@ class BwrapEnvironment(Environment):
             raise BackendUnavailable(f"the 'bwrap' environment started but its processes were not found "
                                      f"(holder {holder}, outer {outer})")
         self.holder, self.outer = holder, outer
+        self.first_pid = holder
         self.pid_namespace = os.readlink(f"/proc/{holder}/ns/pid")
         self.upper = f"/proc/{outer}/root{UPPER}/up"
 
@@ -433,7 +424,7 @@ class BwrapEnvironment(Environment):
                     entry = entry_at(path)
                 except OSError:
                     continue
-                if watched(rel, WATCHED):
+                if listed(rel):
                     found[rel] = entry
                 if entry[0] in ("dir", "opaque") and _may_hold(rel, WATCHED):
                     stack.append(rel)

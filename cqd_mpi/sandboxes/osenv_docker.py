@@ -18,8 +18,10 @@ every second while a command runs and after every command and script: an environ
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import json
 import os
 import select
 import signal
@@ -40,7 +42,7 @@ from cqd_mpi.sandboxes.osenv import (
     ScriptResult,
     Shell,
     digest,
-    watched,
+    listed,
 )
 
 FEATURE = "The OS task's 'docker' back-end"
@@ -103,15 +105,20 @@ class Pristine:
 def archive_entry(container, path: str) -> Entry | None:
     """The Entry at /path in a container, from the engine's archive of it (None when absent)."""
     docker = containers.docker_module(FEATURE)
+    api = container.client.api
+    head = api.head(api._url("/containers/{0}/archive", container.id), params={"path": "/" + path})
+    if head.status_code == 404:
+        return None
+    stat = json.loads(base64.b64decode(head.headers.get("X-Docker-Container-Path-Stat") or "e30="))
+    mode = int(stat.get("mode", 0))
+    if mode & (1 << 27):  # a symlink (Go's ModeSymlink): the archive would hold what it points to
+        return "link", str(stat.get("linkTarget", ""))
+    if mode & (1 << 31):  # a directory: its archive would hold the whole tree
+        return "dir", ""
     try:
-        stream, info = container.get_archive("/" + path)
+        stream, _ = container.get_archive("/" + path)
     except docker.errors.NotFound:
         return None
-    mode = int(info.get("mode", 0))
-    if mode & (1 << 31):
-        with contextlib.suppress(Exception):
-            stream.close()
-        return "dir", ""
     data = io.BytesIO(b"".join(stream))
     with tarfile.open(fileobj=data) as archive:
         member = archive.next()
@@ -148,6 +155,7 @@ class DockerEnvironment(Environment):
                              "pids_limit": limits.processes})
             pid = int(self.container.attrs["State"]["Pid"])
             self.pid_namespace = os.readlink(f"/proc/{pid}/ns/pid")
+            self.first_pid = pid
         except OSError as exc:
             self.close()
             raise BackendUnavailable(f"{FEATURE} needs a container engine on this host (it stops an item's processes "
@@ -252,16 +260,15 @@ class DockerEnvironment(Environment):
         found: dict[str, Entry] = {}
         for change in self.container.diff() or []:
             rel = change["Path"].lstrip("/")
-            if not watched(rel):
+            if not listed(rel):
                 continue
             if change["Kind"] == 2:
                 found[rel] = ("gone", "")
                 continue
-            if self.pristine.entry(rel) == ("dir", ""):
+            entry = archive_entry(self.container, rel) or ("other", "unreadable")  # e.g. a dangling link
+            if entry == ("dir", "") and self.pristine.entry(rel) == ("dir", ""):
                 continue
-            entry = archive_entry(self.container, rel)
-            if entry is not None and entry != ("dir", ""):
-                found[rel] = entry
+            found[rel] = entry
         return found
 
     def image_entry(self, path: str) -> Entry | None:
