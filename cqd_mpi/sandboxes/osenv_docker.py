@@ -76,12 +76,15 @@ class SocketChannel:
 
 
 class Pristine:
-    """Entries of an image as it was built: read from a container created (never started) from it."""
+    """Entries of an image as it was built: read from a container of it that runs nothing but its
+    first process (running, so the engine keeps its files mounted: ~20x faster look-ups), tied to
+    this worker as environments are."""
 
     def __init__(self, client, image: str):
         self.client = client
         self.image = image
         self._container = None
+        self._stdin = None
         self._entries: dict[str, Entry | None] = {}
         self._lock = threading.Lock()
 
@@ -89,15 +92,19 @@ class Pristine:
         with self._lock:
             if path not in self._entries:
                 if self._container is None:
-                    created = self.client.api.create_container(self.image, command=["true"],
-                                                               labels=containers.labels(PURPOSE))
-                    self._container = self.client.containers.get(created["Id"])
+                    self._container, self._stdin = containers.start_tied(
+                        self.client, self.image, purpose=PURPOSE, command=["bash"], hostname=HOSTNAME,
+                        environment=dict(ENVIRONMENT), host_config={"network_mode": "none"})
                 self._entries[path] = archive_entry(self._container, path)
             return self._entries[path]
 
     def close(self) -> None:
         with self._lock:
             container, self._container = self._container, None
+            stdin, self._stdin = self._stdin, None
+        if stdin is not None:
+            with contextlib.suppress(Exception):
+                stdin.close()
         if container is not None:
             containers.remove(container)
 

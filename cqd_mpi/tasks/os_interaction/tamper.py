@@ -36,10 +36,21 @@ IMPORTABLE = re.compile(r"^[^/]+\.(py|pyc|so|zip)$|^[^/]+/__init__\.py$")
 """A module in /, the checks' cwd, which `python3 -c` puts first on sys.path."""
 
 
+FOUND_AT_MOST = 50
+"""Enough to name what was done; `rm -rf /` changes every path, each a look-up on docker."""
+
+
 def tampering(before: dict, after: dict, env) -> list[str]:
-    """Paths whose change since the set-up could fool a check (the module docstring; docs/os.md)."""
+    """Paths whose change since the set-up could fool a check (the module docstring; docs/os.md),
+    the first FOUND_AT_MOST of them."""
     found = []
     for path in sorted(set(before) | set(after)):
+        if len(found) >= FOUND_AT_MOST:
+            break
+        if after.get(path) == ("gone", ""):  # deleted: the image (or the set-up) had it
+            if before.get(path) != ("gone", "") and watched(path, IMMUTABLE):
+                found.append(path)
+            continue
         image = env.image_entry(path)
         then, now = before.get(path, image), after.get(path, image)
         if then == now or (now == ("dir", "") and then in (("dir", ""), None)):
