@@ -30,6 +30,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import platform
 import select
 import shutil
 import socket
@@ -42,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cqd_mpi.errors import BackendUnavailable
+from cqd_mpi.sandboxes import seccomp
 from cqd_mpi.sandboxes.osenv import (
     ENVIRONMENT,
     HOSTNAME,
@@ -137,7 +139,18 @@ def bwrap_usable() -> tuple[bool, str]:
         return False, (f"{bwrap} cannot create user, pid and network namespaces here: {result.stderr.strip()[-300:]} "
                        "(allow unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1)")
     version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip()
-    return True, f"{version or bwrap}: user, pid and network namespaces work"
+    return True, f"{version or bwrap}: user, pid and network namespaces work; isolation: {isolation()}"
+
+
+def isolation() -> str:
+    """What separates one environment from another on this node, in words (doctor)."""
+    uid = sandbox_uid()
+    filtered = ("a seccomp filter refusing what Docker's default profile refuses (the keyring, mounts, "
+                "namespaces, modules...)" if seccomp.supported() else
+                f"no seccomp filter (it is x86_64's only; this is {platform.machine()}): items of one uid "
+                "could share kernel keys")
+    return (f"every environment runs as host uid {uid}, root of its own user namespace with only that uid "
+            f"mapped (chown to other users fails), own pid, net, ipc, uts and mount namespaces; {filtered}")
 
 
 def ensure_rootfs(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
@@ -262,7 +275,7 @@ class BwrapEnvironment(Environment):
             "/run/cqd/bwrap", "--as-pid-1", "--unshare-pid", "--die-with-parent",
             "--bind", f"{UPPER}/root", "/", "--proc", "/proc", "--tmpfs", "/proc/tty/driver", "--dev", "/dev",
             "--size", str(limits.disk_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-            "--cap-drop", "ALL", *[a for cap in DOCKER_CAPS for a in ("--cap-add", cap)],
+            "--cap-drop", "ALL", *[a for cap in DOCKER_CAPS for a in ("--cap-add", cap)], *self._seccomp_args(),
             "--chdir", "/", "--clearenv", *[a for k, v in ENVIRONMENT.items() for a in ("--setenv", k, v)],
             "--", "/bin/bash",
         ]
@@ -275,8 +288,14 @@ class BwrapEnvironment(Environment):
             "--", "/bin/sh", "-c", OUTER_SCRIPT, "cqd-outer", str(limits.disk_bytes), str(limits.inodes), *inner,
         ]
         self._launchers: set[subprocess.Popen] = set()
-        self.process = subprocess.Popen(outer, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        start_new_session=True, close_fds=True, cwd="/", **_as_sandbox_user())
+        try:
+            self.process = subprocess.Popen(outer, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, start_new_session=True, close_fds=True, cwd="/",
+                                            pass_fds=[self._filter] if self._filter is not None else [],
+                                            **_as_sandbox_user())
+        finally:
+            if self._filter is not None:
+                os.close(self._filter)
         try:
             self._wait_ready()
         except BaseException:
@@ -318,6 +337,17 @@ class BwrapEnvironment(Environment):
         self.pid_namespace = os.readlink(f"/proc/{holder}/ns/pid")
         self.upper = f"/proc/{outer}/root{UPPER}/up"
 
+    def _seccomp_args(self) -> list[str]:
+        """bwrap's --seccomp FD for the environment's first process (the filter of seccomp.py in a
+        memfd that the outer sandbox, its shell and prlimit pass on), or nothing where unsupported."""
+        self._filter = None
+        if not seccomp.supported():
+            return []
+        self._filter = os.memfd_create("cqd-seccomp", 0)
+        os.write(self._filter, seccomp.program())
+        os.lseek(self._filter, 0, os.SEEK_SET)
+        return ["--seccomp", str(self._filter)]
+
     # ------------------------------------------------------------- processes
 
     def _enter(self, argv: Sequence[str], environment: Mapping[str, str], *, pty: bool):
@@ -327,6 +357,7 @@ class BwrapEnvironment(Environment):
         config = {
             "pid": self.holder, "argv": list(argv), "env": dict(environment), "cwd": "/", "pty": pty,
             "status_fd": theirs.fileno(), "caps": sorted(DOCKER_CAPS.values()),
+            "seccomp": seccomp.program().hex() if seccomp.supported() else None,
             "rlimits": {"RLIMIT_NPROC": limits.processes + OVERHEAD_PROCESSES, "RLIMIT_AS": limits.memory_bytes,
                         "RLIMIT_FSIZE": limits.disk_bytes, "RLIMIT_CORE": 0},
         }
