@@ -30,7 +30,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import platform
 import select
 import shutil
 import socket
@@ -43,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cqd_mpi.errors import BackendUnavailable
-from cqd_mpi.sandboxes import seccomp
+from cqd_mpi.sandboxes import seccomp, uidrange
 from cqd_mpi.sandboxes.osenv import (
     ENVIRONMENT,
     HOSTNAME,
@@ -61,6 +60,7 @@ from cqd_mpi.sandboxes.osenv import (
 )
 from cqd_mpi.sandboxes.osenv import nspid as ns_pids
 from cqd_mpi.sandboxes.python_exec import _descendants, _kill_tree, _system_binds, _wait_gone
+from cqd_mpi.sandboxes.uidrange import SANDBOX_UID
 
 ENTER = Path(__file__).with_name("osenv_enter.py")
 
@@ -69,11 +69,6 @@ DOCKER_CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSET
                "CAP_SYS_CHROOT": 18, "CAP_MKNOD": 27, "CAP_AUDIT_WRITE": 29, "CAP_SETFCAP": 31}
 """Docker's default capabilities (names and numbers): what root in an environment may do,
 within its own user namespace."""
-
-SANDBOX_UID = 1_400_000_000
-"""On a root host every environment runs as this otherwise unused uid (root inside its user
-namespace): the kernel exempts host root from RLIMIT_NPROC, and no environment may be host
-root. Elsewhere environments run as the worker's own uid."""
 
 OVERHEAD_PROCESSES = 8
 """Processes of the sandboxes themselves, counted with the item's under RLIMIT_NPROC."""
@@ -108,9 +103,11 @@ def sandbox_uid() -> int:
 
 def _as_sandbox_user() -> dict:
     """Popen arguments that start a process as sandbox_uid() (nothing to change unless root)."""
-    if os.geteuid() != 0:
-        return {}
-    return {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []}
+    return _as_user(SANDBOX_UID) if os.geteuid() == 0 else {}
+
+
+def _as_user(uid: int) -> dict:
+    return {"user": uid, "group": uid, "extra_groups": []}
 
 
 def default_rootfs_cache() -> Path:
@@ -139,18 +136,8 @@ def bwrap_usable() -> tuple[bool, str]:
         return False, (f"{bwrap} cannot create user, pid and network namespaces here: {result.stderr.strip()[-300:]} "
                        "(allow unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1)")
     version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip()
-    return True, f"{version or bwrap}: user, pid and network namespaces work; isolation: {isolation()}"
+    return True, f"{version or bwrap}: user, pid and network namespaces work"
 
-
-def isolation() -> str:
-    """What separates one environment from another on this node, in words (doctor)."""
-    uid = sandbox_uid()
-    filtered = ("a seccomp filter refusing what Docker's default profile refuses (the keyring, mounts, "
-                "namespaces, modules...)" if seccomp.supported() else
-                f"no seccomp filter (it is x86_64's only; this is {platform.machine()}): items of one uid "
-                "could share kernel keys")
-    return (f"every environment runs as host uid {uid}, root of its own user namespace with only that uid "
-            f"mapped (chown to other users fails), own pid, net, ipc, uts and mount namespaces; {filtered}")
 
 
 def ensure_rootfs(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
@@ -279,10 +266,12 @@ class BwrapEnvironment(Environment):
             "--chdir", "/", "--clearenv", *[a for k, v in ENVIRONMENT.items() for a in ("--setenv", k, v)],
             "--", "/bin/bash",
         ]
+        self.ids = uidrange.UidRange(self.rootfs) if uidrange.usable(self.rootfs)[0] else None
+        identity = ["--userns", str(self.ids.userns)] if self.ids else ["--unshare-user", "--uid", "0", "--gid", "0"]
         outer = [
-            bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            bwrap, *identity, "--unshare-pid", "--unshare-net", "--unshare-ipc",
             "--unshare-uts", "--hostname", HOSTNAME, "--unshare-cgroup-try", "--die-with-parent", "--cap-add", "ALL",
-            *_system_binds(), "--ro-bind", bwrap, "/run/cqd/bwrap", "--ro-bind", self.rootfs, LOWER,
+            *_system_binds(), "--ro-bind", bwrap, "/run/cqd/bwrap", "--ro-bind", self.ids.lower if self.ids else self.rootfs, LOWER,
             "--dir", UPPER, "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
             "--setenv", "LOWER", LOWER, "--setenv", "UPPER", UPPER,
             "--", "/bin/sh", "-c", OUTER_SCRIPT, "cqd-outer", str(limits.disk_bytes), str(limits.inodes), *inner,
@@ -291,13 +280,15 @@ class BwrapEnvironment(Environment):
         try:
             self.process = subprocess.Popen(outer, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, start_new_session=True, close_fds=True, cwd="/",
-                                            pass_fds=[self._filter] if self._filter is not None else [],
-                                            **_as_sandbox_user())
+                                            pass_fds=[fd for fd in (self._filter, self.ids and self.ids.userns) if fd],
+                                            **(_as_user(self.ids.base) if self.ids else _as_sandbox_user()))
         finally:
             if self._filter is not None:
                 os.close(self._filter)
         try:
             self._wait_ready()
+            if self.ids:
+                self.ids.detach()
         except BaseException:
             self.close()
             raise
@@ -491,3 +482,5 @@ class BwrapEnvironment(Environment):
         for stream in (process.stdout, process.stderr):
             with contextlib.suppress(OSError):
                 stream.close()
+        if self.ids:
+            self.ids.close()
