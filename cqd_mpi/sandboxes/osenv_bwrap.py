@@ -136,7 +136,7 @@ def bwrap_usable() -> tuple[bool, str]:
         return False, (f"{bwrap} cannot create user, pid and network namespaces here: {result.stderr.strip()[-300:]} "
                        "(allow unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1)")
     version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip()
-    return True, f"{version or bwrap}: user, pid and network namespaces work"
+    return True, f"{version or bwrap}: user, pid and network namespaces work; isolation: {uidrange.isolation()}"
 
 
 

@@ -150,28 +150,30 @@ class UidRange:
             self.lock = None
 
 
-def usable(rootfs: str) -> tuple[bool, str]:
-    """(whether environments get a uid range here, why not), tried once per process."""
+def usable(rootfs: str | None = None) -> tuple[bool, str]:
+    """(whether environments get a uid range here, why not), tried once per process on `rootfs`
+    (default: the slot dir itself)."""
     global _usable
     if _usable is None:
         if os.geteuid() != 0:
             _usable = False, "the worker is not root (newuidmap with subuid entries is not supported yet)"
         else:
             try:
-                UidRange(rootfs).close()
+                SLOT_DIR.mkdir(parents=True, exist_ok=True)
+                UidRange(rootfs or str(SLOT_DIR)).close()
                 _usable = True, ""
             except OSError as exc:
                 _usable = False, f"a uid range could not be set up ({exc})"
     return _usable
 
 
-def isolation(rootfs: str) -> str:
+def isolation() -> str:
     """What separates one bwrap environment from another on this node, in words (doctor)."""
     import platform
 
     from cqd_mpi.sandboxes import seccomp
 
-    ranged, why = usable(rootfs)
+    ranged, why = usable()
     if ranged:
         ids = (f"a range of {SIZE} host uids of its own (from {SANDBOX_UID + SIZE}), uids 0-{SIZE - 1} inside, "
                "the rootfs idmapped onto it")
