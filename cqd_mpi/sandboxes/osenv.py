@@ -413,8 +413,11 @@ class Environment(abc.ABC):
     def processes(self) -> dict[int, str]:
         """Host pid -> state letter of every process in the environment, nested pid namespaces
         included (`unshare -Urpf` inside it)."""
-        info = os.stat(f"/proc/{self.first_pid}/ns/pid")
-        namespace, depth = (info.st_dev, info.st_ino), len(nspid(self.first_pid))
+        try:
+            info = os.stat(f"/proc/{self.first_pid}/ns/pid")
+            namespace, depth = (info.st_dev, info.st_ino), len(nspid(self.first_pid))
+        except OSError:  # the first process is gone (the agent ended its environment): no tree to walk
+            namespace, depth = (-1, -1), 1 << 30
         found = {}
         for entry in os.scandir("/proc"):
             if entry.name.isdigit():
