@@ -22,6 +22,9 @@ import errno
 import fcntl
 import os
 import random
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 SANDBOX_UID = 1_400_000_000
@@ -32,7 +35,6 @@ SIZE = 65536
 SLOTS = 4096
 SLOT_DIR = Path(os.environ.get("CQD_UID_SLOTS", "/run/cqd_mpi/uid-slots"))
 
-CLONE_NEWUSER = 0x10000000
 OPEN_TREE, MOVE_MOUNT, MOUNT_SETATTR = 428, 429, 442  # the same number on every architecture
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC, AT_EMPTY_PATH, AT_FDCWD = 1, 0o2000000, 0x1000, -100
 MOVE_MOUNT_F_EMPTY_PATH, MOUNT_ATTR_RDONLY, MOUNT_ATTR_IDMAP, MNT_DETACH = 0x4, 0x1, 0x00100000, 2
@@ -52,37 +54,36 @@ def _failed(what: str) -> OSError:
 
 
 def user_namespace(uid_map: str, *, owner: int = 0) -> int:
-    """An fd of a new user namespace owned by `owner` with `uid_map` (also its gid map)."""
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(ready_r)
-            os.close(done_w)
-            if owner:
-                os.setresgid(owner, owner, owner)
-                os.setgroups([])
-                os.setresuid(owner, owner, owner)
-            if _libc.unshare(CLONE_NEWUSER) != 0:
-                os._exit(3)
-            os.write(ready_w, b"x")
-            os.read(done_r, 1)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
+    """An fd of a new user namespace owned by `owner` with `uid_map` (also its gid map).
+
+    Made by util-linux's `unshare --user` holding `cat` (a new process, never a fork of this
+    threaded one, whose child could deadlock on a lock another thread held); the maps are
+    written from here (root), then `cat` ends and the fd keeps the namespace."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise OSError("uid ranges need util-linux's unshare on PATH")
+    ours = os.readlink("/proc/self/ns/user")
+    who = {"user": owner, "group": owner, "extra_groups": []} if owner else {}
+    holder = subprocess.Popen([unshare, "--user", "--", "cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, close_fds=True, cwd="/", **who)
     try:
-        if os.read(ready_r, 1) != b"x":
-            raise OSError(f"cannot make a user namespace as uid {owner}")
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                if os.readlink(f"/proc/{holder.pid}/ns/user") != ours:
+                    break
+            except OSError:
+                pass
+            if holder.poll() is not None or time.monotonic() > deadline:
+                raise OSError(f"cannot make a user namespace as uid {owner} ({unshare} --user)")
+            time.sleep(0.001)
         for name in ("uid_map", "gid_map"):
-            with open(f"/proc/{pid}/{name}", "w") as handle:
+            with open(f"/proc/{holder.pid}/{name}", "w") as handle:
                 handle.write(uid_map)
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(f"/proc/{holder.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
-        os.close(ready_r)
-        os.close(done_w)
-        os.waitpid(pid, 0)
+        holder.stdin.close()
+        holder.wait()
 
 
 class UidRange:
