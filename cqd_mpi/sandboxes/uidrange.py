@@ -27,12 +27,15 @@ import subprocess
 import time
 from pathlib import Path
 
+from cqd_mpi.sandboxes.python_exec import SANDBOX_UID_BASE
+
 SANDBOX_UID = 1_400_000_000
 """On a root host the uid the unpacked rootfs belongs to, and the bwrap back-end's single
 environment uid when a range cannot be had: otherwise unused, never host root."""
 
 SIZE = 65536
-SLOTS = 4096
+SLOTS = (SANDBOX_UID_BASE - SANDBOX_UID) // SIZE - 1
+"""1524: the ranges end below python_exec's sandbox uids."""
 SLOT_DIR = Path(os.environ.get("CQD_UID_SLOTS", "/run/cqd_mpi/uid-slots"))
 
 OPEN_TREE, MOVE_MOUNT, MOUNT_SETATTR = 428, 429, 442  # the same number on every architecture
