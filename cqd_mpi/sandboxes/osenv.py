@@ -9,10 +9,13 @@ and `docker` (osenv_docker.py: a container through the docker SDK). Each gives:
   stdout and stderr together, as docker's exec_run returns them; init and check scripts.
 - `shell()`: the item's persistent interactive login shell on a terminal (`Shell`), so `cd`,
   variables and background jobs carry over from one command to the next.
-- `freeze()`: stop every process of the environment (SIGSTOP), so nothing the agent left
-  running can change the environment while the checks inspect it.
-- `changes()` / `image_entry(path)`: the entries under the system program and library dirs
-  that differ from the image, and what the image has there: the tamper check of the OS task.
+- `freeze()`: stop every process of the environment (SIGSTOP), nested pid namespaces included.
+- `end_processes()`: kill every process of the environment but its first (the whole pid
+  namespace tree, nested user and pid namespaces included), so nothing the agent started can
+  act while, or after, the checks inspect it.
+- `changes()` / `image_entry(path)`: the entries under the image's system trees (and the
+  other places a check's interpreter reads) that differ from the image, and what the image
+  has there: the tamper check of the OS task.
 - `close()`: remove everything; a worker killed with SIGKILL leaves nothing running either.
 
 The shell speaks to bash over its terminal: each command is sent as one line,
@@ -31,6 +34,7 @@ import abc
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import fnmatch
 import logging
 import os
@@ -299,11 +303,60 @@ Entry = tuple[str, str]
 SHA-256), link (its target), dir, gone (deleted), opaque (a dir replaced, its image contents
 hidden) or other (value: its mode)."""
 
-WATCHED = ("bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr/bin", "usr/sbin", "usr/lib", "usr/lib32",
-           "usr/lib64", "usr/libx32", "usr/libexec", "usr/local/bin", "usr/local/sbin", "usr/local/lib/python3*",
-           "etc/ld.so.*", "etc/python3*", "root/.local/lib/python3*")
-"""Where a change can fool a check script: the programs, libraries and interpreter start-up
-files a `bash -c` or `python3 -c` check runs (relative to /, fnmatch patterns per prefix)."""
+WATCHED = ("bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc/alternatives", "etc/ld.so.*",
+           "etc/python3*", "root/.local/lib/python3*")
+"""What the tamper check lists besides the top-level entries (the cwd of every check; see
+`listed`), relative to /, fnmatch patterns per prefix: the image's system trees (programs,
+libraries, the loader's and Python's files, /usr whole) and the root user's Python site dir."""
+
+NS_GET_PARENT = 0xB702
+"""ioctl on a namespace fd: the parent pid namespace (linux/nsfs.h)."""
+
+
+def in_pid_tree(pid: int, namespace: tuple[int, int], depth: int) -> bool:
+    """Whether a host process lives in the pid namespace `namespace` ((st_dev, st_ino)) or one
+    nested below it; `depth` is that namespace's NSpid depth (processes no deeper are not in it
+    unless it is their own)."""
+    try:
+        handle = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(handle)
+        if (info.st_dev, info.st_ino) == namespace:
+            return True
+        if len(nspid(pid)) <= depth:
+            return False
+        for _ in range(64):
+            try:
+                parent = fcntl.ioctl(handle, NS_GET_PARENT)
+            except OSError:
+                return False
+            os.close(handle)
+            handle = parent
+            info = os.fstat(handle)
+            if (info.st_dev, info.st_ino) == namespace:
+                return True
+        return False
+    finally:
+        os.close(handle)
+
+
+def nspid(pid: int) -> list[int]:
+    """A process's pid in each nested pid namespace, outermost first ([] when gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("NSpid:"):
+                    return [int(v) for v in line.split()[1:]]
+    except OSError:
+        pass
+    return []
+
+
+def listed(path: str) -> bool:
+    """Whether the tamper check lists a relative path: a top-level entry or one under WATCHED."""
+    return "/" not in path or watched(path)
 
 
 def watched(path: str, patterns: Sequence[str] = WATCHED) -> bool:
@@ -354,13 +407,23 @@ class Environment(abc.ABC):
     pid_namespace: str
     """The environment's pid namespace (readlink of /proc/PID/ns/pid), set by the back-end."""
 
+    first_pid: int
+    """The host pid of the environment's first process (pid 1 inside), set by the back-end."""
+
     def processes(self) -> dict[int, str]:
-        """Host pid -> state letter of every process in the environment."""
+        """Host pid -> state letter of every process in the environment, nested pid namespaces
+        included (`unshare -Urpf` inside it)."""
+        try:
+            info = os.stat(f"/proc/{self.first_pid}/ns/pid")
+            namespace, depth = (info.st_dev, info.st_ino), len(nspid(self.first_pid))
+        except OSError:  # the first process is gone (the agent ended its environment): no tree to walk
+            namespace, depth = (-1, -1), 1 << 30
         found = {}
         for entry in os.scandir("/proc"):
             if entry.name.isdigit():
                 try:
-                    if os.readlink(f"/proc/{entry.name}/ns/pid") != self.pid_namespace:
+                    if os.readlink(f"/proc/{entry.name}/ns/pid") != self.pid_namespace \
+                            and not in_pid_tree(int(entry.name), namespace, depth):
                         continue
                     with open(f"/proc/{entry.name}/stat") as handle:
                         found[int(entry.name)] = handle.read().rsplit(")", 1)[1].split()[0]
@@ -371,16 +434,25 @@ class Environment(abc.ABC):
     def freeze(self) -> None:
         """Stop (SIGSTOP) every process of the environment and wait until all are stopped, so
         none can act any more; processes started afterwards (the checks) run normally."""
+        self._signal_all(signal.SIGSTOP, "TtZX", keep_first=False, what="stopped")
+
+    def end_processes(self) -> None:
+        """Kill (SIGKILL) every process of the environment but its first, nested pid namespaces
+        included, and wait until all are gone: what runs next (the checks) is alone in it."""
+        self._signal_all(signal.SIGKILL, "ZX", keep_first=True, what="killed")
+
+    def _signal_all(self, number: int, done: str, *, keep_first: bool, what: str) -> None:
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline:
-            running = [pid for pid, state in self.processes().items() if state not in "TtZX"]
+            running = [pid for pid, state in self.processes().items()
+                       if state not in done and not (keep_first and pid == self.first_pid)]
             if not running:
                 return
             for pid in running:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGSTOP)
+                    os.kill(pid, number)
             time.sleep(0.01)
-        raise EnvironmentFailure(f"the processes of a {self.backend} environment could not all be stopped in 10 s")
+        raise EnvironmentFailure(f"the processes of a {self.backend} environment could not all be {what} in 10 s")
 
     @abc.abstractmethod
     def changes(self) -> dict[str, Entry]:

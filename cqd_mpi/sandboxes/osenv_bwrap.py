@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cqd_mpi.errors import BackendUnavailable
+from cqd_mpi.sandboxes import seccomp, uidrange
 from cqd_mpi.sandboxes.osenv import (
     ENVIRONMENT,
     HOSTNAME,
@@ -54,9 +55,12 @@ from cqd_mpi.sandboxes.osenv import (
     ScriptResult,
     Shell,
     digest,
+    listed,
     watched,
 )
+from cqd_mpi.sandboxes.osenv import nspid as ns_pids
 from cqd_mpi.sandboxes.python_exec import _descendants, _kill_tree, _system_binds, _wait_gone
+from cqd_mpi.sandboxes.uidrange import SANDBOX_UID
 
 ENTER = Path(__file__).with_name("osenv_enter.py")
 
@@ -65,11 +69,6 @@ DOCKER_CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSET
                "CAP_SYS_CHROOT": 18, "CAP_MKNOD": 27, "CAP_AUDIT_WRITE": 29, "CAP_SETFCAP": 31}
 """Docker's default capabilities (names and numbers): what root in an environment may do,
 within its own user namespace."""
-
-SANDBOX_UID = 1_400_000_000
-"""On a root host every environment runs as this otherwise unused uid (root inside its user
-namespace): the kernel exempts host root from RLIMIT_NPROC, and no environment may be host
-root. Elsewhere environments run as the worker's own uid."""
 
 OVERHEAD_PROCESSES = 8
 """Processes of the sandboxes themselves, counted with the item's under RLIMIT_NPROC."""
@@ -104,9 +103,11 @@ def sandbox_uid() -> int:
 
 def _as_sandbox_user() -> dict:
     """Popen arguments that start a process as sandbox_uid() (nothing to change unless root)."""
-    if os.geteuid() != 0:
-        return {}
-    return {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []}
+    return _as_user(SANDBOX_UID) if os.geteuid() == 0 else {}
+
+
+def _as_user(uid: int) -> dict:
+    return {"user": uid, "group": uid, "extra_groups": []}
 
 
 def default_rootfs_cache() -> Path:
@@ -135,7 +136,8 @@ def bwrap_usable() -> tuple[bool, str]:
         return False, (f"{bwrap} cannot create user, pid and network namespaces here: {result.stderr.strip()[-300:]} "
                        "(allow unprivileged user namespaces: sysctl kernel.unprivileged_userns_clone=1)")
     version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout.strip()
-    return True, f"{version or bwrap}: user, pid and network namespaces work"
+    return True, f"{version or bwrap}: user, pid and network namespaces work; isolation: {uidrange.isolation()}"
+
 
 
 def ensure_rootfs(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Path:
@@ -178,18 +180,6 @@ def ensure_rootfs(source: str | os.PathLike, cache_dir: str | os.PathLike) -> Pa
             shutil.rmtree(partial, ignore_errors=True)
             raise
     return target
-
-
-def _nspid(pid: int) -> list[int]:
-    """A process's pid in each nested pid namespace, outermost first ([] when gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("NSpid:"):
-                    return [int(v) for v in line.split()[1:]]
-    except OSError:
-        pass
-    return []
 
 
 def _resolve(root: str, rel: str, *, follow_last: bool = False) -> str | None:
@@ -272,23 +262,33 @@ class BwrapEnvironment(Environment):
             "/run/cqd/bwrap", "--as-pid-1", "--unshare-pid", "--die-with-parent",
             "--bind", f"{UPPER}/root", "/", "--proc", "/proc", "--tmpfs", "/proc/tty/driver", "--dev", "/dev",
             "--size", str(limits.disk_bytes), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-            "--cap-drop", "ALL", *[a for cap in DOCKER_CAPS for a in ("--cap-add", cap)],
+            "--cap-drop", "ALL", *[a for cap in DOCKER_CAPS for a in ("--cap-add", cap)], *self._seccomp_args(),
             "--chdir", "/", "--clearenv", *[a for k, v in ENVIRONMENT.items() for a in ("--setenv", k, v)],
             "--", "/bin/bash",
         ]
+        self.ids = uidrange.UidRange(self.rootfs) if uidrange.usable(self.rootfs)[0] else None
+        identity = ["--userns", str(self.ids.userns)] if self.ids else ["--unshare-user", "--uid", "0", "--gid", "0"]
         outer = [
-            bwrap, "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            bwrap, *identity, "--unshare-pid", "--unshare-net", "--unshare-ipc",
             "--unshare-uts", "--hostname", HOSTNAME, "--unshare-cgroup-try", "--die-with-parent", "--cap-add", "ALL",
-            *_system_binds(), "--ro-bind", bwrap, "/run/cqd/bwrap", "--ro-bind", self.rootfs, LOWER,
+            *_system_binds(), "--ro-bind", bwrap, "/run/cqd/bwrap", "--ro-bind", self.ids.lower if self.ids else self.rootfs, LOWER,
             "--dir", UPPER, "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
             "--setenv", "LOWER", LOWER, "--setenv", "UPPER", UPPER,
             "--", "/bin/sh", "-c", OUTER_SCRIPT, "cqd-outer", str(limits.disk_bytes), str(limits.inodes), *inner,
         ]
         self._launchers: set[subprocess.Popen] = set()
-        self.process = subprocess.Popen(outer, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        start_new_session=True, close_fds=True, cwd="/", **_as_sandbox_user())
+        try:
+            self.process = subprocess.Popen(outer, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, start_new_session=True, close_fds=True, cwd="/",
+                                            pass_fds=[fd for fd in (self._filter, self.ids and self.ids.userns) if fd],
+                                            **(_as_user(self.ids.base) if self.ids else _as_sandbox_user()))
+        finally:
+            if self._filter is not None:
+                os.close(self._filter)
         try:
             self._wait_ready()
+            if self.ids:
+                self.ids.detach()
         except BaseException:
             self.close()
             raise
@@ -315,7 +315,7 @@ class BwrapEnvironment(Environment):
                                      f"(rootfs {self.rootfs}): {err or 'no message'}")
         holder = outer = None
         for pid in sorted(_descendants(self.process.pid)):
-            nspid = _nspid(pid)
+            nspid = ns_pids(pid)
             if len(nspid) == 3 and nspid[2] == 1:
                 holder = pid
             elif len(nspid) == 2 and nspid[1] == 1:
@@ -324,8 +324,20 @@ class BwrapEnvironment(Environment):
             raise BackendUnavailable(f"the 'bwrap' environment started but its processes were not found "
                                      f"(holder {holder}, outer {outer})")
         self.holder, self.outer = holder, outer
+        self.first_pid = holder
         self.pid_namespace = os.readlink(f"/proc/{holder}/ns/pid")
         self.upper = f"/proc/{outer}/root{UPPER}/up"
+
+    def _seccomp_args(self) -> list[str]:
+        """bwrap's --seccomp FD for the environment's first process (the filter of seccomp.py in a
+        memfd that the outer sandbox, its shell and prlimit pass on), or nothing where unsupported."""
+        self._filter = None
+        if not seccomp.supported():
+            return []
+        self._filter = os.memfd_create("cqd-seccomp", 0)
+        os.write(self._filter, seccomp.program())
+        os.lseek(self._filter, 0, os.SEEK_SET)
+        return ["--seccomp", str(self._filter)]
 
     # ------------------------------------------------------------- processes
 
@@ -336,6 +348,7 @@ class BwrapEnvironment(Environment):
         config = {
             "pid": self.holder, "argv": list(argv), "env": dict(environment), "cwd": "/", "pty": pty,
             "status_fd": theirs.fileno(), "caps": sorted(DOCKER_CAPS.values()),
+            "seccomp": seccomp.program().hex() if seccomp.supported() else None,
             "rlimits": {"RLIMIT_NPROC": limits.processes + OVERHEAD_PROCESSES, "RLIMIT_AS": limits.memory_bytes,
                         "RLIMIT_FSIZE": limits.disk_bytes, "RLIMIT_CORE": 0},
         }
@@ -433,7 +446,7 @@ class BwrapEnvironment(Environment):
                     entry = entry_at(path)
                 except OSError:
                     continue
-                if watched(rel, WATCHED):
+                if listed(rel):
                     found[rel] = entry
                 if entry[0] in ("dir", "opaque") and _may_hold(rel, WATCHED):
                     stack.append(rel)
@@ -469,3 +482,5 @@ class BwrapEnvironment(Environment):
         for stream in (process.stdout, process.stderr):
             with contextlib.suppress(OSError):
                 stream.close()
+        if self.ids:
+            self.ids.close()

@@ -18,8 +18,10 @@ every second while a command runs and after every command and script: an environ
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import json
 import os
 import select
 import signal
@@ -40,7 +42,7 @@ from cqd_mpi.sandboxes.osenv import (
     ScriptResult,
     Shell,
     digest,
-    watched,
+    listed,
 )
 
 FEATURE = "The OS task's 'docker' back-end"
@@ -74,12 +76,15 @@ class SocketChannel:
 
 
 class Pristine:
-    """Entries of an image as it was built: read from a container created (never started) from it."""
+    """Entries of an image as it was built: read from a container of it that runs nothing but its
+    first process (running, so the engine keeps its files mounted: ~20x faster look-ups), tied to
+    this worker as environments are."""
 
     def __init__(self, client, image: str):
         self.client = client
         self.image = image
         self._container = None
+        self._stdin = None
         self._entries: dict[str, Entry | None] = {}
         self._lock = threading.Lock()
 
@@ -87,15 +92,19 @@ class Pristine:
         with self._lock:
             if path not in self._entries:
                 if self._container is None:
-                    created = self.client.api.create_container(self.image, command=["true"],
-                                                               labels=containers.labels(PURPOSE))
-                    self._container = self.client.containers.get(created["Id"])
+                    self._container, self._stdin = containers.start_tied(
+                        self.client, self.image, purpose=PURPOSE, command=["bash"], hostname=HOSTNAME,
+                        environment=dict(ENVIRONMENT), host_config={"network_mode": "none"})
                 self._entries[path] = archive_entry(self._container, path)
             return self._entries[path]
 
     def close(self) -> None:
         with self._lock:
             container, self._container = self._container, None
+            stdin, self._stdin = self._stdin, None
+        if stdin is not None:
+            with contextlib.suppress(Exception):
+                stdin.close()
         if container is not None:
             containers.remove(container)
 
@@ -103,15 +112,20 @@ class Pristine:
 def archive_entry(container, path: str) -> Entry | None:
     """The Entry at /path in a container, from the engine's archive of it (None when absent)."""
     docker = containers.docker_module(FEATURE)
+    api = container.client.api
+    head = api.head(api._url("/containers/{0}/archive", container.id), params={"path": "/" + path})
+    if head.status_code == 404:
+        return None
+    stat = json.loads(base64.b64decode(head.headers.get("X-Docker-Container-Path-Stat") or "e30="))
+    mode = int(stat.get("mode", 0))
+    if mode & (1 << 27):  # a symlink (Go's ModeSymlink): the archive would hold what it points to
+        return "link", str(stat.get("linkTarget", ""))
+    if mode & (1 << 31):  # a directory: its archive would hold the whole tree
+        return "dir", ""
     try:
-        stream, info = container.get_archive("/" + path)
+        stream, _ = container.get_archive("/" + path)
     except docker.errors.NotFound:
         return None
-    mode = int(info.get("mode", 0))
-    if mode & (1 << 31):
-        with contextlib.suppress(Exception):
-            stream.close()
-        return "dir", ""
     data = io.BytesIO(b"".join(stream))
     with tarfile.open(fileobj=data) as archive:
         member = archive.next()
@@ -148,6 +162,7 @@ class DockerEnvironment(Environment):
                              "pids_limit": limits.processes})
             pid = int(self.container.attrs["State"]["Pid"])
             self.pid_namespace = os.readlink(f"/proc/{pid}/ns/pid")
+            self.first_pid = pid
         except OSError as exc:
             self.close()
             raise BackendUnavailable(f"{FEATURE} needs a container engine on this host (it stops an item's processes "
@@ -252,16 +267,15 @@ class DockerEnvironment(Environment):
         found: dict[str, Entry] = {}
         for change in self.container.diff() or []:
             rel = change["Path"].lstrip("/")
-            if not watched(rel):
+            if not listed(rel):
                 continue
             if change["Kind"] == 2:
                 found[rel] = ("gone", "")
                 continue
-            if self.pristine.entry(rel) == ("dir", ""):
+            entry = archive_entry(self.container, rel) or ("other", "unreadable")  # e.g. a dangling link
+            if entry == ("dir", "") and self.pristine.entry(rel) == ("dir", ""):
                 continue
-            entry = archive_entry(self.container, rel)
-            if entry is not None and entry != ("dir", ""):
-                found[rel] = entry
+            found[rel] = entry
         return found
 
     def image_entry(self, path: str) -> Entry | None:

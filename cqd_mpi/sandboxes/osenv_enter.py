@@ -3,8 +3,8 @@
 Run by the host's Python as ``python -I -S osenv_enter.py CONFIG_JSON`` with a unix socket
 on fd `status_fd`; stdlib only. It joins every namespace of the environment's first process
 (`pid`), takes its root, and forks the program there with the environment's limits and
-capabilities: `rlimits` (name -> value) and the capability bounding set cut to `caps`
-(numbers), so a program run as root gets those and no more; every signal ignored or blocked by the worker is
+capabilities: `rlimits` (name -> value), the capability bounding set cut to `caps`
+(numbers), so a program run as root gets those and no more, and the `seccomp` filter (hex); every signal ignored or blocked by the worker is
 reset, and the open-files limit is raised to its hard limit, as in a container. With `pty` the process gets a new
 terminal from the environment's own /dev/ptmx, whose master end goes back over the socket.
 The socket then carries ``pid N`` (the host pid of the program) or ``error MESSAGE``; this
@@ -24,6 +24,7 @@ import termios
 
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 NAMESPACES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 
 
@@ -48,6 +49,19 @@ def _which(name, path):
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     raise FileNotFoundError(f"{name}: not found on PATH {path}")
+
+
+class _Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _load_filter(libc, program):
+    """Install a seccomp filter (struct sock_filter[] bytes; cqd_mpi/sandboxes/seccomp.py). Root of
+    the environment's user namespace may without no_new_privs, so setuid programs keep working."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _Fprog(len(program) // 8, ctypes.addressof(buffer))
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot install the seccomp filter")
 
 
 def _default_signals():
@@ -126,7 +140,10 @@ def main():
             for cap in range(last + 1):
                 if cap not in keep and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                     raise OSError(ctypes.get_errno(), f"cannot drop capability {cap}")
-            os.execve(_which(config["argv"][0], config["env"].get("PATH", "")), config["argv"], config["env"])
+            program = _which(config["argv"][0], config["env"].get("PATH", ""))
+            if config.get("seccomp"):
+                _load_filter(libc, bytes.fromhex(config["seccomp"]))
+            os.execve(program, config["argv"], config["env"])
         except BaseException as exc:
             os.write(2, f"cqd-enter: cannot start {config['argv'][0]!r}: {exc}\n".encode())
             os._exit(127)

@@ -394,6 +394,8 @@ def test_check_backends_report_data_bwrap_and_the_image(data, tmp_path):
         statuses = {s.name: s for s in task.check_backends()}
     assert statuses["os data"].ok and "7 items" in statuses["os data"].message
     assert statuses["os environment (bwrap)"].ok and "namespaces work" in statuses["os environment (bwrap)"].message
+    assert "isolation: a range of 65536 host uids of its own" in statuses["os environment (bwrap)"].message
+    assert "a seccomp filter refusing what Docker" in statuses["os environment (bwrap)"].message
     assert statuses["os image local-os/default (bwrap)"].ok
     with make_task(data / "data" / "dev.json", environment={"images": {"default": str(tmp_path / "none.tar")}}) as task:
         missing = {s.name: s for s in task.check_backends()}["os image local-os/default (bwrap)"]

@@ -69,12 +69,12 @@ from cqd_mpi.tasks.os_interaction.protocol import (
     opening,
 )
 from cqd_mpi.tasks.os_interaction.settings import EnvironmentSettings, Settings, default_images
-from cqd_mpi.tasks.os_interaction.tamper import HOOKS, PATH_DIRS, SYSTEM, tampering
+from cqd_mpi.tasks.os_interaction.tamper import IMMUTABLE, OPEN, PATH_DIRS, STARTUP, tampering
 from cqd_mpi.tasks.os_interaction.task import OSInteractionTask
 
 __all__ = [
-    "DEFAULT_IMAGE", "EMPTY", "EXCERPT_CHARS", "HOOKS", "INSTRUCTION", "LANGUAGES", "NEW_PROBLEM", "OBSERVATION",
-    "ONE_SHOT", "OUTPUT_CHARS", "OUTPUT_KEPT", "PATH_DIRS", "STATUS_ERRORS", "SYSTEM", "TRUNCATED",
+    "DEFAULT_IMAGE", "EMPTY", "EXCERPT_CHARS", "IMMUTABLE", "INSTRUCTION", "LANGUAGES", "NEW_PROBLEM", "OBSERVATION",
+    "ONE_SHOT", "OPEN", "OUTPUT_CHARS", "OUTPUT_KEPT", "PATH_DIRS", "STARTUP", "STATUS_ERRORS", "TRUNCATED",
     "EnvironmentSettings", "Item", "OSEpisode", "OSInteractionTask", "Script", "Settings", "default_images",
     "environment_status", "extract_action", "from_agentbench_id", "load_file", "load_items", "observation",
     "opening", "parse_item", "reference_reply", "script_argv", "shell_command", "tampering",

@@ -139,7 +139,8 @@ class OSEpisode(multiturn.Episode):
         return self.result(passed)
 
     def judge(self) -> bool:
-        """AgentBench's judgement, after the environment was stopped and checked for tampering."""
+        """AgentBench's judgement, with no process of the episode left and no tampering found
+        (tamper.py) before the checks and after them (a check may run the agent's programs)."""
         item, answer = self.item, self.answer
         if item.match is not None:
             if isinstance(answer, str) and item.match.get("strip"):
@@ -149,10 +150,7 @@ class OSEpisode(multiturn.Episode):
             if "answer" in item.match:
                 return answer == item.match["answer"]
             return re.search(item.match["regex"], answer) is not None
-        self.env.freeze()
-        self.tampered = tampering(self.baseline, self.env.changes(), self.env)
-        if self.tampered:
-            self.status = "tampered"
+        if not self._untouched():
             return False
         params = [str(answer)]
         for script in item.check:
@@ -161,6 +159,15 @@ class OSEpisode(multiturn.Episode):
             if result.exit_code != 0:
                 return False
             params.append(result.output.decode("utf-8", errors="replace"))
+        return self._untouched()
+
+    def _untouched(self) -> bool:
+        """End every process of the environment, then run the tamper check (False: tampered)."""
+        self.env.end_processes()
+        self.tampered = tampering(self.baseline, self.env.changes(), self.env)
+        if self.tampered:
+            self.status = "tampered"
+            return False
         return True
 
     def result(self, passed: bool) -> ItemResult:

@@ -1,0 +1,37 @@
+"""One identity per bwrap environment (cqd_mpi/sandboxes/uidrange.py): a uid range of its own,
+so an item's `chown` to a user it creates works as on docker, and no two environments share a
+host uid; the idmapped rootfs leaves nothing mounted on the host."""
+
+import os
+
+import pytest
+
+from cqd_mpi.sandboxes import uidrange
+from tests.sandboxes.osenv_helpers import make_env, rootfs_dir
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="uid ranges need a root worker (CI runs as root)")
+
+
+def host_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as handle:
+        return [line for line in handle if str(uidrange.SLOT_DIR) in line]
+
+
+def test_items_chown_to_users_they_create_and_no_two_share_a_uid():
+    assert uidrange.usable() == (True, "")
+    rootfs_dir()
+    first, second = make_env("bwrap"), make_env("bwrap")
+    try:
+        assert not host_mounts()
+        out = first.shell().run("useradd -m jack && touch /t && chown jack:jack /t && stat -c '%U %G' /t; "
+                                "su jack -c 'id -un; touch ~/mine' && ls -l /home/jack/mine | cut -d' ' -f3").text
+        assert out.split() == ["jack", "jack", "jack", "jack"], out
+        maps = [env.exec(["cat", "/proc/self/uid_map"]).output.split() for env in (first, second)]
+        assert [m[0] for m in maps] == [b"0", b"0"] and [m[2] for m in maps] == [b"65536", b"65536"]
+        bases = {int(m[1]) for m in maps}
+        assert len(bases) == 2 and all(b > uidrange.SANDBOX_UID and (b - uidrange.SANDBOX_UID) % uidrange.SIZE == 0 for b in bases)
+        assert first.exec(["stat", "-c", "%u", "/etc/passwd"]).output == b"0\n"  # the rootfs is root's inside
+    finally:
+        first.close()
+        second.close()
+    assert not host_mounts()
