@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-stats = pytest.importorskip("scipy.stats", reason="needs scipy: pip install 'cqd_mpi[stats]'")
+from cqd_mpi.analysis.uncertainty import ONE_SEED, interval, paired
+from cqd_mpi.errors import MissingDependency
 
-from cqd_mpi.analysis.uncertainty import ONE_SEED, interval, paired  # noqa: E402
-from cqd_mpi.errors import MissingDependency  # noqa: E402
+stats = pytest.importorskip("scipy.stats", reason="needs scipy: pip install 'cqd_mpi[stats]'")
 
 
 def test_interval_by_hand_and_as_scipy_computes_it():

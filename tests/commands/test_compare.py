@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import yaml
 
-stats = pytest.importorskip("scipy.stats", reason="needs scipy: pip install 'cqd_mpi[stats]'")
+from cqd_mpi.cli import main
+from cqd_mpi.qd.coefficients import CMAES
+from cqd_mpi.qd.noncyclic import NonCyclicQD
+from cqd_mpi.run.state import HDF5Backend
+from tests.qd.test_cycleqd import make_core
+from tests.qd.test_methods import _defaults, run_all
 
-from cqd_mpi.cli import main  # noqa: E402
-from cqd_mpi.qd.coefficients import CMAES  # noqa: E402
-from cqd_mpi.qd.noncyclic import NonCyclicQD  # noqa: E402
-from cqd_mpi.run.state import HDF5Backend, read_state  # noqa: E402
-from tests.qd.test_cycleqd import make_core  # noqa: E402
-from tests.qd.test_methods import _defaults, run_all  # noqa: E402
+stats = pytest.importorskip("scipy.stats", reason="needs scipy: pip install 'cqd_mpi[stats]'")
 
 TRIALS = {
     "cycleqd-svd-elite": (None, "svd", "elite"),
@@ -176,6 +176,8 @@ def test_the_reference_is_explicit(runs, tmp_path, capsys):
 def with_curve(source, out, models_evaluated, test_scores):
     """A copy of a finished run whose state.h5 (written with h5py by the state's own writer) also
     holds periodic test scores in the layout a run writes with runtime.test_every."""
+    from cqd_mpi.run.state import read_state
+
     tree = read_state(source / "state.h5")
     tree["curve"] = {"models_evaluated": np.asarray(models_evaluated, dtype=np.int64),
                      "test_scores": np.asarray(test_scores, dtype=np.float64)}
