@@ -13,15 +13,24 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from cqd_mpi.errors import WeightsError
-from cqd_mpi.merging.checkpoint import SafetensorsFile
+from cqd_mpi.merging.checkpoint import SafetensorsFile, TensorSpec
 
-if TYPE_CHECKING:
-    from cqd_mpi.merging.modeldir import ModelDir
+
+class ShardedModel(Protocol):
+    """What `TensorReader` reads from a model: its shard files and where each name is stored
+    (`ModelDir` in modeldir.py, and the merge views of merging/embedding.py)."""
+
+    files: list[SafetensorsFile]
+    names: list[str]
+
+    def spec(self, name: str) -> TensorSpec: ...
+
+    def source(self, name: str) -> tuple[str, int | None]: ...
 
 _PAGE = mmap.PAGESIZE
 
@@ -120,7 +129,7 @@ class TensorReader:
     chunked work.
     """
 
-    def __init__(self, *, models: Sequence[ModelDir], names: Iterable[str] | None = None):
+    def __init__(self, *, models: Sequence[ShardedModel], names: Iterable[str] | None = None):
         if not models:
             raise ValueError("TensorReader needs at least one model")
         self.models = list(models)

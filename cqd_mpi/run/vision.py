@@ -10,14 +10,22 @@ the run a vision-language one; `vision.expert` picks the template among several,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from cqd_mpi.errors import ConfigError
 from cqd_mpi.merging.embedding import VisionLayout, is_vision_language
 from cqd_mpi.merging.modeldir import ModelDir
 
-if TYPE_CHECKING:
-    from cqd_mpi.run.config import Config
+
+class Config(Protocol):
+    """What this module reads of a run's config (run/config.py's `Config`, which calls `check`
+    at load: a protocol here keeps the import one way)."""
+
+    base: str
+    vision: Any
+    task_names: list[str]
+
+    def expert_path(self, task: str) -> str: ...
 
 LIFTED = "lifted"
 
