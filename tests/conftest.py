@@ -129,6 +129,38 @@ def xdist_group_of(relative_path: str, markers: tuple[str, ...] = ()) -> str:
     return relative_path
 
 
+def missing_distributions(extra: str) -> list[str]:
+    """The distributions of setup.cfg's `extra` that are not installed (setup.cfg is the one list)."""
+    import configparser
+    import importlib.metadata
+    import re
+
+    parser = configparser.ConfigParser()
+    parser.read(REPO / "setup.cfg")
+    requirements = parser["options.extras_require"][extra].split()
+    missing = []
+    for requirement in requirements:
+        name = re.split(r"[<>=!~\[;]", requirement, maxsplit=1)[0]
+        try:
+            importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(name)
+    return missing
+
+
+def pytest_runtest_setup(item):
+    """A test marked `extra(NAME)` needs setup.cfg's extra NAME: where part of it is missing it is
+    skipped with the install line, or fails under CQD_REQUIRE_EXTRAS=1 (CI installs every extra)."""
+    for mark in item.iter_markers("extra"):
+        missing = missing_distributions(mark.args[0])
+        if missing:
+            why = (f"needs the '{mark.args[0]}' extra ({', '.join(missing)} not installed): "
+                   f"pip install 'cqd_mpi[{mark.args[0]}]'")
+            if os.environ.get("CQD_REQUIRE_EXTRAS") == "1":
+                pytest.fail(f"CQD_REQUIRE_EXTRAS=1, but this test {why}", pytrace=False)
+            pytest.skip(why)
+
+
 def pytest_collection_modifyitems(config, items):
     """`cuda` tests need a GPU: where torch sees none they are skipped with the reason shown
     in the summary, and run with `python -m pytest -m cuda` on a GPU node (docs/gpu.md).
