@@ -83,6 +83,14 @@ def probe_config(family: dict, run_dir: Path, **overrides) -> dict:
     return config
 
 
+def small_config(family: dict, run_dir: Path, **overrides) -> dict:
+    """probe_config with 16 items per task: the runtime, job and method tests' run."""
+    config = probe_config(family, run_dir, **overrides)
+    for task in config["tasks"]:
+        task["settings"]["n_items"] = 16
+    return config
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

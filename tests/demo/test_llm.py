@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import signal
 import subprocess
@@ -20,14 +19,7 @@ from cqd_mpi.demo import llm as demo
 from cqd_mpi.run import config as run_config
 from cqd_mpi.tasks import skills
 from tests.conftest import subprocess_env
-
-SMALL = demo.TrainingRecipe(n_items=24, max_length=6, hidden_size=32, intermediate_size=64, num_layers=1,
-                    num_heads=2, batch_size=16, base_steps=30, expert_steps=8)
-
-
-def digests(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+from tests.demo.helpers import SMALL, digests
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +87,7 @@ def test_an_incomplete_cache_is_rebuilt(small, tmp_path):
 
 def test_a_build_killed_midway_is_not_reused(tmp_path):
     endless = dataclasses.replace(SMALL, expert_steps=100_000)
-    code = ("from cqd_mpi.demo import llm as demo; from tests.demo.test_llm import SMALL; import dataclasses; "
+    code = ("from cqd_mpi.demo import llm as demo; from tests.demo.helpers import SMALL; import dataclasses; "
             f"demo.build(dataclasses.replace(SMALL, expert_steps=100_000), cache_dir={str(tmp_path)!r})")
     process = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env())
     work = tmp_path / f".demo-{endless.version}.tmp-{process.pid}"
@@ -114,7 +106,7 @@ def test_a_build_killed_midway_is_not_reused(tmp_path):
 
 @pytest.mark.slow
 def test_concurrent_builds_share_one_complete_cache(small, tmp_path):
-    code = f"from cqd_mpi.demo import llm as demo; from tests.demo.test_llm import SMALL; demo.build(SMALL, cache_dir={str(tmp_path)!r})"
+    code = f"from cqd_mpi.demo import llm as demo; from tests.demo.helpers import SMALL; demo.build(SMALL, cache_dir={str(tmp_path)!r})"
     processes = [subprocess.Popen([sys.executable, "-c", code], env=subprocess_env()) for _ in range(2)]
     assert [p.wait() for p in processes] == [0, 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"demo-{SMALL.version}"]

@@ -12,7 +12,7 @@ import pytest
 
 from cqd_mpi import cli
 from cqd_mpi.demo import sam as demo
-from tests.demo.test_llm import digests
+from tests.demo.helpers import digests
 
 SMALL = demo.TrainingRecipe(hidden_size=32, num_heads=2, decoder_hidden_size=16, n_items=8, batch_size=8,
                             base_steps=12, expert_steps=4)

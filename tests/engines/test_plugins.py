@@ -8,9 +8,8 @@ import pytest
 from cqd_mpi.engines import BUILTIN, capabilities, engine_class
 from cqd_mpi.errors import ConfigError
 from cqd_mpi.run import config as config_mod
-from tests.conftest import subprocess_env, write_config
+from tests.conftest import small_config, subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli
-from tests.runtime.test_conductor import small_config
 
 PLUGIN = "tests.engines.plugin_engine:PluginEngine"
 

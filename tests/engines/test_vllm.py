@@ -22,9 +22,8 @@ from cqd_mpi.engines import capabilities, engine_class
 from cqd_mpi.errors import ConfigError, MissingDependency
 from cqd_mpi.run import config as config_mod
 from cqd_mpi.run.state import read_state
-from tests.conftest import REPO, perturbed_copy, subprocess_env, write_config
+from tests.conftest import REPO, perturbed_copy, small_config, subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli, run_command
-from tests.runtime.test_conductor import small_config
 
 VLLM_SETTINGS = {"gpu_memory_utilization": 0.05, "max_model_len": 256, "enforce_eager": True}
 

@@ -6,9 +6,8 @@ import subprocess
 import pytest
 
 from cqd_mpi.run.state import read_state
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, small_config, write_config
 from tests.jobs.test_sbatch import slurm  # noqa: F401 (the fixture)
-from tests.runtime.test_conductor import small_config
 
 pytestmark = pytest.mark.mpi
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from cqd_mpi.run.state import read_state
-from tests.conftest import REPO, subprocess_env, write_config
+from tests.conftest import REPO, small_config, subprocess_env, write_config
 from tests.runtime.helpers import wait_for_generation
-from tests.runtime.test_conductor import small_config
 
 pytestmark = pytest.mark.mpi
 

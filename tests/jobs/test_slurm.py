@@ -19,9 +19,8 @@ import pytest
 
 from cqd_mpi.run import config as config_mod
 from cqd_mpi.runtime.launch import conduct
-from tests.conftest import REPO, subprocess_env, write_config
+from tests.conftest import REPO, small_config, subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, wait_for_generation
-from tests.runtime.test_conductor import small_config
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 

@@ -15,10 +15,9 @@ from cqd_mpi.run.state import read_state
 from cqd_mpi.run.store import LostModels
 from cqd_mpi.runtime.launch import conduct
 from cqd_mpi.runtime.signals import StopFlag
-from tests.conftest import write_config
+from tests.conftest import small_config, write_config
 from tests.qd.test_cycleqd import assert_trees_equal
 from tests.runtime.helpers import assert_same_results, comparable_state
-from tests.runtime.test_conductor import small_config
 
 GENERATIONS = 40
 

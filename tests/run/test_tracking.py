@@ -16,10 +16,9 @@ from cqd_mpi.run.config import TrackingConfig
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend, from_tree, read_state, to_tree
 from cqd_mpi.run.tracking import MARKER, Tracker
-from tests.conftest import subprocess_env, write_config
+from tests.conftest import small_config, subprocess_env, write_config
 from tests.qd.test_cycleqd import fake_scores, make_core
 from tests.runtime.helpers import run_cli, run_command
-from tests.runtime.test_conductor import small_config
 
 
 def load(log_dir):

@@ -11,8 +11,7 @@ from cqd_mpi.errors import StateError
 from cqd_mpi.run import config as config_mod
 from cqd_mpi.runtime import launch
 from cqd_mpi.runtime.launch import conduct
-from tests.conftest import write_config
-from tests.runtime.test_conductor import small_config
+from tests.conftest import small_config, write_config
 
 
 def quiet(_line):

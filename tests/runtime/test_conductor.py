@@ -14,14 +14,7 @@ from cqd_mpi.run import config as config_mod
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import read_state
 from cqd_mpi.runtime.launch import conduct
-from tests.conftest import probe_config, write_config
-
-
-def small_config(family, run_dir, **overrides):
-    config = probe_config(family, run_dir, **overrides)
-    for task in config["tasks"]:
-        task["settings"]["n_items"] = 16
-    return config
+from tests.conftest import small_config, write_config
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 
 from cqd_mpi.run.state import read_state
-from tests.conftest import subprocess_env, write_config
+from tests.conftest import small_config, subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli
-from tests.runtime.test_conductor import small_config
 
 METHODS = {
     "qd": {"generations": 4},

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from cqd_mpi.run.state import read_state
-from tests.conftest import subprocess_env, write_config
+from tests.conftest import small_config, subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli, wait_for_generation
-from tests.runtime.test_conductor import small_config
 
 pytestmark = pytest.mark.mpi
 SHM = Path("/dev/shm")

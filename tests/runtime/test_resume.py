@@ -10,9 +10,8 @@ import pytest
 
 from cqd_mpi.run.state import read_state
 from cqd_mpi.runtime.deadline import EXIT_STATUS
-from tests.conftest import subprocess_env, write_config
+from tests.conftest import small_config, subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli, wait_for_generation
-from tests.runtime.test_conductor import small_config
 
 
 @pytest.fixture(scope="module")
