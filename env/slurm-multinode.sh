@@ -19,12 +19,15 @@
 #   CQD_SLURM_MN_STATE  state, spool, per-node /dev/shm and logs (default /var/lib/cqd-slurm-mn)
 #   CQD_SLURM_MN_NODES  number of compute nodes (default 3): cqd-n1, cqd-n2, ...
 #   CQD_SLURM_MN_NET    the first three octets of the cluster's network (default 10.77.0)
+#   CQD_SLURM_MN_CPUS   CPUs each node declares (default 4, whatever the machine has: the nodes
+#                       share its cores, and tests run several jobs at once)
 set -euo pipefail
 
 action=${1:-start}
 state=${CQD_SLURM_MN_STATE:-/var/lib/cqd-slurm-mn}
 n_nodes=${CQD_SLURM_MN_NODES:-3}
 net=${CQD_SLURM_MN_NET:-10.77.0}
+cpus=${CQD_SLURM_MN_CPUS:-4}
 conf=$state/slurm.conf
 ns_prefix=cqdmn
 marker="# Written by cqd_mpi env/slurm-multinode.sh"
@@ -136,11 +139,10 @@ install -d "$state/bin" "$state/nodes"
 } > "$state/hosts"
 for node in "${nodes[@]}"; do install -d -m 1777 "$state/nodes/$node/shm"; install -d "$state/nodes/$node/spool"; done
 
-hw=$(slurmd -C | head -n 1)   # NodeName=HOST CPUs=.. Boards=.. ... RealMemory=..
-hw=${hw#NodeName=* }
+memory=$(slurmd -C | head -n 1 | grep -o 'RealMemory=[0-9]*')
 node_lines=""
 for node in "${nodes[@]}"; do
-  node_lines+="NodeName=$node NodeHostname=$node NodeAddr=$(addr_of "$node") $hw State=UNKNOWN"$'\n'
+  node_lines+="NodeName=$node NodeHostname=$node NodeAddr=$(addr_of "$node") CPUs=$cpus $memory State=UNKNOWN"$'\n'
 done
 new_conf=$(cat <<CONF
 $marker: a ${n_nodes}-node test cluster in network namespaces.
@@ -148,6 +150,8 @@ ClusterName=cqdmn
 SlurmctldHost=cqd-head($(addr_of cqd-head))
 SlurmUser=slurm
 SlurmdUser=root
+# Each node declares CQD_SLURM_MN_CPUS CPUs, not what slurmd finds (the machine's, shared).
+SlurmdParameters=config_overrides
 AuthType=auth/munge
 CredType=cred/munge
 # A requeued job may start again cred_expire + 1 s after it left (default 120 s).

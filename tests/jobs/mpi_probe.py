@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ PAYLOAD = 16 * 2**20
 
 def eth0_bytes() -> tuple[int, int]:
     """(received, sent) bytes of this network namespace's eth0 (the node's link), from /proc/net/dev."""
-    for line in open("/proc/self/net/dev"):
+    for line in Path("/proc/self/net/dev").read_text().splitlines():
         name, _, counters = line.partition(":")
         if name.strip() == "eth0":
             fields = counters.split()
