@@ -164,15 +164,16 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$state/log/jobcomp.txt
 SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
+# Jobs go to the least loaded node (CR_LLN), so that a job array spreads over the nodes.
+SelectTypeParameters=CR_CPU,CR_LLN
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=2
 JobRequeue=1
 # A node whose slurmd comes back after a crash returns to service by itself.
 ReturnToService=2
 # A crashed node is DOWN (its jobs ended and requeued) SlurmdTimeout s after its slurmd stops
-# answering: later than cqd_mpi's own lost-ranks deadline in the tests, as the default (300) is.
-SlurmdTimeout=120
+# answering: SLURM's default, later than cqd_mpi's own lost-ranks deadline in the tests.
+SlurmdTimeout=300
 MinJobAge=600
 KillWait=10
 # One kernel: UCX would find the "nodes" on one machine and move bytes between them through

@@ -36,7 +36,7 @@ MARKER = "Written by cqd_mpi env/slurm-multinode.sh"
 NODES = ("cqd-n1", "cqd-n2", "cqd-n3")
 # Every job takes one CPU per node (--overcommit); its first start is slowed (tests/jobs/slow_task.py).
 RESOURCES = ["--cpus-per-task=1", "--gpus-per-node=0", "--overcommit", "--time=10", "--signal=B:USR1@60"]
-EVAL_SLEEP_S = "0.5"
+EVAL_SLEEP_S = "0.3"
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def jobs(cluster, tiny_family, tmp_path_factory):
                     "out": root / "mpi.out", "run": root / "mpi"},
             "lost": {"id": submit("multi-node.sbatch", [job_config("lost", **{
                          "runtime.transport": "file", "runtime.staging_dir": str(staging),
-                         "runtime.eval_deadline": 5})], root / "lost.out",
+                         "runtime.eval_deadline": 8})], root / "lost.out",
                          ["--nodes=2", "--ntasks=3", "--nodelist=cqd-n1,cqd-n3"], env),
                      "out": root / "lost.out", "run": root / "lost", "staging": staging},
         }
