@@ -176,6 +176,9 @@ ReturnToService=2
 SlurmdTimeout=300
 MinJobAge=600
 KillWait=10
+# Two cores run every node's daemons and jobs: at the default 10 s, launches and PMI exchanges
+# timed out under load and srun cancelled steps that were starting.
+MessageTimeout=60
 # One kernel: UCX would find the "nodes" on one machine and move bytes between them through
 # shared memory (cma, posix via /proc/PID/fd); every task gets UCX_TLS=tcp,self from here.
 TaskProlog=$state/task-prolog.sh
@@ -259,7 +262,7 @@ done
 # --- every node idle (or busy with jobs) before anything is submitted.
 node_state() { ip netns exec "$head_ns" sinfo -h -n "$1" -o %T 2>/dev/null | head -n 1; }
 for node in "${nodes[@]}"; do
-  for _ in $(seq 150); do
+  for _ in $(seq 300); do
     case "$(node_state "$node")" in
       idle|mixed|allocated|completing) break ;;
       down*|drain*|fail*) ip netns exec "$head_ns" scontrol update NodeName="$node" State=RESUME 2>/dev/null || true ;;

@@ -29,15 +29,16 @@ PY
 }
 
 cqd_lost() {
-  # What the run's conductor wrote when ranks or a node were lost (runtime/mpi.py's LOST_FILE,
-  # removed at every start), or nothing.
+  # What the run's conductor wrote in this start of this job when ranks or a node were lost
+  # (runtime/mpi.py's LOST_FILE), or nothing.
   python - "$1" <<'PY' 2>/dev/null
 import sys
 from cqd_mpi.run import config
 from cqd_mpi.run.rundir import RunDir
-from cqd_mpi.runtime.mpi import LOST_FILE
+from cqd_mpi.runtime.mpi import LOST_FILE, lost_stamp
 lost = RunDir(config.load(sys.argv[1], check_files=False).runtime.run_dir).logs_dir / LOST_FILE
-print(lost.read_text().strip() if lost.is_file() else "")
+stamp, _, message = (lost.read_text() if lost.is_file() else "").partition("\n")
+print(message.strip() if stamp == lost_stamp() else "")
 PY
 }
 

@@ -12,8 +12,8 @@ evaluates one model at a time, so G groups have G models in flight. Per model, i
 4. each worker scores its share of the chunks and sends the per-item results to rank 0.
 
 A group whose results are overdue (its ranks or their node lost: nothing else ever tells rank
-0) ends the job, naming the ranks and their hosts (`Overdue`); RUN_DIR/logs/LOST_FILE tells the
-job script that the run resumes (jobs/lib.sh requeues it).
+0) ends the job, naming the ranks and their hosts (`Overdue`); RUN_DIR/logs/LOST_FILE, stamped
+with the SLURM job and start, tells the job script that the run resumes (jobs/lib.sh requeues).
 
 mpi4py is imported only when the process runs under an MPI launcher (see `under_mpi`).
 """
@@ -185,6 +185,11 @@ def host_names(comm) -> list[str] | None:
     return comm.gather(MPI.Get_processor_name(), root=0)
 
 
+def lost_stamp() -> str:
+    """Which start of which SLURM job wrote LOST_FILE (the job script reads only its own)."""
+    return f"job {os.environ.get('SLURM_JOB_ID', '-')} start {os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
 class Overdue:
     """Rank 0's watch over its groups: a thread that ends the job when a group's results are
     overdue. A worker that hangs ends the job itself (runtime/deadline.py); one that is gone
@@ -216,7 +221,7 @@ class Overdue:
             if late:
                 print(late[0], file=sys.stderr, flush=True)
                 with contextlib.suppress(OSError):
-                    self.lost_file.write_text(late[0] + "\n")
+                    self.lost_file.write_text(f"{lost_stamp()}\n{late[0]}\n")
                 end_job(LOST_STATUS)
 
 

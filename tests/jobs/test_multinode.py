@@ -211,8 +211,9 @@ def test_a_lost_node_ends_the_job_naming_it_and_the_requeued_job_resumes(jobs, c
         cluster_script(cluster)  # the node comes back (its slurmd; ReturnToService=2)
     info = wait_job(job["id"], job["out"], timeout=300)
     log = job["out"].read_text()
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{log[-3000:]}"
-    assert phases(log) == ["search", "done"]
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, f"{info}\n{log[-3000:]}"
+    assert phases(log)[0] == "search" and phases(log)[-1] == "done"
+    assert log.count("ranks were lost") == 1
     assert_same_results(jobs["reference"], job["run"])
     assert not any((node_shm / name).exists() for name in stale)
     assert re.search(r"removed \d+ shared-memory segment\(s\) left by ended jobs: .*" + re.escape(stale[0]), log)
