@@ -253,7 +253,11 @@ if ! pid_alive "$state/slurmctld.pid" || ! ping_ctld; then
 fi
 for node in "${nodes[@]}"; do
   if ! pid_alive "$state/slurmd-$node.pid"; then
-    # a crashed node's processes may linger in its namespace: a node reboots empty.
+    # A crashed node reboots empty (its processes may linger in its namespace), and slurmctld
+    # has seen it go DOWN by then: a node back before that kept its dead job steps in the
+    # controller's books, and a requeued job's step of the same id was killed on it.
+    ip netns exec "$head_ns" scontrol update NodeName="$node" State=DOWN \
+      Reason="slurmd not running: restarted by env/slurm-multinode.sh" 2>/dev/null || true
     kill_namespace "$(ns_of "$node")"
     in_node "$node" slurmd -N "$node" || { tail -n 20 "$state/log/slurmd-$node.log" >&2; die "slurmd of $node did not start"; }
   fi
