@@ -70,9 +70,6 @@ def world():
         return None
     mpi4py = require("mpi4py", extra="mpi", feature="running under mpiexec/srun")
     mpi4py.rc.threads = True
-    # Before MPI_Init: the segments a killed job left on this node may carry the names MPI_Init
-    # is about to open (a requeued job on a node that lost its ranks).
-    shm.sweep()
     from mpi4py import MPI
 
     from cqd_mpi.runtime.signals import catch_early
