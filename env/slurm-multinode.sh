@@ -73,7 +73,11 @@ case "$action" in
     node=${2:?usage: env/slurm-multinode.sh kill-node NODE}
     printf '%s\n' "${nodes[@]}" | grep -qx "$node" || die "no node '$node' (nodes: ${nodes[*]})"
     kill_namespace "$(ns_of "$node")"
-    say "killed every process of $node; \`env/slurm-multinode.sh\` starts its slurmd again"
+    # As a site's health check would: nothing new is scheduled on it (its jobs keep running, as
+    # far as slurmctld knows, until SlurmdTimeout) until it comes back.
+    ip netns exec "$(ns_of cqd-head)" scontrol update NodeName="$node" State=DRAIN \
+      Reason="killed by env/slurm-multinode.sh kill-node" 2>/dev/null || true
+    say "killed every process of $node and drained it; \`env/slurm-multinode.sh\` brings it back"
     exit 0 ;;
   *) die "unknown action '$action': expected start, stop or kill-node NODE" ;;
 esac
