@@ -40,8 +40,26 @@ EVAL_SLEEP_S = "0.3"
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Path:
-    """The cluster's state dir (the directory of its slurm.conf)."""
+def cluster():
+    """The cluster's state dir (the directory of its slurm.conf). CQD_MULTINODE_SLURM_CONF and
+    CQD_MULTINODE_PATH (.ci/run, where a one-node cluster is the default) select it for this
+    module's SLURM commands; else SLURM_CONF and PATH as they are."""
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    if os.environ.get("CQD_MULTINODE_SLURM_CONF"):
+        os.environ["SLURM_CONF"] = os.environ["CQD_MULTINODE_SLURM_CONF"]
+    if os.environ.get("CQD_MULTINODE_PATH"):
+        os.environ["PATH"] = f"{os.environ['CQD_MULTINODE_PATH']}{os.pathsep}{os.environ['PATH']}"
+    try:
+        yield multinode_state_dir()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def multinode_state_dir() -> Path:
     conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
     why = slurm_unavailable()
     if why is None and MARKER not in (conf.read_text() if conf.is_file() else ""):

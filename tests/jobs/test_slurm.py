@@ -1,5 +1,5 @@
-"""jobs/single-node.sbatch on a real SLURM cluster (env/slurm-cluster.sh, or env/slurm-multinode.sh
-as in CI): sbatch, srun --mpi=pmi2 with the pip mpich wheel, SLURM's own warning signal and requeue.
+"""jobs/single-node.sbatch on a real SLURM cluster (env/slurm-cluster.sh, as in CI; env/slurm-multinode.sh
+works too, but see env/README.md): sbatch, srun --mpi=pmi2 with the pip mpich wheel, SLURM's own warning signal and requeue.
 
 Where no cluster answers these tests skip, saying why, unless CQD_REQUIRE_SLURM=1 (as .ci/run
 sets it), where they fail. The two long jobs are submitted together (each takes one of the
