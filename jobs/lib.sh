@@ -28,6 +28,20 @@ else:
 PY
 }
 
+cqd_lost() {
+  # What the run's conductor wrote in this start of this job when ranks or a node were lost
+  # (runtime/mpi.py's LOST_FILE), or nothing.
+  python - "$1" <<'PY' 2>/dev/null
+import sys
+from cqd_mpi.run import config
+from cqd_mpi.run.rundir import RunDir
+from cqd_mpi.runtime.mpi import LOST_FILE, lost_stamp
+lost = RunDir(config.load(sys.argv[1], check_files=False).runtime.run_dir).logs_dir / LOST_FILE
+stamp, _, message = (lost.read_text() if lost.is_file() else "").partition("\n")
+print(message.strip() if stamp == lost_stamp() else "")
+PY
+}
+
 cqd_env() {
   # Source CQD_ENV (default env/cluster.sh of the submit dir) if it exists: module loads, venv.
   local env_script=${CQD_ENV:-${SLURM_SUBMIT_DIR:-.}/env/cluster.sh}
@@ -71,6 +85,11 @@ cqd_run() {
   phase=$(cqd_phase "$config")
   echo "cqd_mpi: srun exited with $status; run phase: $phase"
   if [ "$phase" = "done" ]; then
+    return 0
+  fi
+  if [ "$status" -ne 0 ] && [ "$signalled" -eq 0 ] && [ -n "$(cqd_lost "$config")" ]; then
+    echo "cqd_mpi: ranks were lost (a node failed?), not the run: requeueing job $SLURM_JOB_ID to resume"
+    scontrol requeue "$SLURM_JOB_ID"
     return 0
   fi
   if [ "$status" -ne 0 ] && [ "$signalled" -eq 0 ]; then

@@ -154,7 +154,7 @@ def run(config: Config, *, force: bool = False, drop_lost: bool = False, comm=No
     if comm.Get_rank() == 0:
         stop = StopFlag()
         conduct(config, force=force, drop_lost=drop_lost, world_size=comm.Get_size(), stop=stop, echo=echo,
-                make_groups=lambda _tasks: mpi.conductor_groups(comm, config, stop))
+                make_groups=lambda tasks: mpi.conductor_groups(comm, config, stop, tasks))
     else:
         mpi.serve(comm, config)
     comm.Barrier()

@@ -11,11 +11,16 @@ evaluates one model at a time, so G groups have G models in flight. Per model, i
    bounded chunks between nodes);
 4. each worker scores its share of the chunks and sends the per-item results to rank 0.
 
+A group whose results are overdue (its ranks or their node lost: nothing else ever tells rank
+0) ends the job, naming the ranks and their hosts (`Overdue`); RUN_DIR/logs/LOST_FILE, stamped
+with the SLURM job and start, tells the job script that the run resumes (jobs/lib.sh requeues).
+
 mpi4py is imported only when the process runs under an MPI launcher (see `under_mpi`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -28,8 +33,10 @@ import numpy as np
 from cqd_mpi.errors import ConfigError, require
 from cqd_mpi.run.config import Config
 from cqd_mpi.run.evaluation import shard
+from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.runtime import shm
-from cqd_mpi.runtime.ending import abort
+from cqd_mpi.runtime.deadline import chunk_deadline
+from cqd_mpi.runtime.ending import abort, end_job
 from cqd_mpi.runtime.groups import EvalGroup, Outcome
 from cqd_mpi.runtime.signals import StopFlag
 from cqd_mpi.runtime.transport import ModelBroadcast, wire_specs
@@ -38,6 +45,11 @@ from cqd_mpi.runtime.worker import Worker
 log = logging.getLogger("cqd_mpi.mpi")
 
 TAG_RESULT = 17
+LOST_FILE = "lost-ranks.txt"
+LOST_STATUS = 75
+OVERDUE_GRACE_S = 60.0
+"""Seconds a group may take besides its chunks' deadlines: the stop agreement, the model's
+transfer and load."""
 _LAUNCHER_VARIABLES = ("PMI_SIZE", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                        "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE", "I_MPI_HYDRA_HOST_FILE")
 
@@ -172,10 +184,70 @@ class Prefetched:
             thread.join()
 
 
+def host_names(comm) -> list[str] | None:
+    """Every rank's host, at rank 0 (None elsewhere); collective."""
+    from mpi4py import MPI
+
+    return comm.gather(MPI.Get_processor_name(), root=0)
+
+
+def lost_stamp() -> str:
+    """Which start of which SLURM job wrote LOST_FILE (the job script reads only its own)."""
+    return f"job {os.environ.get('SLURM_JOB_ID', '-')} start {os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+class Overdue:
+    """Rank 0's watch over its groups: a thread that ends the job when a group's results are
+    overdue. A worker that hangs ends the job itself (runtime/deadline.py); one that is gone
+    (killed, its node lost) tells nobody, and rank 0 would wait in a poll or a collective for
+    ever. Armed from a group's stop agreement until its results are in."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.lost_file = RunDir(run_dir).logs_dir / LOST_FILE
+        self.lost_file.unlink(missing_ok=True)
+        self._due: dict[int, tuple[float, str]] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="overdue-groups", daemon=True).start()
+
+    def arm(self, group: int, seconds: float, message: str) -> None:
+        with self._lock:
+            self._due[group] = (time.monotonic() + seconds, message)
+
+    def disarm(self, group: int) -> None:
+        with self._lock:
+            self._due.pop(group, None)
+
+    def _run(self) -> None:
+        import sys
+
+        while True:
+            time.sleep(1.0)
+            with self._lock:
+                late = [message for due, message in self._due.values() if time.monotonic() > due]
+            if late:
+                print(late[0], file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError):
+                    self.lost_file.write_text(f"{lost_stamp()}\n{late[0]}\n")
+                end_job(LOST_STATUS)
+
+
+def spans(ranks: list[int]) -> str:
+    """[3, 4, 5, 7] as '3-5, 7'."""
+    parts, start = [], None
+    for i, rank in enumerate(ranks):
+        if start is None:
+            start = rank
+        if i + 1 == len(ranks) or ranks[i + 1] != rank + 1:
+            parts.append(str(start) if start == rank else f"{start}-{rank}")
+            start = None
+    return ", ".join(parts)
+
+
 class MPIGroup(EvalGroup):
     """Rank 0's end of one group of worker ranks."""
 
-    def __init__(self, comm, *, index: int, transport: str, stop: StopFlag):
+    def __init__(self, comm, *, index: int, transport: str, stop: StopFlag, overdue: Overdue | None = None,
+                 world_ranks: list[int] | None = None, hosts: list[str] | None = None, budget=None):
         self.comm = comm
         self.index = index
         self.name = f"group {index}"
@@ -190,6 +262,35 @@ class MPIGroup(EvalGroup):
         self._closed = False
         self._stop_agreed = False
         self.broadcast = ModelBroadcast(comm)
+        self.overdue = overdue
+        self.world_ranks = world_ranks or list(range(1, comm.Get_size()))
+        self.hosts = hosts
+        self.budget = budget or (lambda _chunks: 0.0)
+
+    def _arm(self, seconds: float, what: str) -> None:
+        """Expect `what` from the group within OVERDUE_GRACE_S + `seconds`, else end the job."""
+        if self.overdue is None:
+            return
+        where = f"ranks {spans(self.world_ranks)}"
+        if self.hosts is not None:
+            by_host: dict[str, list[int]] = {}
+            for rank in self.world_ranks:
+                by_host.setdefault(self.hosts[rank], []).append(rank)
+            where = ", ".join(f"ranks {spans(ranks)} on {host}" for host, ranks in by_host.items())
+        self.overdue.arm(self.index, OVERDUE_GRACE_S + seconds, (
+            f"cqd_mpi: error: eval group {self.index} ({where}) gave no {what} "
+            f"within {OVERDUE_GRACE_S + seconds:g} s: ranks or their node lost. Aborting the job; its state "
+            "resumes from the last checkpoint."))
+
+    def _disarm(self) -> None:
+        if self.overdue is not None:
+            self.overdue.disarm(self.index)
+
+    def _progress(self, tensors, what: str):
+        """The tensors, the deadline renewed as each one goes (a merge may take long in all)."""
+        for item in tensors:
+            self._arm(0.0, what)
+            yield item
 
     @property
     def busy(self) -> bool:
@@ -198,11 +299,15 @@ class MPIGroup(EvalGroup):
     def agree_stop(self) -> bool:
         from mpi4py import MPI
 
+        self._arm(0.0, "stop agreement")
         self._stop_agreed = bool(self.comm.allreduce(bool(self.stop), op=MPI.LOR))
+        self._disarm()
         return self._stop_agreed
 
     def submit(self, job, chunks, source):
         started = time.perf_counter()
+        what = f"progress in receiving model {job.model_id}"
+        self._arm(0.0, what)
         header = {"op": "eval", "job": job, "chunks": list(chunks), "path": None, "specs": None}
         waited = 0.0
         if self.transport == "file":
@@ -212,8 +317,10 @@ class MPIGroup(EvalGroup):
             header["specs"] = wire_specs(source.layout)
             self.comm.bcast(header, root=0)
             tensors = Prefetched(source.stream)
-            self.broadcast.send(tensors)
+            self.broadcast.send(self._progress(tensors, what))
             waited = tensors.waited
+        self._arm(self.budget(chunks), f"results for model {job.model_id} (its chunks' eval deadlines "
+                                       f"plus {OVERDUE_GRACE_S:g} s)")
         transfer_s = time.perf_counter() - started - waited
         self._job = (job, list(chunks), source.stream.seconds + source.staged_s, transfer_s,
                      started - source.staged_s)
@@ -236,6 +343,7 @@ class MPIGroup(EvalGroup):
             return None
         job, chunks, merge_s, transfer_s, started = self._job
         self._job = None
+        self._disarm()
         return Outcome(job=job, chunks=chunks, results=self._results, merge_s=merge_s,
                        transfer_s=transfer_s, eval_s=self._eval_s, started=started,
                        stop_requested=self._worker_stop)
@@ -248,8 +356,10 @@ class MPIGroup(EvalGroup):
         # the header: a second agreement would never be matched.
         if not self._stop_agreed:
             self.agree_stop()
+        self._arm(0.0, "answer to the end of the run")
         self.comm.bcast({"op": "stop"}, root=0)
         self.broadcast.close()
+        self._disarm()
 
 
 def worker_loop(comm, worker: Worker, stop: StopFlag) -> None:
@@ -285,6 +395,7 @@ def serve(comm, config: Config, *, stop: StopFlag | None = None) -> None:
 
     rank = comm.Get_rank()
     comms, members = group_comms(comm, config.runtime.eval_groups)
+    host_names(comm)
     my_group = next(i for i, ranks in enumerate(members) if rank in ranks)
     stop = (stop or StopFlag()).install()
     worker = Worker(config, rank=rank, world_size=comm.Get_size())
@@ -298,9 +409,20 @@ def serve(comm, config: Config, *, stop: StopFlag | None = None) -> None:
         worker.close()
 
 
-def conductor_groups(comm, config: Config, stop: StopFlag) -> list[MPIGroup]:
-    """Rank 0's end of every eval group (collective with the workers' `serve`)."""
-    comms, _ = group_comms(comm, config.runtime.eval_groups)
-    groups = [MPIGroup(c, index=i, transport=config.runtime.transport, stop=stop) for i, c in enumerate(comms)]
+def conductor_groups(comm, config: Config, stop: StopFlag, tasks) -> list[MPIGroup]:
+    """Rank 0's end of every eval group (collective with the workers' `serve`), watched by
+    one `Overdue`: a group has the deadlines of its slowest worker's share of chunks."""
+    comms, members = group_comms(comm, config.runtime.eval_groups)
+    hosts = host_names(comm)
+    overdue = Overdue(config.runtime.run_dir)
+
+    def budget(n_workers):
+        """Seconds the slowest of n_workers may take for its share of the chunks."""
+        return lambda chunks: max(sum(chunk_deadline(config.runtime.eval_deadline, tasks[c.task], c.item_ids)
+                                      for c in shard(chunks, n_workers, w)) for w in range(n_workers))
+
+    groups = [MPIGroup(c, index=i, transport=config.runtime.transport, stop=stop, overdue=overdue,
+                       world_ranks=members[i], hosts=hosts, budget=budget(len(members[i])))
+              for i, c in enumerate(comms)]
     shm.record()
     return groups

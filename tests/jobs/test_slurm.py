@@ -1,5 +1,5 @@
-"""jobs/single-node.sbatch on a real one-node SLURM cluster (env/slurm-cluster.sh): sbatch,
-srun --mpi=pmi2 with the pip mpich wheel, SLURM's own warning signal and requeue.
+"""jobs/single-node.sbatch on a real SLURM cluster (env/slurm-cluster.sh, as in CI; env/slurm-multinode.sh
+works too, but see env/README.md): sbatch, srun --mpi=pmi2 with the pip mpich wheel, SLURM's own warning signal and requeue.
 
 Where no cluster answers these tests skip, saying why, unless CQD_REQUIRE_SLURM=1 (as .ci/run
 sets it), where they fail. The two long jobs are submitted together (each takes one of the
@@ -8,24 +8,20 @@ node's CPUs through --overcommit) so that their minutes overlap.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from cqd_mpi.run import config as config_mod
 from cqd_mpi.runtime.launch import conduct
-from tests.conftest import REPO, small_config, subprocess_env, write_config
+from tests.conftest import REPO, small_config, write_config
+from tests.jobs.slurm_helpers import job_env, phases, require_cluster, slurm_unavailable, wait_job
 from tests.runtime.helpers import assert_same_results, wait_for_generation
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
 # Two ranks (conductor + one worker) on one CPU of the node; no GPUs.
 RESOURCES = ["--ntasks=2", "--cpus-per-task=1", "--gpus-per-node=0", "--overcommit"]
 # SLURM sends the warning when its 30 s time-limit check finds end - now <= T + 30: with
@@ -34,32 +30,9 @@ TIME_LIMIT_WARNING = ["--time=1", "--signal=B:USR1@25"]
 EVAL_SLEEP_S = "0.2"   # per chunk in a job's first start: 40 generations take about a minute
 
 
-def slurm_unavailable() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "SLURM is not installed (no sbatch)"
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
-    if ping.returncode != 0 or "UP" not in ping.stdout:
-        first = (ping.stdout + ping.stderr).strip().splitlines()[:1]
-        return f"slurmctld does not answer (scontrol ping: {' '.join(first) or ping.returncode})"
-    states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.split()
-    if not {"idle", "mixed", "allocated"} & set(states):
-        return f"no SLURM node is up (sinfo: {states})"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    why = slurm_unavailable()
-    if why:
-        if os.environ.get("CQD_REQUIRE_SLURM") == "1":
-            pytest.fail(f"CQD_REQUIRE_SLURM=1, but {why}", pytrace=False)
-        pytest.skip(f"{why}; env/slurm-cluster.sh starts a one-node cluster")
-
-
-def job_env(**extra):
-    """What sbatch passes on: no env/cluster.sh, srun --mpi=pmi2 for the mpich wheel."""
-    return subprocess_env(**{"CQD_ENV": "/nonexistent", "CQD_SRUN_MPI": os.environ.get("CQD_SRUN_MPI", "pmi2"),
-                             **extra})
+    require_cluster(slurm_unavailable(), "env/slurm-cluster.sh starts a one-node cluster, env/slurm-multinode.sh one of three")
 
 
 def submit(config: Path, out: Path, options: list[str], env: dict) -> str:
@@ -68,27 +41,6 @@ def submit(config: Path, out: Path, options: list[str], env: dict) -> str:
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert job.returncode == 0, job.stderr
     return job.stdout.strip().split(";")[0]
-
-
-def job_info(job_id: str) -> dict:
-    text = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
-    return dict(field.split("=", 1) for field in text.split() if "=" in field)
-
-
-def wait_job(job_id: str, out: Path, timeout: float = 240) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        info = job_info(job_id)
-        if info.get("JobState") in TERMINAL:
-            return info
-        time.sleep(0.5)
-    log = out.read_text()[-3000:] if out.exists() else "(no output yet)"
-    raise TimeoutError(f"job {job_id} not finished after {timeout} s: {job_info(job_id)}\n{log}")
-
-
-def phases(log: str) -> list[str]:
-    """The run phase the script found after each start."""
-    return re.findall(r"run phase: (\w+)", log)
 
 
 @pytest.fixture(scope="module")
