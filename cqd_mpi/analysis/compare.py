@@ -23,6 +23,7 @@ import yaml
 
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.coefficients import CoefficientSearch
+from cqd_mpi.qd.records import Phase
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend, from_tree
 
@@ -68,10 +69,10 @@ class Row:
 
 def group_label(core, config: dict) -> str:
     """'CycleQD + SVD mutation + elite sampling', 'QD + no mutation + random sampling', 'CMA-ES'."""
-    if isinstance(core, CoefficientSearch):
+    if isinstance(core.strategy, CoefficientSearch):
         return core.label
     mutation = ((config.get("qd") or {}).get("mutation") or {}).get("kind", "svd")
-    return f"{core.label} + {MUTATION_NAMES.get(mutation, mutation)} mutation + {core.sampling} sampling"
+    return f"{core.label} + {MUTATION_NAMES.get(mutation, mutation)} mutation + {core.params.sampling} sampling"
 
 
 def read_run(path: str | Path) -> RunResult:
@@ -81,7 +82,7 @@ def read_run(path: str | Path) -> RunResult:
         raise StateError(f"{rundir.path} has no state.h5: it is not a cqd_mpi run dir")
     tree, source = HDF5Backend(rundir.state_path).read()
     core = from_tree(tree)
-    if core.phase != "done":
+    if core.phase != Phase.DONE:
         raise StateError(f"{rundir.path} is in phase {core.phase} (generation {core.generations_done} of "
                          f"{core.generations}); compare reads finished runs only")
     try:

@@ -45,6 +45,8 @@ class RunState:
         self.generations_done = self.core.generations_done
         self.models = self.core.models
         self.kinds: list[str] = [r.kind for r in self.models]
+        self.kept: list[bool] = [bool(x) for x in tree["models"]["saved"]]
+        """Whether the run keeps each model's weights, as the store recorded it (run/keeping.py)."""
         self.scores = np.array([r.scores for r in self.models], dtype=np.float64).reshape(len(self.kinds), self.k)
         self.test_scores = np.array([r.test_scores for r in self.models],
                                     dtype=np.float64).reshape(len(self.kinds), self.k)
