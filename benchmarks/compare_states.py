@@ -134,6 +134,8 @@ def record(args) -> int:
         seconds[name] = round(time.perf_counter() - started, 1)
         results[name] = digest_run(run_dir)
         print(f"{name}: {len(results[name])} entries, {seconds[name]} s", flush=True)
+        Path(args.out).write_text(json.dumps({"repo": str(repo), "runs_dir": str(runs), "seconds": seconds,
+                                             "runs": results}, indent=1, sort_keys=True) + "\n")
 
     only = set(args.only.split(",")) if args.only else None
     for name, qd in METHODS.items():
@@ -167,8 +169,6 @@ def record(args) -> int:
         started = time.perf_counter()
         cli(repo, "demo", demo, "--run-dir", runs / demo, "--generations", generations, "--cache-dir", cache)
         finish(demo, runs / demo, started)
-    Path(args.out).write_text(json.dumps({"repo": str(repo), "seconds": seconds, "runs": results},
-                                         indent=1, sort_keys=True) + "\n")
     return 0
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.coefficients import CoefficientSearch
-from cqd_mpi.qd.records import Phase
+from cqd_mpi.qd.records import ModelKind, Phase
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend, from_tree
 
@@ -104,7 +104,7 @@ def read_run(path: str | Path) -> RunResult:
                      base=np.asarray(core.models[core.base_id].test_scores, dtype=np.float64),
                      experts={n: np.asarray(core.models[e].test_scores, dtype=np.float64)
                               for n, e in zip(core.task_names, core.expert_ids)},
-                     average=last("average"), final=last("aggregate"))
+                     average=last(ModelKind.AVERAGE), final=last(ModelKind.AGGREGATE))
 
 
 def table(results: Sequence[RunResult]) -> list[Row]:

@@ -313,7 +313,7 @@ def from_tree(tree: Mapping) -> Search:
             n_tasks=len(names), parent1=int(columns["parent1"][i]), parent2=int(columns["parent2"][i]),
             active_task=int(columns["active_task"][i]), w1=float(columns["w1"][i]),
             w2=float(columns["w2"][i]), mutation_seed=int(columns["mutation_seed"][i]),
-            source=str(columns["path"][i]) if kind in ("base", "expert") else "",
+            source=str(columns["path"][i]) if kind in (ModelKind.BASE, ModelKind.EXPERT) else "",
             scores=np.array(columns["scores"][i], dtype=np.float64),
             test_scores=np.array(columns["test_scores"][i], dtype=np.float64),
             n_errors=int(columns["n_errors"][i]), test_errors=int(columns["test_errors"][i]),
