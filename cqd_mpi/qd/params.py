@@ -62,6 +62,23 @@ class SearchParams:
     bc_lower_factor: float = 0.85
     bc_upper_factor: float = 1.15
 
+    @classmethod
+    def from_sections(cls, *sections: Mapping[str, Any]) -> SearchParams:
+        """From config sections as dicts (run/config.py: runtime, then qd, the later winning):
+        each field is the key of its name, nested keys joined by '_' (crossover.mu is crossover_mu)."""
+        flat: dict[str, Any] = {}
+
+        def walk(tree: Mapping[str, Any], prefix: str) -> None:
+            for key, value in tree.items():
+                if isinstance(value, Mapping):
+                    walk(value, f"{prefix}{key}_")
+                else:
+                    flat[prefix + key] = value
+
+        for section in sections:
+            walk(section, "")
+        return cls(**{f.name: flat[f.name] for f in dataclasses.fields(cls)})
+
     def __post_init__(self):
         coerce(self)
         if self.sampling not in ("elite", "random"):

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -243,26 +242,14 @@ class Config:
         return next(e.path for e in self.experts if e.task == task)
 
     def search_params(self) -> SearchParams:
-        """The search parameters of this run (qd/params.py): each field of SearchParams is the
-        `qd` key of its name, nested keys joined by '_' (crossover.mu is crossover_mu), or
-        else the `runtime` key of its name (seed, pipeline_depth)."""
-        flat: dict[str, Any] = dict(_flatten(dataclasses.asdict(self.runtime)))
-        flat.update(_flatten(dataclasses.asdict(self.qd)))
-        return SearchParams(**{f.name: flat[f.name] for f in dataclasses.fields(SearchParams)})
+        """The search parameters of this run: `qd` keys, else `runtime` keys (seed, pipeline_depth)."""
+        return SearchParams.from_sections(dataclasses.asdict(self.runtime), dataclasses.asdict(self.qd))
 
     def to_dict(self) -> dict[str, Any]:
         return schema.to_dict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}_")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def _resolve(path: str | None, root: Path) -> str | None:
