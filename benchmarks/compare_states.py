@@ -12,8 +12,11 @@ models/ and final/ (but report.json, which holds wall times). The timing columns
 (`/history/*_s`) and the attributes that describe the launch (`config`, `config_hash`,
 `package_version`, `world_size`, `checksum`) are left out. The tiny family and the demo models
 are built once under DIR (and in DIR/cache) and reused by every later `record`, so both
-checkouts read the same experts. `compare` lists every entry that differs, and the entries
-only one side has; it exits 1 on a difference.
+checkouts read the same experts. With `--start-repo OTHER`, each probe run is started by
+OTHER's code, killed (kill -9) at its 9th evaluation and resumed by CHECKOUT's: compared with
+an uninterrupted run, that checks that states written by OTHER resume to the same end.
+`compare` lists every entry that differs, and the entries only one side has; it exits 1 on
+a difference.
 """
 
 from __future__ import annotations
@@ -138,13 +141,23 @@ def record(args) -> int:
                                              "runs": results}, indent=1, sort_keys=True) + "\n")
 
     only = set(args.only.split(",")) if args.only else None
+
+    def run(config: Path) -> None:
+        """The run, or with --start-repo: killed (kill -9) mid-search under that checkout's code,
+        then resumed from its state.h5 with this one's."""
+        if args.start_repo:
+            killed = cli(Path(args.start_repo).resolve(), "run", config, check=False, CQD_MPI_FAULT="eval:kill:9")
+            if killed.returncode != -9:
+                raise SystemExit(f"the killed run ended with {killed.returncode}:\n{killed.stderr[-2000:]}")
+        cli(repo, "run", config)
+
     for name, qd in METHODS.items():
         if only and name not in only:
             continue
         started = time.perf_counter()
         config = runs / f"{name}.yaml"
         config.write_text(yaml.safe_dump(probe_config(fam, runs / name, qd)))
-        cli(repo, "run", config)
+        run(config)
         finish(name, runs / name, started)
     if not only or "store" in only:
         started = time.perf_counter()
@@ -152,7 +165,7 @@ def record(args) -> int:
         config.write_text(yaml.safe_dump(probe_config(
             fam, runs / "store", {"generations": 8},
             {"pipeline_depth": 1, "model_store_bytes": "100KB", "model_store_depth": 2})))
-        cli(repo, "run", config)
+        run(config)
         finish("store", runs / "store", started)
     if not only or "resumed" in only:
         started = time.perf_counter()
@@ -200,6 +213,9 @@ def main() -> int:
     rec.add_argument("--work", required=True, help="where the family, the demo cache and the runs go")
     rec.add_argument("--out", required=True)
     rec.add_argument("--only", default=None, help="comma-separated run names (default: all)")
+    rec.add_argument("--start-repo", default=None,
+                     help="start each probe run with this checkout, kill it (-9) at the 9th evaluation, resume "
+                          "with --repo: does a state the other code wrote resume to the same end?")
     rec.add_argument("--demo-generations", type=int, default=6)
     rec.add_argument("--sam-generations", type=int, default=4)
     cmp = sub.add_parser("compare")
