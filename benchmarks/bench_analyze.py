@@ -31,8 +31,10 @@ from cqd_mpi.analysis.plots import (  # noqa: E402
     time_breakdown,
 )
 from cqd_mpi.analysis.runstate import RunState, summary  # noqa: E402
-from cqd_mpi.qd.cycleqd import CycleQD  # noqa
+from cqd_mpi.qd.cycleqd import CycleQD  # noqa: E402
+from cqd_mpi.qd.params import SearchParams  # noqa: E402
 from cqd_mpi.qd.records import make_splits  # noqa: E402
+from cqd_mpi.qd.search import Search  # noqa: E402
 from cqd_mpi.run.state import HDF5Backend  # noqa: E402
 
 TASKS = ("coding", "os", "db", "vqa", "seg")
@@ -41,8 +43,9 @@ TASKS = ("coding", "os", "db", "vqa", "seg")
 def build_state(run_dir: Path, *, k: int, generations: int, items: int, seed: int = 0) -> None:
     names = TASKS[:k]
     splits = make_splits({n: [f"{n}-{i}" for i in range(2 * items)] for n in names}, seed=seed)
-    core = CycleQD(task_names=names, base_path="/models/base", expert_paths=[f"/models/{n}" for n in names],
-                   splits=splits, generations=generations, seed=seed, n_bins=15)
+    core = Search(params=SearchParams(generations=generations, seed=seed, n_bins=15), strategy=CycleQD(),
+                  task_names=names, base_path="/models/base", expert_paths=[f"/models/{n}" for n in names],
+                  splits=splits)
     rng = np.random.default_rng(seed)
     while not core.done:
         job = core.ask()
@@ -50,11 +53,12 @@ def build_state(run_dir: Path, *, k: int, generations: int, items: int, seed: in
         scores = np.clip(rng.normal(skill, 0.08, size=k), 0.0, 1.0)
         item_scores = {n: (rng.random(len(splits[n].ids(job.split))) < s).astype(np.float32)
                        for n, s in zip(names, scores)}
-        core.tell(job.model_id, scores, item_scores=item_scores)
+        timings = None
         if job.phase == "search":
             merge, transfer, evaluate = rng.uniform(8, 12), rng.uniform(1, 2), rng.uniform(200, 260)
-            core.record_timings(job.generation, {"merge": merge, "transfer": transfer, "eval": evaluate,
-                                                 "total": merge + transfer + evaluate + rng.uniform(1, 3)})
+            timings = {"merge": merge, "transfer": transfer, "eval": evaluate,
+                       "total": merge + transfer + evaluate + rng.uniform(1, 3)}
+        core.tell(job.model_id, scores, item_scores=item_scores, timings=timings)
     run_dir.mkdir(parents=True, exist_ok=True)
     HDF5Backend(run_dir / "state.h5").save(core, attrs={"config": "", "world_size": 8})
 

@@ -26,6 +26,7 @@ from cqd_mpi.analysis.budget_curve import Curve, read_curve
 from cqd_mpi.analysis.uncertainty import ONE_SEED, Interval, Paired, interval, paired
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.coefficients import CoefficientSearch
+from cqd_mpi.qd.records import ModelKind, Phase
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend, from_tree
 
@@ -93,10 +94,10 @@ class Row:
 
 def group_label(core, config: dict) -> str:
     """'CycleQD + SVD mutation + elite sampling', 'QD + no mutation + random sampling', 'CMA-ES'."""
-    if isinstance(core, CoefficientSearch):
+    if isinstance(core.strategy, CoefficientSearch):
         return core.label
     mutation = ((config.get("qd") or {}).get("mutation") or {}).get("kind", "svd")
-    return f"{core.label} + {MUTATION_NAMES.get(mutation, mutation)} mutation + {core.sampling} sampling"
+    return f"{core.label} + {MUTATION_NAMES.get(mutation, mutation)} mutation + {core.params.sampling} sampling"
 
 
 def read_run(path: str | Path) -> RunResult:
@@ -106,7 +107,7 @@ def read_run(path: str | Path) -> RunResult:
         raise StateError(f"{rundir.path} has no state.h5: it is not a cqd_mpi run dir")
     tree, source = HDF5Backend(rundir.state_path).read()
     core = from_tree(tree)
-    if core.phase != "done":
+    if core.phase != Phase.DONE:
         raise StateError(f"{rundir.path} is in phase {core.phase} (generation {core.generations_done} of "
                          f"{core.generations}); compare reads finished runs only")
     try:
@@ -132,7 +133,7 @@ def read_run(path: str | Path) -> RunResult:
                      base=np.asarray(core.models[core.base_id].test_scores, dtype=np.float64),
                      experts={n: np.asarray(core.models[e].test_scores, dtype=np.float64)
                               for n, e in zip(core.task_names, core.expert_ids)},
-                     average=last("average"), final=last("aggregate"))
+                     average=last(ModelKind.AVERAGE), final=last(ModelKind.AGGREGATE))
 
 
 def table(results: Sequence[RunResult]) -> list[Row]:

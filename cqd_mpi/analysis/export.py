@@ -27,7 +27,7 @@ from cqd_mpi.errors import ConfigError, StateError
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
 from cqd_mpi.qd.coefficients import CoefficientSearch
-from cqd_mpi.qd.records import ModelRecipe
+from cqd_mpi.qd.records import ModelKind, ModelRecipe, Phase, RecipeKind
 from cqd_mpi.run.store import ModelStore
 
 
@@ -38,8 +38,7 @@ class Exporter:
         self.run = run
         runtime = self._config().get("runtime") or {}
         self.max_shard_size = max_shard_size or runtime.get("max_shard_size") or "5GB"
-        self._builder = None
-        self.store = ModelStore(core=run.core, rundir=run.rundir, read_only=True)
+        self._store: ModelStore | None = None
 
     def _config(self) -> dict:
         text = self.run.config_text
@@ -57,10 +56,11 @@ class Exporter:
         """The dir holding the model's weights, or None when the run has none for it."""
         run = self.run
         record = run.models[model_id]
-        if record.kind in ("base", "expert") or (
-                record.kind == "aggregate" and record.saved and run.phase == "done"):
+        kept = run.kept[model_id]
+        if record.kind in (ModelKind.BASE, ModelKind.EXPERT) or (
+                record.kind == ModelKind.AGGREGATE and kept and run.phase == Phase.DONE):
             return run.rundir.weights_of(record)
-        if record.kind == "child" and record.saved and run.rundir.model_dir(model_id).is_dir():
+        if record.kind == ModelKind.CHILD and kept and run.rundir.model_dir(model_id).is_dir():
             return run.rundir.model_dir(model_id)
         return None
 
@@ -73,24 +73,24 @@ class Exporter:
                              "(a run in progress may have removed them after the checkpoint that was read)")
         return ModelDir(path)
 
-    def builder(self):
-        """A ModelBuilder configured like the run (mutation settings from its frozen config)."""
-        if self._builder is None:
-            from cqd_mpi.merging.builder import ModelBuilder
+    @property
+    def store(self) -> ModelStore:
+        """The run's model store and its builder, configured like the run (mutation settings from
+        its frozen config), read-only."""
+        if self._store is None:
             from cqd_mpi.run.vision import frozen_layout
 
             config = self._config()
             mutation = schema.build(MutationSpec, (config.get("qd") or {}).get("mutation") or {}, "qd.mutation")
             runtime = config.get("runtime") or {}
-            run = self.run
-            self._builder = ModelBuilder(
-                base_path=run.rundir.weights_of(run.models[0]),
-                expert_paths=[str(run.rundir.weights_of(run.models[e])) for e in run.expert_ids],
-                model_path=self.store.path, mutation=mutation,
-                basis_cache=runtime.get("basis_cache"), max_shard_size=self.max_shard_size,
-                vision=frozen_layout(config))
-            self.store.builder = self._builder
-        return self._builder
+            self._store = ModelStore(core=self.run.core, rundir=self.run.rundir, read_only=True, mutation=mutation,
+                                     basis_cache=runtime.get("basis_cache"), max_shard_size=self.max_shard_size,
+                                     vision=frozen_layout(config))
+        return self._store
+
+    def builder(self):
+        """The ModelBuilder of the run's store."""
+        return self.store.builder
 
     @contextlib.contextmanager
     def _scratch_next_to(self, out: str | Path):
@@ -108,9 +108,9 @@ class Exporter:
         saying why it cannot be."""
         run = self.run
         record = run.models[model_id]
-        if record.kind == "aggregate" and not run.has_archives:
+        if record.kind == ModelKind.AGGREGATE and not run.has_archives:
             raise StateError(f"{run.describe(model_id)} has no archives to aggregate yet")
-        if record.kind not in ("child", "average", "aggregate", "combination"):
+        if record.kind in (ModelKind.BASE, ModelKind.EXPERT):
             raise StateError(f"{run.describe(model_id)} has no recipe to rebuild it from")
         return run.core.recipe(model_id)
 
@@ -140,8 +140,8 @@ class Exporter:
                           weights: Sequence[float] | None = None) -> tuple[list[int], list[float]]:
         """The archives' elites (task order) and their betas: softmax(f_k / T), or `weights`."""
         run = self.run
-        if isinstance(run.core, CoefficientSearch):
-            final = [m for m, kind in enumerate(run.kinds) if kind == "aggregate"]
+        if isinstance(run.core.strategy, CoefficientSearch):
+            final = [m for m, kind in enumerate(run.kinds) if kind == ModelKind.AGGREGATE]
             where = (f"model #{final[-1]} (export {run.path} --model {final[-1]} OUT)" if final
                      else "written when its final phase starts")
             raise StateError(f"--aggregate merges the archives' elites, as CycleQD and QD end; this is a "
@@ -163,7 +163,7 @@ class Exporter:
                   weights: Sequence[float] | None = None) -> tuple[list[int], list[float], Path]:
         """theta_base + sum_k beta_k tau_k over the archives' elites."""
         members, betas = self.aggregate_members(temperature=temperature, weights=weights)
-        recipe = ModelRecipe("aggregate", members=tuple(members), betas=tuple(betas))
+        recipe = ModelRecipe(RecipeKind.AGGREGATE, members=tuple(members), betas=tuple(betas))
         with self._scratch_next_to(out):
             return members, betas, self.builder().write(-1, recipe, Path(out))
 
@@ -184,7 +184,7 @@ def check_output(out: str | Path, run: RunState, *, force: bool) -> Path:
     (unless `force`, which replaces an existing dir)."""
     out = Path(out).resolve()
     protected = [run.path.resolve(), run.rundir.models_dir.resolve(), run.rundir.final_dir.resolve()]
-    sources = {run.rundir.weights_of(r).resolve() for r in run.models if r.kind in ("base", "expert")}
+    sources = {run.rundir.weights_of(r).resolve() for r in run.models if r.kind in (ModelKind.BASE, ModelKind.EXPERT)}
     if out == protected[0] or any(out == p or p in out.parents for p in protected[1:]) or out in sources:
         raise ConfigError(f"output {out} is part of the run or one of its source models; choose another directory")
     if out.exists():

@@ -22,6 +22,7 @@ import numpy as np
 from cqd_mpi.analysis import normalised
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.archive import Archive, Bins
+from cqd_mpi.qd.records import ModelKind, Phase
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend, from_tree
 
@@ -45,6 +46,8 @@ class RunState:
         self.generations_done = self.core.generations_done
         self.models = self.core.models
         self.kinds: list[str] = [r.kind for r in self.models]
+        self.kept: list[bool] = [bool(x) for x in tree["models"]["saved"]]
+        """Whether the run keeps each model's weights, as the store recorded it (run/keeping.py)."""
         self.scores = np.array([r.scores for r in self.models], dtype=np.float64).reshape(len(self.kinds), self.k)
         self.test_scores = np.array([r.test_scores for r in self.models],
                                     dtype=np.float64).reshape(len(self.kinds), self.k)
@@ -77,12 +80,12 @@ class RunState:
 
     @property
     def in_progress(self) -> bool:
-        return self.phase in ("init", "search")
+        return self.phase in (Phase.INIT, Phase.SEARCH)
 
     @property
     def has_archives(self) -> bool:
         """False until the experts are scored and the bins are set (phase init)."""
-        return self.phase != "init" and bool(self.core.archives) and all(b is not None for b in self.bins)
+        return self.phase != Phase.INIT and bool(self.core.archives) and all(b is not None for b in self.bins)
 
     @property
     def config_text(self) -> str:
@@ -101,9 +104,9 @@ class RunState:
     def describe(self, model_id: int) -> str:
         """'expert beta (#2)', 'child #9 (gen 6)', 'base (#0)', ..."""
         kind = self.kinds[model_id]
-        if kind == "expert":
+        if kind == ModelKind.EXPERT:
             return f"expert {self.task_names[model_id - 1]} (#{model_id})"
-        if kind == "child":
+        if kind == ModelKind.CHILD:
             return f"child #{model_id} (gen {self.models[model_id].generation})"
         return f"{kind} (#{model_id})"
 
@@ -184,7 +187,7 @@ class RunState:
     # lineage --------------------------------------------------------------------------------
 
     def parents(self, model_id: int) -> tuple[int, ...]:
-        if self.kinds[model_id] != "child":
+        if self.kinds[model_id] != ModelKind.CHILD:
             return ()
         return self.models[model_id].parent1, self.models[model_id].parent2
 
@@ -209,7 +212,7 @@ class RunState:
 
         def label(m: int) -> str:
             text = f"{self.describe(m)} {self.format_scores(self.scores[m])}"
-            if self.kinds[m] == "child":
+            if self.kinds[m] == ModelKind.CHILD:
                 w1, w2 = self.models[m].w1, self.models[m].w2
                 active = self.task_names[self.models[m].active_task]
                 text += f"  w1={w1:.3f} w2={w2:.3f} active={active}"
@@ -284,7 +287,7 @@ def summary(run: RunState, generation: int | None = None, *, lineage_depth: int 
     if not run.has_archives:
         lines.append(f"no archives yet (phase {run.phase}): the initial evaluations so far")
         for m, kind in enumerate(run.kinds):
-            if kind in ("base", "expert") and np.all(np.isfinite(run.scores[m])):
+            if kind in (ModelKind.BASE, ModelKind.EXPERT) and np.all(np.isfinite(run.scores[m])):
                 lines.append(f"  {run.describe(m):<24} {run.format_scores(run.scores[m])}")
         return "\n".join(lines)
 
@@ -306,7 +309,7 @@ def summary(run: RunState, generation: int | None = None, *, lineage_depth: int 
         means = " ".join(f"{key}={np.nanmean(timings[key]):.2f}s" for key in (*TIMING_PHASES, "total"))
         lines.append(f"mean time per generation: {means}")
 
-    aggregate = [m for m, kind in enumerate(run.kinds) if kind == "aggregate"]
+    aggregate = [m for m, kind in enumerate(run.kinds) if kind == ModelKind.AGGREGATE]
     if generation == run.generations_done and aggregate and np.all(np.isfinite(run.test_scores[aggregate[-1]])):
         from cqd_mpi.run.report import build_report, format_report
 

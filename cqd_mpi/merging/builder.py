@@ -18,7 +18,7 @@ from cqd_mpi.merging import operators
 from cqd_mpi.merging.embedding import VisionLayout
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.weights import ModelDir, TensorStream, check_compatible, write_hf_dir
-from cqd_mpi.qd.records import ModelRecipe
+from cqd_mpi.qd.records import ModelRecipe, RecipeKind
 
 log = logging.getLogger("cqd_mpi.merging.builder")
 
@@ -74,15 +74,15 @@ class ModelBuilder:
 
     def stream(self, model_id: int, recipe: ModelRecipe) -> TensorStream | Iterator[tuple[str, torch.Tensor]]:
         """The model's tensors; `model_id` is the model a "stored" recipe refers to."""
-        if recipe.kind == "stored":
+        if recipe.kind == RecipeKind.STORED:
             return self._finish(self._open(self.model_path(model_id)).tensors())
-        if recipe.kind == "crossover":
+        if recipe.kind == RecipeKind.CROSSOVER:
             p1, p2 = (self._open(self.model_path(p)) for p in recipe.parents)
             w1, w2 = recipe.weights
             return self._finish(operators.crossover_stream(
                 base=self.base, parent1=p1, parent2=p2, w1=w1, w2=w2, mutation=self.mutation,
                 seed=recipe.mutation_seed, basis=self._basis(recipe.active_task)))
-        if recipe.kind == "aggregate":
+        if recipe.kind == RecipeKind.AGGREGATE:
             members = [self._open(self.model_path(m)) for m in recipe.members]
             return self._finish(operators.aggregate_stream(base=self.base, members=members, betas=list(recipe.betas)))
         raise ValueError(f"unknown recipe kind {recipe.kind!r}")

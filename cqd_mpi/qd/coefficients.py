@@ -26,14 +26,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from cqd_mpi import seeding
 from cqd_mpi.errors import StateError, require
-from cqd_mpi.qd.cycleqd import CycleQD
-from cqd_mpi.qd.records import Job, ModelRecipe, ModelRecord
+from cqd_mpi.qd.params import coerce
+from cqd_mpi.qd.records import Job, ModelKind, ModelRecipe, ModelRecord, Phase, RecipeKind
+from cqd_mpi.qd.search import Search
+from cqd_mpi.qd.strategy import Strategy
 
 log = logging.getLogger("cqd_mpi.qd.coefficients")
 
@@ -50,58 +52,62 @@ def keyed_global_numpy(seed: int, population: int, purpose: str) -> Iterator[Non
         np.random.set_state(saved)
 
 
-class CoefficientSearch(CycleQD):
+@dataclasses.dataclass(frozen=True)
+class CoefficientSettings:
+    """The coefficient searches' own settings (config `qd.coefficients`; state.h5 root attributes
+    under these names)."""
+
+    population: int = 8
+    sigma0: float = 0.1
+    coefficient_lower: float = 0.0
+    coefficient_upper: float = 1.0
+
+    def __post_init__(self):
+        coerce(self)
+        if self.population < 2:
+            raise ValueError(f"population must be >= 2, got {self.population}")
+        if not self.coefficient_upper > self.coefficient_lower:
+            raise ValueError(f"coefficients need upper > lower, got lower={self.coefficient_lower}, "
+                             f"upper={self.coefficient_upper}")
+
+
+class CoefficientSearch(Strategy):
     """The population loop shared by CMA-ES and NSGA-II; subclasses supply the optimizer
     (`_new_optimizer`, `_ask(i) -> X`, `_tell(i, X, scores)`)."""
 
-    method = ""
-    label = ""
+    Settings = CoefficientSettings
 
-    def __init__(self, *, population: int = 8, sigma0: float = 0.1, lower: float = 0.0,
-                 upper: float = 1.0, **kwargs):
-        super().__init__(**kwargs)
-        self.population = int(population)
-        self.sigma0 = float(sigma0)
-        self.lower = float(lower)
-        self.upper = float(upper)
-        if self.population < 2:
-            raise ValueError(f"population must be >= 2, got {population}")
-        if not self.upper > self.lower:
-            raise ValueError(f"coefficients need upper > lower, got lower={lower}, upper={upper}")
-        self._reset_optimizer()
-
-    @classmethod
-    def options(cls, qd) -> dict:
-        c = qd.coefficients
-        return {"population": c.population, "sigma0": c.sigma0, "lower": c.lower, "upper": c.upper}
-
-    def settings(self) -> dict:
-        return {"population": self.population, "sigma0": self.sigma0,
-                "coefficient_lower": self.lower, "coefficient_upper": self.upper}
-
-    def restore(self, attrs: Mapping) -> None:
-        self.population = int(attrs["population"])
-        self.sigma0 = float(attrs["sigma0"])
-        self.lower = float(attrs["coefficient_lower"])
-        self.upper = float(attrs["coefficient_upper"])
-        self._reset_optimizer()
-
-    def _reset_optimizer(self) -> None:
+    def __init__(self, settings: CoefficientSettings | None = None):
+        super().__init__(settings)
         self._optimizer = None
         self._asked: tuple[int, np.ndarray] | None = None
 
+    @classmethod
+    def settings_from(cls, qd) -> CoefficientSettings:
+        c = qd.coefficients
+        return CoefficientSettings(population=c.population, sigma0=c.sigma0, coefficient_lower=c.lower,
+                                   coefficient_upper=c.upper)
+
+    population = property(lambda self: self.settings.population)
+    sigma0 = property(lambda self: self.settings.sigma0)
+    lower = property(lambda self: self.settings.coefficient_lower)
+    upper = property(lambda self: self.settings.coefficient_upper)
+
     # the search phase ---------------------------------------------------------------------
 
-    def candidates(self) -> list[ModelRecord]:
-        return [r for r in self.models if r.kind == "combination"]
+    @staticmethod
+    def candidates(search: Search) -> list[ModelRecord]:
+        return [r for r in search.models if r.kind == ModelKind.COMBINATION]
 
-    def _refill(self) -> None:
-        if any(job.phase == "search" for job in self.pending):
-            return
-        rows = self.candidates()
-        if len(rows) >= self.generations:
-            self._start_final()
-            return
+    def propose(self, search: Search) -> list[Job] | None:
+        """The next population when the last one is told (the optimizer learns its scores first)."""
+        if any(job.phase == Phase.SEARCH for job in search.pending):
+            return []
+        self.k, self.seed = search.k, search.params.seed
+        generations = search.params.generations
+        rows = self.candidates(search)
+        if len(rows) >= generations:
+            return None
         if self._optimizer is None:
             self._replay(rows)
         if self._asked is not None:
@@ -114,13 +120,14 @@ class CoefficientSearch(CycleQD):
         self._asked = (nxt, x)
         if len(x) == 0:
             log.warning("%s asked for no candidate in population %d (it found no new point); the search "
-                        "ends after %d of %d evaluations", self.label, nxt, len(rows), self.generations)
-            self._start_final()
-            return
-        for c in x[: self.generations - len(rows)]:
-            t = len(self.candidates()) + 1
-            record = self._add_model("combination", t, coefficients=np.array(c, dtype=np.float64))
-            self.pending.append(Job(record.id, t, "search", "search", self.recipe(record.id)))
+                        "ends after %d of %d evaluations", self.label, nxt, len(rows), generations)
+            return None
+        jobs = []
+        for c in x[: generations - len(rows)]:
+            t = len(self.candidates(search)) + 1
+            record = search.add_model(ModelKind.COMBINATION, t, coefficients=np.array(c, dtype=np.float64))
+            jobs.append(Job(record.id, t, Phase.SEARCH, "search", search.recipe(record.id)))
+        return jobs
 
     def _replay(self, rows: Sequence[ModelRecord]) -> None:
         """Rebuild the optimizer from the stored candidates: every population asked again
@@ -143,38 +150,26 @@ class CoefficientSearch(CycleQD):
                 self._asked = (i, x)
             i += 1
 
-    def tell(self, model_id, scores, **kwargs):
-        told = super().tell(model_id, scores, **kwargs)
-        record = self.models[model_id]
-        if record.kind == "combination":
-            record.saved = record.archived = False
-            return dataclasses.replace(told, save=False)
-        return told
-
     # models ------------------------------------------------------------------------------
 
-    def best_candidate(self) -> ModelRecord:
+    def best_candidate(self, search: Search) -> ModelRecord:
         """The candidate with the best mean search score (ties: the earliest)."""
-        rows = [r for r in self.candidates() if np.all(np.isfinite(r.scores))]
+        rows = [r for r in self.candidates(search) if np.all(np.isfinite(r.scores))]
         if not rows:
             raise ValueError("no candidate has been scored yet")
         return max(rows, key=lambda r: (float(np.mean(r.scores)), -r.id))
 
-    def _start_final(self) -> None:
-        super()._start_final()
-        aggregate = next(r for r in reversed(self.models) if r.kind == "aggregate")
-        aggregate.coefficients = np.array(self.best_candidate().coefficients, dtype=np.float64)
-        rebuilt = {aggregate.id} | {r.id for r in self.candidates()}
-        self.pending = [Job(job.model_id, job.generation, job.phase, job.split, self.recipe(job.model_id))
-                        if job.model_id in rebuilt else job for job in self.pending]
+    def finalize(self, search: Search, final: ModelRecord) -> None:
+        """The final model is the best candidate, rebuilt from its coefficients."""
+        final.coefficients = np.array(self.best_candidate(search).coefficients, dtype=np.float64)
 
-    def recipe(self, model_id: int) -> ModelRecipe:
+    def recipe(self, search: Search, record: ModelRecord) -> ModelRecipe | None:
         """A candidate and the final model: theta_base + sum_k c_k tau_k over the experts."""
-        record = self.models[model_id]
-        if record.kind == "combination" or (record.kind == "aggregate" and np.all(np.isfinite(record.coefficients))):
-            return ModelRecipe("aggregate", members=tuple(self.expert_ids),
+        if record.kind == ModelKind.COMBINATION or (
+                record.kind == ModelKind.AGGREGATE and np.all(np.isfinite(record.coefficients))):
+            return ModelRecipe(RecipeKind.AGGREGATE, members=tuple(search.expert_ids),
                                betas=tuple(float(c) for c in record.coefficients))
-        return super().recipe(model_id)
+        return None
 
     # the optimizer ----------------------------------------------------------------------
 

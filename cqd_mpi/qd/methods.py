@@ -1,15 +1,15 @@
 """Search methods by name (`qd.method`): CycleQD, the paper's comparisons, or a plug-in.
 
-Every method is a CycleQD subclass (cycleqd.py documents the interface they share), so the
-runtime, the state file, `analyze`, `export` and `compare` treat them alike. A plug-in is
-named 'package.module:Class', as task and engine kinds are.
+A method is a `Strategy` (qd/strategy.py) handed to the one search loop (qd/search.py), so
+the runtime, the state file, `analyze`, `export` and `compare` treat them alike. A plug-in
+is named 'package.module:Class', as task and engine kinds are.
 """
 
 from __future__ import annotations
 
 from cqd_mpi import plugins
 from cqd_mpi.errors import ConfigError
-from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.strategy import Strategy
 
 BUILTIN = {
     "cycleqd": "cqd_mpi.qd.cycleqd:CycleQD",
@@ -19,9 +19,9 @@ BUILTIN = {
 }
 
 
-def method_class(name: str, where: str = "qd.method") -> type[CycleQD]:
-    """The class of a search method: a key of BUILTIN or 'package.module:Class'."""
-    return plugins.load_class(name, builtin=BUILTIN, base=CycleQD, what="search method", where=where)
+def method_class(name: str, where: str = "qd.method") -> type[Strategy]:
+    """The strategy class of a search method: a key of BUILTIN or 'package.module:Class'."""
+    return plugins.load_class(name, builtin=BUILTIN, base=Strategy, what="search method", where=where)
 
 
 def methods_for(k: int) -> list[str]:
@@ -39,8 +39,8 @@ def check_task_count(method: str, tasks: list[str]) -> None:
                           f"task(s) use {' or '.join(methods_for(len(tasks)))}")
 
 
-def method_name(core: CycleQD) -> str:
-    """The name that `method_class` turns back into the core's class: its built-in name, or
-    'module:Class' for a plug-in (which may inherit a built-in's `method`)."""
-    target = f"{type(core).__module__}:{type(core).__qualname__}"
-    return core.method if BUILTIN.get(core.method) == target else target
+def method_name(strategy: Strategy) -> str:
+    """The name that `method_class` turns back into the strategy's class: its built-in name,
+    or 'module:Class' for a plug-in (which may inherit a built-in's `method`)."""
+    target = f"{type(strategy).__module__}:{type(strategy).__qualname__}"
+    return strategy.method if BUILTIN.get(strategy.method) == target else target

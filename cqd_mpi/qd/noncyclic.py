@@ -15,7 +15,8 @@ the others.
 from __future__ import annotations
 
 from cqd_mpi.qd.cycleqd import CycleQD
-from cqd_mpi.qd.records import ModelRecord
+from cqd_mpi.qd.records import ModelKind, ModelRecord
+from cqd_mpi.qd.search import Search
 
 
 class NonCyclicQD(CycleQD):
@@ -25,8 +26,8 @@ class NonCyclicQD(CycleQD):
     label = "QD"
     final_label = "QD aggregate"
 
-    def offered_to(self, record: ModelRecord) -> range | tuple[int, ...]:
+    def offered_to(self, search: Search, record: ModelRecord) -> range | tuple[int, ...]:
         """A child enters only the run (archive) that bred it; the experts seed every run."""
-        if record.kind == "child":
+        if record.kind == ModelKind.CHILD:
             return (record.active_task,)
-        return range(self.k)
+        return range(search.k)

@@ -7,6 +7,7 @@ analysis reads back; none of it names a file of the run directory.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Mapping, Sequence
 
@@ -14,11 +15,45 @@ import numpy as np
 
 from cqd_mpi import seeding
 
-PHASES = ("init", "search", "final", "done")
+
+class Name(str, enum.Enum):
+    """A name the state stores as its plain string: equal to it, printed and formatted as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class ModelKind(Name):
+    BASE = "base"
+    EXPERT = "expert"
+    CHILD = "child"
+    AVERAGE = "average"
+    AGGREGATE = "aggregate"
+    """The method's final model."""
+    COMBINATION = "combination"
+    """theta_base + sum_k c_k tau_k over the experts, with its own `coefficients` (a candidate
+    of the coefficient searches, CMA-ES and NSGA-II)."""
+
+
+class Phase(Name):
+    INIT = "init"
+    SEARCH = "search"
+    FINAL = "final"
+    DONE = "done"
+
+
+class RecipeKind(Name):
+    STORED = "stored"
+    CROSSOVER = "crossover"
+    AGGREGATE = "aggregate"
+
+
+PHASES = tuple(p.value for p in Phase)
 SPLITS = ("search", "test")
-MODEL_KINDS = ("base", "expert", "child", "average", "aggregate", "combination")
-"""combination: theta_base + sum_k c_k tau_k over the experts, with its own `coefficients`
-(a candidate of the coefficient searches, CMA-ES and NSGA-II)."""
+MODEL_KINDS = tuple(k.value for k in ModelKind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +66,7 @@ class ModelRecipe:
     seed. kind "aggregate": theta_base + sum_i betas[i] * tau(members[i]).
     """
 
-    kind: str
+    kind: RecipeKind
     parents: tuple[int, int] = (-1, -1)
     weights: tuple[float, float] = (math.nan, math.nan)
     active_task: int = -1
@@ -39,26 +74,31 @@ class ModelRecipe:
     members: tuple[int, ...] = ()
     betas: tuple[float, ...] = ()
 
+    def __post_init__(self):
+        object.__setattr__(self, "kind", RecipeKind(self.kind))
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
     model_id: int
     generation: int
-    phase: str
+    phase: Phase
     split: str
     recipe: ModelRecipe
+
+    def __post_init__(self):
+        object.__setattr__(self, "phase", Phase(self.phase))
 
 
 @dataclasses.dataclass
 class ModelRecord:
     """One model of the run. `source` is the weights' directory as the user gave it (base and
-    experts only); `archived` says that a child entered an archive at some point, and `saved`
-    that its weights are kept now (it is still in an archive, or it is the final aggregate).
-    `coefficients` are the c_k of a model built as theta_base + sum_k c_k tau_k over the
+    experts only); whether and where the run keeps a model's weights is the store's decision
+    (run/keeping.py), not the record's. `coefficients` are the c_k of a model built as theta_base + sum_k c_k tau_k over the
     experts (a combination, or the final model of a coefficient search); NaN otherwise."""
 
     id: int
-    kind: str
+    kind: ModelKind
     generation: int
     n_tasks: dataclasses.InitVar[int]
     parent1: int = -1
@@ -67,8 +107,6 @@ class ModelRecord:
     w1: float = math.nan
     w2: float = math.nan
     mutation_seed: int = -1
-    saved: bool = False
-    archived: bool = False
     source: str = ""
     scores: np.ndarray = None
     test_scores: np.ndarray = None
@@ -77,6 +115,7 @@ class ModelRecord:
     coefficients: np.ndarray = None
 
     def __post_init__(self, n_tasks: int):
+        self.kind = ModelKind(self.kind)
         if self.scores is None:
             self.scores = np.full(n_tasks, np.nan)
         if self.test_scores is None:
@@ -102,12 +141,11 @@ class HistoryRow:
 
 @dataclasses.dataclass(frozen=True)
 class Told:
-    """The outcome of a tell: archives entered, whether to save the model's weights, and
-    models that left every archive (their saved weights can be deleted)."""
+    """The outcome of a tell: the archives the model entered, and the models that stopped
+    being live (`Search.live_models`) with it."""
 
     job: Job
     entered: tuple[str, ...]
-    save: bool
     dead: tuple[int, ...]
 
 

@@ -19,6 +19,7 @@ import yaml
 from cqd_mpi import schema
 from cqd_mpi.errors import ConfigError, StateError
 from cqd_mpi.merging.mutation import MutationSpec
+from cqd_mpi.qd.params import SearchParams
 from cqd_mpi.schema import parse_size
 from cqd_mpi.tasks import protocols
 
@@ -251,6 +252,10 @@ class Config:
 
     def expert_path(self, task: str) -> str:
         return next(e.path for e in self.experts if e.task == task)
+
+    def search_params(self) -> SearchParams:
+        """The search parameters of this run: `qd` keys, else `runtime` keys (seed, pipeline_depth)."""
+        return SearchParams.from_sections(dataclasses.asdict(self.runtime), dataclasses.asdict(self.qd))
 
     def to_dict(self) -> dict[str, Any]:
         return schema.to_dict(self)

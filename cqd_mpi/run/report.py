@@ -8,24 +8,26 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cqd_mpi.qd.cycleqd import CycleQD
-from cqd_mpi.qd.records import MODEL_KINDS
-from cqd_mpi.run.rundir import stored_path
+from cqd_mpi.qd.records import ModelKind
+from cqd_mpi.qd.search import Search
+from cqd_mpi.run import keeping
 
 
-def build_report(core: CycleQD) -> dict:
+def build_report(core: Search) -> dict:
     """Test-split scores of the base, experts, naive average, elites and aggregate."""
+    paths = keeping.paths(core)
+
     def number(x: float) -> float | None:
         return None if math.isnan(x) else float(x)
 
     def entry(m: int) -> dict:
         r = core.models[m]
-        return {"id": m, "kind": r.kind, "path": stored_path(r),
+        return {"id": m, "kind": str(r.kind), "path": paths[m],
                 "test_scores": {n: number(s) for n, s in zip(core.task_names, r.test_scores)},
                 "mean": number(float(np.mean(r.test_scores))),
                 "search_scores": {n: number(s) for n, s in zip(core.task_names, r.scores)}}
 
-    by_kind = {kind: [r.id for r in core.models if r.kind == kind] for kind in MODEL_KINDS}
+    by_kind = {kind.value: [r.id for r in core.models if r.kind == kind] for kind in ModelKind}
     return {
         "method": core.method,
         "final_label": core.final_label,

@@ -11,8 +11,8 @@
     RUN_DIR/staging/        children written for transport `file` (unless runtime.staging_dir)
     RUN_DIR/work/           the tasks' scratch space, per rank
 
-This module is the one place that knows these names; `stored_path` is how state.h5's
-`path` column spells where a model's weights are.
+This module is the one place that knows these names; run/keeping.py decides which models
+are kept there (state.h5's `saved` and `path` columns).
 """
 
 from __future__ import annotations
@@ -28,26 +28,13 @@ from typing import Any
 import yaml
 
 from cqd_mpi.errors import StateError
-from cqd_mpi.qd.records import ModelRecord
+from cqd_mpi.qd.records import ModelKind, ModelRecord
 from cqd_mpi.run import config as config_mod
 
 log = logging.getLogger("cqd_mpi.run.rundir")
 
 MODELS = "models"
 FINAL = "final"
-
-
-def stored_path(record: ModelRecord) -> str:
-    """Where the run keeps a model's weights: the user's dir for the base and the experts,
-    models/<id> for a child that entered an archive (whether or not it is still there),
-    final for the aggregate, "" otherwise (relative paths are relative to RUN_DIR)."""
-    if record.kind in ("base", "expert"):
-        return record.source
-    if record.kind == "child" and record.archived:
-        return f"{MODELS}/{record.id}"
-    if record.kind == "aggregate":
-        return FINAL
-    return ""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -115,11 +102,15 @@ class RunDir:
         return self.models_dir / str(model_id)
 
     def weights_of(self, record: ModelRecord) -> Path:
-        """The directory holding a model's weights (see `stored_path`)."""
-        path = stored_path(record)
-        if not path:
-            raise StateError(f"model {record.id} ({record.kind}) has no weights in the run")
-        return self.resolve(path)
+        """The directory a model's weights are kept in (run/keeping.py): the user's for the base
+        and the experts, models/<id> for a child, final/ for the final model."""
+        if record.kind in (ModelKind.BASE, ModelKind.EXPERT):
+            return self.resolve(record.source)
+        if record.kind == ModelKind.CHILD:
+            return self.model_dir(record.id)
+        if record.kind == ModelKind.AGGREGATE:
+            return self.final_dir
+        raise StateError(f"model {record.id} ({record.kind}) has no weights in the run")
 
     def sweep(self, keep: set[int]) -> list[int]:
         """Delete model dirs other than those of `keep` (the children the run needs), and unfinished temp dirs."""

@@ -1,4 +1,4 @@
-"""Where the CycleQD state lives between generations, and the one definition of its layout.
+"""Where the search state lives between generations, and the one definition of its layout.
 
 `to_tree` and `from_tree` are the only code that knows how a core becomes the schema-v1 tree
 (documented in the README for h5py users) and back; the run, `analyze` and `export` all read
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -30,11 +29,23 @@ import yaml
 from cqd_mpi import __version__, faults
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.archive import Archive, Bins
-from cqd_mpi.qd.cycleqd import CycleQD
 from cqd_mpi.qd.methods import method_class, method_name
-from cqd_mpi.qd.records import SPLITS, HistoryRow, Job, ModelRecipe, ModelRecord, Split
+from cqd_mpi.qd.params import SearchParams, from_attrs, to_attrs
+from cqd_mpi.qd.records import (
+    SPLITS,
+    HistoryRow,
+    Job,
+    ModelKind,
+    ModelRecipe,
+    ModelRecord,
+    Phase,
+    RecipeKind,
+    Split,
+)
+from cqd_mpi.qd.search import Progress, Search
 from cqd_mpi.run import config as config_mod
-from cqd_mpi.run.rundir import stored_path
+from cqd_mpi.run import hdf5io, keeping
+from cqd_mpi.run.hdf5io import CHECKSUM
 
 SCHEMA_VERSION = 1
 log = logging.getLogger("cqd_mpi.run.state")
@@ -48,10 +59,10 @@ class StateBackend(abc.ABC):
     rebound = False
     """Whether `resume` found the state recording another binding (forced, or older files)."""
 
-    def save(self, core: CycleQD, *, attrs: Mapping[str, Any] | None = None) -> None:
+    def save(self, core: Search, *, attrs: Mapping[str, Any] | None = None) -> None:
         self.save_tree(to_tree(core), attrs={**self.binding, **(attrs or {})})
 
-    def resume(self, config: Mapping[str, Any], *, threads: int, force: bool = False) -> CycleQD | None:
+    def resume(self, config: Mapping[str, Any], *, threads: int, force: bool = False) -> Search | None:
         """The saved core (None if nothing was saved), checked to belong to the run of `config`
         (the config as a dict) computed with `threads` torch threads: a state written under
         another config or thread count is refused unless `force`. Later saves record both."""
@@ -66,7 +77,7 @@ class StateBackend(abc.ABC):
     def describe(self) -> str:
         return "the saved state"
 
-    def load(self) -> CycleQD | None:
+    def load(self) -> Search | None:
         """The core as last saved, or None if nothing was ever saved."""
         tree = self.load_tree()
         return None if tree is None else from_tree(tree)
@@ -109,11 +120,11 @@ class HDF5Backend(StateBackend):
         tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
         try:
             with h5py.File(tmp, "w", locking=False) as f:
-                _write_group(f, tree)
+                hdf5io.write_group(f, tree)
                 for key, value in _root_attrs(attrs).items():
-                    f.attrs[key] = _attr_value(value)
-                f.attrs[CHECKSUM] = _digest(f)
-            _fsync(tmp)
+                    f.attrs[key] = hdf5io.attr_value(value)
+                f.attrs[CHECKSUM] = hdf5io.digest(f)
+            hdf5io.fsync(tmp)
             faults.point("checkpoint", tmp)
             if self.keep_backup and self.path.exists():
                 link = self.backup.with_name(f"{self.backup.name}.tmp-{os.getpid()}")
@@ -121,7 +132,7 @@ class HDF5Backend(StateBackend):
                 os.link(self.path, link)
                 os.replace(link, self.backup)
             os.replace(tmp, self.path)
-            _fsync(self.path.parent)
+            hdf5io.fsync(self.path.parent)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -167,13 +178,13 @@ def read_state(path: str | Path) -> dict[str, Any]:
                     f"{path} has state schema version {int(version)}; this cqd_mpi ({__version__}) "
                     f"reads version {SCHEMA_VERSION}"
                 )
-            recorded = _read_attr(f.attrs.get(CHECKSUM, ""))
+            recorded = hdf5io.read_attr(f.attrs.get(CHECKSUM, ""))
             if not recorded:
                 log.info("%s has no %s attribute (an older cqd_mpi wrote it); read unverified", path, CHECKSUM)
-            elif recorded != _digest(f):
+            elif recorded != hdf5io.digest(f):
                 raise StateError(f"{path} is damaged: its datasets and attributes do not match its {CHECKSUM} "
                                  "attribute (changed after it was written)")
-            tree = _read_group(f)
+            tree = hdf5io.read_group(f)
             tree["attrs"].pop(CHECKSUM, None)
             return tree
     except StateError:
@@ -207,151 +218,43 @@ def check_binding(attrs: Mapping[str, Any], binding: Mapping[str, Any], config: 
         log.warning("%s (--force)", message)
 
 
-CHECKSUM = "checksum"
-
-
-def _digest(root) -> str:
-    """sha256 (hex) over every dataset (path, dtype, shape, bytes) and attribute of an open
-    HDF5 file but the root's `checksum`, in name order: what `checksum` records."""
-    import h5py
-
-    digest = hashlib.sha256()
-
-    def feed(label: str, value: Any) -> None:
-        array = np.asarray(value)
-        digest.update(f"{label}|{array.shape}|".encode())
-        if array.dtype.kind in "OSU":
-            for item in array.reshape(-1).tolist():
-                data = item.encode() if isinstance(item, str) else bytes(item)
-                digest.update(len(data).to_bytes(8, "little") + data)
-        else:
-            digest.update(array.dtype.str.encode() + np.ascontiguousarray(array).tobytes())
-
-    def visit(group) -> None:
-        for name in sorted(group.attrs):
-            if not (group.name == "/" and name == CHECKSUM):
-                feed(f"@{group.name}/{name}", group.attrs[name])
-        for name in sorted(group):
-            item = group[name]
-            if isinstance(item, h5py.Group):
-                visit(item)
-            else:
-                feed(item.name, item[()])
-
-    visit(root)
-    return digest.hexdigest()
-
-
 def _root_attrs(extra: Mapping[str, Any] | None) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "package_version": __version__, **(extra or {})}
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-
-
-def _attr_value(value: Any) -> Any:
-    import h5py
-
-    if _is_str_list(value):
-        return np.array(value, dtype=h5py.string_dtype())
-    if isinstance(value, bool):
-        return np.bool_(value)
-    return value
-
-
-def _write_group(group, tree: Mapping[str, Any]) -> None:
-    import h5py
-
-    for key, value in tree.items():
-        if key == "attrs":
-            for name, attr in value.items():
-                group.attrs[name] = _attr_value(attr)
-        elif isinstance(value, Mapping):
-            _write_group(group.create_group(key), value)
-        elif _is_str_list(value):
-            group.create_dataset(key, data=np.array(value, dtype=object), dtype=h5py.string_dtype(), shape=(len(value),))
-        else:
-            group.create_dataset(key, data=np.asarray(value))
-
-
-def _read_attr(value: Any) -> Any:
-    if isinstance(value, np.ndarray) and value.dtype.kind in "OSU":
-        return [v.decode() if isinstance(v, bytes) else str(v) for v in value.tolist()]
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, bytes):
-        return value.decode()
-    return value
-
-
-def _read_group(group) -> dict[str, Any]:
-    import h5py
-
-    tree: dict[str, Any] = {"attrs": {k: _read_attr(v) for k, v in group.attrs.items()}}
-    for key, item in group.items():
-        if isinstance(item, h5py.Group):
-            tree[key] = _read_group(item)
-        elif h5py.check_string_dtype(item.dtype) is not None:
-            tree[key] = list(item.asstr()[...]) if item.shape != (0,) else []
-        else:
-            tree[key] = item[...]
-    if not tree["attrs"] and group.name != "/":
-        del tree["attrs"]
-    return tree
-
-
-def to_tree(core: CycleQD) -> dict:
-    """The core as the schema-v1 tree: dicts are groups, an "attrs" key holds a group's
-    attributes, numpy arrays and lists of str are datasets (the layout the README documents)."""
+def to_tree(core: Search) -> dict:
+    """The search as the schema-v1 tree: dicts are groups, an "attrs" key holds a group's
+    attributes, numpy arrays and lists of str are datasets (the layout the README documents).
+    The parameters and the method's settings are written whole, one root attribute per field;
+    the `saved` and `path` columns are the store's (run/keeping.py)."""
     k = core.k
     models = core.models
     n = len(models)
+    paths = keeping.paths(core)
     tree: dict = {
         "attrs": {
-            "seed": core.seed, "task_names": list(core.task_names), "phase": core.phase,
-            "generations": core.generations, "generations_done": core.generations_done,
-            "next_stamp": core.next_stamp, "sampling": core.sampling,
-            "alpha_low": core.alpha_low, "alpha_high": core.alpha_high,
-            "crossover_mu": core.crossover_mu, "crossover_sigma": core.crossover_sigma,
-            "pipeline_depth": core.pipeline_depth, "n_bins": core.n_bins,
-            "bc_lower_factor": core.bc_lower_factor, "bc_upper_factor": core.bc_upper_factor,
+            **to_attrs(core.params), "task_names": list(core.task_names), "phase": str(core.phase),
+            "generations_done": core.generations_done, "next_stamp": core.next_stamp,
             "rng": "numpy SeedSequence([seed, generation, crc32(purpose)])",
-            "method": method_name(core), **core.settings(),
+            "method": method_name(core.strategy), **to_attrs(core.strategy.settings),
             **({"dropped": np.array(core.dropped, dtype=np.int64)} if core.dropped else {}),
         },
         "tasks": {},
         "archives": {},
         "models": {
             "id": np.array([r.id for r in models], dtype=np.int64),
-            "kind": [r.kind for r in models],
-            "generation": np.array([r.generation for r in models], dtype=np.int64),
-            "parent1": np.array([r.parent1 for r in models], dtype=np.int64),
-            "parent2": np.array([r.parent2 for r in models], dtype=np.int64),
-            "active_task": np.array([r.active_task for r in models], dtype=np.int64),
-            "w1": np.array([r.w1 for r in models], dtype=np.float64),
-            "w2": np.array([r.w2 for r in models], dtype=np.float64),
-            "mutation_seed": np.array([r.mutation_seed for r in models], dtype=np.int64),
+            "kind": [str(r.kind) for r in models],
+            **_columns(models, _MODEL_INTS, np.int64), **_columns(models, ("w1", "w2"), np.float64),
             "scores": np.array([r.scores for r in models], dtype=np.float64).reshape(n, k),
             "test_scores": np.array([r.test_scores for r in models], dtype=np.float64).reshape(n, k),
             "n_errors": np.array([r.n_errors for r in models], dtype=np.int64),
             "test_errors": np.array([r.test_errors for r in models], dtype=np.int64),
-            "saved": np.array([r.saved for r in models], dtype=bool),
-            "path": [stored_path(r) for r in models],
+            "saved": np.array(keeping.kept(core), dtype=bool),
+            "path": paths,
             "coefficients": np.array([r.coefficients for r in models], dtype=np.float64).reshape(n, k),
         },
         "history": _history_columns(core.history, k),
-        "pending": _pending_columns(core, k),
+        "pending": _pending_columns(core, paths),
         "items": {},
     }
     for t, name in enumerate(core.task_names):
@@ -359,15 +262,14 @@ def to_tree(core: CycleQD) -> dict:
         tree["tasks"][name] = {
             "attrs": {"bc_lower": bins.lower if bins else math.nan,
                       "bc_upper": bins.upper if bins else math.nan,
-                      "n_bins": bins.n_bins if bins else core.n_bins,
+                      "n_bins": bins.n_bins if bins else core.params.n_bins,
                       "auto_bins": core.auto_bins[t]},
             "search_ids": list(core.splits[name].search),
             "test_ids": list(core.splits[name].test),
         }
         group = {}
         for split in SPLITS:
-            width = len(core.splits[name].ids(split))
-            matrix = np.full((n, width), np.nan, dtype=np.float32)
+            matrix = np.full((n, len(core.splits[name].ids(split))), np.nan, dtype=np.float32)
             for m, per_task in core.item_scores[split].items():
                 matrix[m] = per_task[name]
             group[split] = matrix
@@ -383,74 +285,68 @@ def to_tree(core: CycleQD) -> dict:
     return tree
 
 
+_MODEL_INTS = ("generation", "parent1", "parent2", "active_task", "mutation_seed")
 
-def from_tree(tree: Mapping) -> CycleQD:
-    """The core a schema-v1 tree describes (as `to_tree` wrote it, or an earlier version)."""
+
+def _columns(rows, names, dtype) -> dict:
+    return {key: np.array([getattr(r, key) for r in rows], dtype=dtype) for key in names}
+
+
+def from_tree(tree: Mapping) -> Search:
+    """The search a schema-v1 tree describes (as `to_tree` wrote it, or an earlier version),
+    built by the constructor a new search goes through, with the same checks."""
     attrs = tree["attrs"]
     names = [str(n) for n in attrs["task_names"]]
     splits = {n: Split(tuple(tree["tasks"][n]["search_ids"]), tuple(tree["tasks"][n]["test_ids"]))
               for n in names}
     columns = tree["models"]
-    kinds = [str(x) for x in columns["kind"]]
-    cls = method_class(str(attrs.get("method", CycleQD.method)), "state.h5 attribute method")
-    core = cls.__new__(cls)
-    core.task_names = tuple(names)
-    core.splits = splits
-    for key in ("generations", "seed", "generations_done", "next_stamp", "pipeline_depth", "n_bins"):
-        setattr(core, key, int(attrs[key]))
-    for key in ("alpha_low", "alpha_high", "crossover_mu", "crossover_sigma",
-                "bc_lower_factor", "bc_upper_factor"):
-        setattr(core, key, float(attrs[key]))
-    core.sampling = str(attrs["sampling"])
-    core.phase = str(attrs["phase"])
-    core.dropped = [(int(g), int(m)) for g, m in np.asarray(attrs.get("dropped", np.zeros((0, 2))))]
-    core.bins = []
-    core.auto_bins = []
+    cls = method_class(str(attrs.get("method", "cycleqd")), "state.h5 attribute method")
+    bins, auto_bins = [], []
     for name in names:
         task_attrs = tree["tasks"][name]["attrs"]
         lower = float(task_attrs["bc_lower"])
-        core.auto_bins.append(bool(task_attrs["auto_bins"]))
-        core.bins.append(None if math.isnan(lower) else
-                         Bins(lower, float(task_attrs["bc_upper"]), int(task_attrs["n_bins"])))
-    core.models = []
-    for i, kind in enumerate(kinds):
-        core.models.append(ModelRecord(
-            id=int(columns["id"][i]), kind=kind, generation=int(columns["generation"][i]),
+        auto_bins.append(bool(task_attrs["auto_bins"]))
+        bins.append(None if math.isnan(lower) else Bins(lower, float(task_attrs["bc_upper"]), int(task_attrs["n_bins"])))
+    try:
+        models = [ModelRecord(
+            id=int(columns["id"][i]), kind=ModelKind(str(kind)), generation=int(columns["generation"][i]),
             n_tasks=len(names), parent1=int(columns["parent1"][i]), parent2=int(columns["parent2"][i]),
             active_task=int(columns["active_task"][i]), w1=float(columns["w1"][i]),
             w2=float(columns["w2"][i]), mutation_seed=int(columns["mutation_seed"][i]),
-            saved=bool(columns["saved"][i]),
-            source=str(columns["path"][i]) if kind in ("base", "expert") else "",
-            archived=kind == "child" and bool(str(columns["path"][i])),
+            source=str(columns["path"][i]) if kind in (ModelKind.BASE, ModelKind.EXPERT) else "",
             scores=np.array(columns["scores"][i], dtype=np.float64),
             test_scores=np.array(columns["test_scores"][i], dtype=np.float64),
             n_errors=int(columns["n_errors"][i]), test_errors=int(columns["test_errors"][i]),
             coefficients=(np.array(columns["coefficients"][i], dtype=np.float64)
-                          if "coefficients" in columns else None)))
-    core.archives = []
-    for q, name in enumerate(names):
-        if name not in tree["archives"]:
-            continue
-        bc = [t for t in range(len(names)) if t != q]
-        archive = Archive(quality_task=q, bc_tasks=bc, bins=[core.bins[t] for t in bc])
-        group = tree["archives"][name]
-        archive.occupant[...] = group["occupant"]
-        archive.quality[...] = group["quality"]
-        archive.inserted[...] = group["inserted"]
-        core.archives.append(archive)
-    core.history = _history_rows(tree["history"])
-    core.pending = _pending_jobs(tree["pending"])
-    core.item_scores = {s: {} for s in SPLITS}
-    for split in SPLITS:
-        for m in range(len(core.models)):
-            rows = {n: np.asarray(tree["items"][n][split][m], dtype=np.float32) for n in names}
-            if not all(np.isnan(r).all() for r in rows.values()):
-                core.item_scores[split][m] = rows
-    core._dispatched = 0
-    core.restore(attrs)
-    return core
-
-
+                          if "coefficients" in columns else None))
+            for i, kind in enumerate(columns["kind"])]
+        archives = []
+        for q, name in enumerate(names):
+            if name not in tree["archives"]:
+                continue
+            bc = [t for t in range(len(names)) if t != q]
+            archive = Archive(quality_task=q, bc_tasks=bc, bins=[bins[t] for t in bc])
+            group = tree["archives"][name]
+            archive.occupant[...] = group["occupant"]
+            archive.quality[...] = group["quality"]
+            archive.inserted[...] = group["inserted"]
+            archives.append(archive)
+        item_scores = {s: {} for s in SPLITS}
+        for split in SPLITS:
+            for m in range(len(models)):
+                rows = {n: np.asarray(tree["items"][n][split][m], dtype=np.float32) for n in names}
+                if not all(np.isnan(r).all() for r in rows.values()):
+                    item_scores[split][m] = rows
+        progress = Progress(
+            models=models, archives=archives, history=_history_rows(tree["history"]),
+            pending=_pending_jobs(tree["pending"]), item_scores=item_scores, phase=Phase(str(attrs["phase"])),
+            generations_done=int(attrs["generations_done"]), next_stamp=int(attrs["next_stamp"]),
+            dropped=[(int(g), int(m)) for g, m in np.asarray(attrs.get("dropped", np.zeros((0, 2))))],
+            auto_bins=auto_bins)
+        return Search(params=from_attrs(SearchParams, attrs), strategy=cls(from_attrs(cls.Settings, attrs)),
+                      task_names=names, splits=splits, bins=bins, progress=progress)
+    except (ValueError, TypeError) as exc:
+        raise StateError(f"the state does not describe a {cls.__name__} search: {exc}") from None
 
 
 _HISTORY_FLOATS = ("merge_s", "transfer_s", "eval_s", "total_s")
@@ -481,8 +377,8 @@ def _history_rows(columns: Mapping) -> list[HistoryRow]:
     ]
 
 
-def _pending_columns(core: CycleQD, k: int) -> dict:
-    jobs = core.pending
+def _pending_columns(core: Search, paths: Sequence[str]) -> dict:
+    jobs, k = core.pending, core.k
     members = np.full((len(jobs), k), -1, dtype=np.int64)
     betas = np.full((len(jobs), k), np.nan, dtype=np.float64)
     for i, job in enumerate(jobs):
@@ -491,10 +387,10 @@ def _pending_columns(core: CycleQD, k: int) -> dict:
     return {
         "model_id": np.array([j.model_id for j in jobs], dtype=np.int64),
         "generation": np.array([j.generation for j in jobs], dtype=np.int64),
-        "phase": [j.phase for j in jobs],
+        "phase": [str(j.phase) for j in jobs],
         "split": [j.split for j in jobs],
-        "recipe": [j.recipe.kind for j in jobs],
-        "path": [stored_path(core.models[j.model_id]) if j.recipe.kind == "stored" else "" for j in jobs],
+        "recipe": [str(j.recipe.kind) for j in jobs],
+        "path": [paths[j.model_id] if j.recipe.kind == RecipeKind.STORED else "" for j in jobs],
         "parent1": np.array([j.recipe.parents[0] for j in jobs], dtype=np.int64),
         "parent2": np.array([j.recipe.parents[1] for j in jobs], dtype=np.int64),
         "w1": np.array([j.recipe.weights[0] for j in jobs], dtype=np.float64),

@@ -2,14 +2,14 @@
 recipe, rebuilt bit for bit on demand from ancestors that are.
 
 The models a run needs are its archive members and the inputs of its pending jobs
-(`CycleQD.live_models`), plus, for each needed child not on disk, its parents, down to models
+(`Search.live_models`), plus, for each needed child not on disk, its parents, down to models
 that are on disk or to the experts. With `runtime.model_store_bytes` set, children beyond the
 budget are evicted, those least likely to be drawn as parents first (models in no archive,
 then by sampling probability, then least recently used), but never the experts, the current
 elites, the inputs of jobs in flight, nor a model whose eviction would put a needed model
 more than `runtime.model_store_depth` chained merges away from weights on disk. Without a
 budget every needed child stays on disk, as before. Either way the state file is the same:
-`saved` says that the run keeps a model, not where its bytes are.
+`saved` says that the run keeps a model (run/keeping.py decides which), not where its bytes are.
 
 A digest of each child's tensors is recorded in RUN_DIR/digests.json when it is saved, and a
 rebuilt child must match it, so a recipe that no longer reproduces its model (an expert
@@ -33,8 +33,13 @@ import numpy as np
 import torch
 
 from cqd_mpi.errors import CqdError, StateError
+from cqd_mpi.merging.builder import ModelBuilder
+from cqd_mpi.merging.embedding import VisionLayout
+from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.weights import ModelDir
-from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.records import ModelKind, Phase, RecipeKind
+from cqd_mpi.qd.search import Search
+from cqd_mpi.run import keeping
 from cqd_mpi.run.config import RuntimeConfig
 from cqd_mpi.run.rundir import RunDir, atomic_write_text
 
@@ -61,13 +66,17 @@ def weights_digest(model_dir: Path) -> str:
 
 
 class ModelStore:
-    """The weights of one run's models. `path(id)` is what the ModelBuilder reads (a child off
-    disk is rebuilt first); `saved(id)` follows each save, `settle()` each checkpoint, and
-    `check()` a resume. A `read_only` store never writes the run dir and rebuilds into
-    `scratch` (export reads runs that may be in progress)."""
+    """The weights of one run's models, and the builder that makes them (one factory: the
+    builder reads stored models through `path`, which rebuilds a child off disk first).
+    `keeps(id)` after each tell says where a model goes (run/keeping.py decides), `saved(id)`
+    follows each save, `settle()` each checkpoint, and `check()` a resume. Without `mutation`
+    the store has no builder and rebuilds nothing. A `read_only` store never writes the run dir
+    and rebuilds into `scratch` (export reads runs that may be in progress)."""
 
-    def __init__(self, *, core: CycleQD, rundir: RunDir, budget: int | None = None,
-                 max_depth: int = RuntimeConfig.model_store_depth, read_only: bool = False, echo=None):
+    def __init__(self, *, core: Search, rundir: RunDir, mutation: MutationSpec | None = None,
+                 basis_cache: str | Path | None = None, max_shard_size: str | int = "5GB",
+                 budget: int | None = None, max_depth: int = RuntimeConfig.model_store_depth,
+                 read_only: bool = False, vision: VisionLayout | None = None, echo=None):
         self.core = core
         self.rundir = rundir
         self.budget = budget
@@ -75,7 +84,11 @@ class ModelStore:
         self.read_only = read_only
         self.scratch: Path | None = None
         self.echo = echo or log.info
-        self.builder = None
+        self.builder = None if mutation is None else ModelBuilder(
+            base_path=rundir.weights_of(core.models[core.base_id]),
+            expert_paths=[str(rundir.weights_of(core.models[e])) for e in core.expert_ids],
+            model_path=self.path, mutation=mutation, basis_cache=basis_cache, max_shard_size=max_shard_size,
+            vision=vision)
         self.rebuilt = 0
         self.rebuild_s = 0.0
         self.evicted = 0
@@ -103,18 +116,18 @@ class ModelStore:
     def location(self, m: int) -> Path:
         """Where child m's weights are (or go when rebuilt); the user's dir for base and experts."""
         record = self.core.models[m]
-        if record.kind != "child":
+        if record.kind != ModelKind.CHILD:
             return self.rundir.weights_of(record)
         if self.read_only and self.scratch is not None and not self.rundir.model_dir(m).is_dir():
             return self.scratch / str(m)
         return self.rundir.model_dir(m)
 
     def on_disk(self, m: int) -> bool:
-        return self._kind(m) != "child" or self.location(m).is_dir()
+        return self._kind(m) != ModelKind.CHILD or self.location(m).is_dir()
 
     def path(self, m: int) -> Path:
         """The dir of model m's weights, rebuilding it (and the ancestors that needs) when it is off disk."""
-        if self._kind(m) not in ("base", "expert", "child"):
+        if self._kind(m) not in (ModelKind.BASE, ModelKind.EXPERT, ModelKind.CHILD):
             raise StateError(f"model {m} ({self._kind(m)}) has no weights in the run")
         if not self.on_disk(m):
             for a in self._plan(m):
@@ -171,8 +184,20 @@ class ModelStore:
             atomic_write_text(self.rundir.digests_path, json.dumps(
                 {"digests": self._digests, "mismatched": sorted(self._mismatched)}, sort_keys=True) + "\n")
 
+    def keeps(self, m: int) -> Path | None:
+        """Where model m's weights go once it is told (run/keeping.py): models/<m> for a child
+        the run keeps, final/ for the final model, None for a model the run does not keep."""
+        record = self.core.models[m]
+        if record.kind == ModelKind.AGGREGATE:
+            return self.rundir.final_dir
+        if record.kind == ModelKind.CHILD and keeping.kept(self.core)[m]:
+            return self.rundir.model_dir(m)
+        return None
+
     def saved(self, m: int) -> None:
-        """Child m was just written to models/<m>: record its digest."""
+        """Model m was just written where `keeps` said: for a child, record its digest."""
+        if self._kind(m) != ModelKind.CHILD:
+            return
         start = time.perf_counter()
         self._record(m, weights_digest(self.rundir.model_dir(m)))
         self.digest_s += time.perf_counter() - start
@@ -188,16 +213,16 @@ class ModelStore:
 
     def _roots(self) -> set[int]:
         roots = set(self.core.live_models())
-        roots.update(job.model_id for job in self.core.pending if job.recipe.kind == "stored")
+        roots.update(job.model_id for job in self.core.pending if job.recipe.kind == RecipeKind.STORED)
         return roots
 
     def pinned(self) -> set[int]:
         """Never evicted: the elites and every input of a pending job."""
-        pinned = {job.model_id for job in self.core.pending if job.recipe.kind == "stored"}
+        pinned = {job.model_id for job in self.core.pending if job.recipe.kind == RecipeKind.STORED}
         for job in self.core.pending:
             pinned.update(m for m in job.recipe.parents if m >= 0)
             pinned.update(job.recipe.members)
-        if self.core.archives and self.core.phase != "init":
+        if self.core.archives and self.core.phase != Phase.INIT:
             pinned.update(a.elite() for a in self.core.archives if a.members().size)
         return pinned
 
@@ -205,9 +230,9 @@ class ModelStore:
         """The children the run needs with the children in `off` off disk (default: the disk as
         it is), and each needed child's rebuild depth (0 on disk, else 1 + its parents' deepest)."""
         def is_off(x: int) -> bool:
-            return self._kind(x) == "child" and (not self.on_disk(x) if off is None else x in off)
+            return self._kind(x) == ModelKind.CHILD and (not self.on_disk(x) if off is None else x in off)
 
-        needed, stack = set(), [m for m in self._roots() if self._kind(m) == "child"]
+        needed, stack = set(), [m for m in self._roots() if self._kind(m) == ModelKind.CHILD]
         while stack:
             x = stack.pop()
             if x in needed:
@@ -215,7 +240,7 @@ class ModelStore:
             needed.add(x)
             if is_off(x):
                 record = self.core.models[x]
-                stack.extend(p for p in (record.parent1, record.parent2) if p >= 0 and self._kind(p) == "child")
+                stack.extend(p for p in (record.parent1, record.parent2) if p >= 0 and self._kind(p) == ModelKind.CHILD)
         depth: dict[int, int] = {}
         for x in sorted(needed):
             record = self.core.models[x]
@@ -257,7 +282,7 @@ class ModelStore:
         evicted: list[int] = []
         if total > self.budget:
             pinned = self.pinned()
-            off = {r.id for r in self.core.models if r.kind == "child"} - set(self.on_disk_children())
+            off = {r.id for r in self.core.models if r.kind == ModelKind.CHILD} - set(self.on_disk_children())
             chance = self._sampling_chance()
             candidates = sorted((m for m in self.on_disk_children() if m not in pinned),
                                 key=lambda m: (chance.get(m, 0.0), self._used.get(m, -1), m))
@@ -293,9 +318,10 @@ class ModelStore:
             members = archive.members()
             if not members.size:
                 continue
-            if self.core.sampling == "elite":
+            params = self.core.params
+            if params.sampling == "elite":
                 p = elite_weights(np.stack([self.core.models[m].scores for m in members]),
-                                  alpha_low=self.core.alpha_low, alpha_high=self.core.alpha_high)
+                                  alpha_low=params.alpha_low, alpha_high=params.alpha_high)
             else:
                 p = np.full(members.size, 1.0 / members.size)
             for m, q in zip(members.tolist(), p.tolist()):

@@ -40,6 +40,7 @@ import numpy as np
 
 from cqd_mpi import faults
 from cqd_mpi.errors import ConfigError, require
+from cqd_mpi.qd.records import ModelKind
 from cqd_mpi.run.rundir import RunDir, atomic_write_text
 
 log = logging.getLogger("cqd_mpi.run.tracking")
@@ -245,7 +246,7 @@ class Tracker:
         step = core.generations_done
         kinds = [r.kind for r in core.models]
         named = [("base", core.base_id)] + [(f"expert_{n}", e) for n, e in zip(core.task_names, core.expert_ids)]
-        for kind in ("average", "aggregate"):
+        for kind in (ModelKind.AVERAGE, ModelKind.AGGREGATE):
             if kind in kinds:
                 named.append((kind, len(kinds) - 1 - kinds[::-1].index(kind)))
         for label, m in named:

@@ -1,4 +1,4 @@
-"""Rank 0: drives the CycleQD core, builds every model on CPU, hands it to evaluation groups,
+"""Rank 0: drives the search, builds every model on CPU, hands it to evaluation groups,
 tells the results back in order, saves archive members and checkpoints after every job.
 
 The order of work on disk makes every crash resumable: a model entering an archive is
@@ -10,6 +10,7 @@ away, missing ones rebuilt (or named as lost), and unfinished jobs are issued ag
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -20,10 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from cqd_mpi import __version__
-from cqd_mpi.merging.builder import ModelBuilder
 from cqd_mpi.merging.weights import ModelDir, TensorStream, write_hf_dir
-from cqd_mpi.qd.cycleqd import CycleQD
-from cqd_mpi.qd.records import Job
+from cqd_mpi.qd.records import Job, ModelKind, Phase, RecipeKind
+from cqd_mpi.qd.search import Search
 from cqd_mpi.run.evaluation import combine, make_chunks
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import StateBackend
@@ -35,33 +35,54 @@ from cqd_mpi.tasks import Task
 log = logging.getLogger("cqd_mpi.conductor")
 
 
+@dataclasses.dataclass
+class RunFiles:
+    """Where the run lives: its directory, its checkpoint, its models' store (with the builder)
+    and what every checkpoint records about the launch."""
+
+    rundir: RunDir
+    backend: StateBackend
+    store: ModelStore
+    config_text: str
+    world_size: int = 1
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Who scores the models: the tasks, the evaluation groups, and how children reach them
+    (staged for transport `file`, built ahead with pipelining, kept in memory up to `retain_bytes`)."""
+
+    tasks: Mapping[str, Task]
+    groups: Sequence[EvalGroup]
+    staging_dir: Path
+    prebuild: bool = False
+    retain_bytes: int = 0
+
+
 class Conductor:
-    def __init__(self, *, core: CycleQD, tasks: Mapping[str, Task], builder: ModelBuilder,
-                 groups: Sequence[EvalGroup], rundir: RunDir, backend: StateBackend,
-                 stop: StopFlag, config_text: str, world_size: int = 1,
-                 staging_dir: Path | None = None, prebuild: bool = False,
-                 retain_bytes: int = 0, tracker=None, echo=print, store: ModelStore,
-                 drop_lost: bool = False):
+    """Asks the search for jobs, dispatches them to the groups, tells the scores back in order
+    (with the job's timings), saves what the store keeps and checkpoints after every tell."""
+
+    def __init__(self, *, core: Search, files: RunFiles, evaluation: Evaluation, stop: StopFlag,
+                 tracker=None, echo=print, drop_lost: bool = False):
         self.core = core
-        self.tasks = tasks
-        self.builder = builder
-        self.groups = list(groups)
-        self.rundir = rundir
-        self.backend = backend
+        self.files = files
+        self.rundir = files.rundir
+        self.store = files.store
+        self.builder = files.store.builder
+        self.tasks = evaluation.tasks
+        self.groups = list(evaluation.groups)
+        self.staging_dir = Path(evaluation.staging_dir)
+        self.prebuild = evaluation.prebuild
+        self.retain = self.builder.output.nbytes <= evaluation.retain_bytes
         self.stop = stop
-        self.config_text = config_text
-        self.world_size = world_size
         self.echo = echo
         self.tracker = tracker
-        self.store = store
         self.drop_lost = drop_lost
-        self.staging_dir = Path(staging_dir) if staging_dir else rundir.staging_dir()
-        self.prebuild = prebuild
         self.ready: deque[Job] = deque()
         self.staged: dict[int, tuple[Path, float]] = {}
-        self.retain = builder.output.nbytes <= retain_bytes
         self.built: dict[int, TimedStream] = {}
-        self.batch_sizes = {name: task.batch_size for name, task in tasks.items()}
+        self.batch_sizes = {name: task.batch_size for name, task in self.tasks.items()}
         self.phase_seconds = {"merge": 0.0, "transfer": 0.0, "eval": 0.0, "save": 0.0, "checkpoint": 0.0}
         self._started = time.perf_counter()
 
@@ -113,7 +134,7 @@ class Conductor:
         if self.prebuild and not self.ready and all(g.busy for g in self.groups):
             job = self.core.ask()
             if job is not None:
-                if job.recipe.kind != "stored":
+                if job.recipe.kind != RecipeKind.STORED:
                     self._stage(job)
                 self.ready.append(job)
 
@@ -124,13 +145,13 @@ class Conductor:
 
     def _submit(self, group: EvalGroup, job: Job) -> None:
         chunks = make_chunks(self.core.splits, job.split, self.batch_sizes)
-        if group.needs_path and job.recipe.kind != "stored" and job.model_id not in self.staged:
+        if group.needs_path and job.recipe.kind != RecipeKind.STORED and job.model_id not in self.staged:
             self._stage(job)
         group.submit(job, chunks, self._source(job))
 
     def _source(self, job: Job) -> ModelSource:
         path, staged_s = self.staged.get(job.model_id, (None, 0.0))
-        if path is None and job.recipe.kind == "stored":
+        if path is None and job.recipe.kind == RecipeKind.STORED:
             path = self.builder.model_path(job.model_id)
         if path is None:
             stream = TimedStream(self.builder.stream(job.model_id, job.recipe), retain=self.retain)
@@ -152,31 +173,27 @@ class Conductor:
     def _tell(self, outcome: Outcome) -> None:
         job = outcome.job
         scores = combine(self.tasks, self.core.task_names, outcome.chunks, outcome.results)
-        told = self.core.tell(job.model_id, scores.metrics, item_scores=scores.item_scores,
-                              n_errors=scores.n_errors)
         start = time.perf_counter()
+        timings = {"merge": outcome.merge_s, "transfer": outcome.transfer_s, "eval": outcome.eval_s,
+                   "total": start - outcome.started}
+        told = self.core.tell(job.model_id, scores.metrics, item_scores=scores.item_scores,
+                              n_errors=scores.n_errors, timings=timings)
         staged, _ = self.staged.pop(job.model_id, (None, 0.0))
         built = self.built.pop(job.model_id, None)
-        if told.save:
-            target = self.rundir.model_dir(job.model_id)
+        target = self.store.keeps(job.model_id)
+        if target is not None and staged is not None and self.core.models[job.model_id].kind == ModelKind.CHILD:
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(staged, target)
+        else:
             if staged is not None:
-                shutil.rmtree(target, ignore_errors=True)
-                shutil.move(staged, target)
-            else:
+                shutil.rmtree(staged, ignore_errors=True)
+            if target is not None:
                 self._write(job, built, target)
+        if target is not None:
             self.store.saved(job.model_id)
-        elif staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
-        if self.core.models[job.model_id].kind == "aggregate":
-            self._write(job, built, self.rundir.final_dir)
         saved = time.perf_counter()
-        total = saved - outcome.started
-        if job.phase == "search":
-            self.core.record_timings(job.generation, {
-                "merge": outcome.merge_s, "transfer": outcome.transfer_s, "eval": outcome.eval_s,
-                "total": total})
         self.checkpoint()
-        if self.tracker is not None and job.phase == "search":
+        if self.tracker is not None and job.phase == Phase.SEARCH:
             self.tracker.sync(self.core)
         done = time.perf_counter()
         self.store.settle()
@@ -194,8 +211,8 @@ class Conductor:
             self.builder.write(job.model_id, job.recipe, out_dir)
 
     def checkpoint(self) -> None:
-        self.backend.save(self.core, attrs={
-            "config": self.config_text, "world_size": self.world_size, "package_version": __version__})
+        self.files.backend.save(self.core, attrs={
+            "config": self.files.config_text, "world_size": self.files.world_size, "package_version": __version__})
 
     def _progress_line(self, job: Job, metrics: np.ndarray, entered: Sequence[str], n_errors: int) -> str:
         names = self.core.task_names
@@ -203,13 +220,14 @@ class Conductor:
         scores = " ".join(f"{n}={s:.3f}" for n, s in zip(names, metrics))
         elapsed = time.perf_counter() - self._started
         errors = f" errors={n_errors}" if n_errors else ""
-        if job.phase == "search":
-            role = (f"active={names[job.recipe.active_task]:<8} child" if record.kind == "child"
+        if job.phase == Phase.SEARCH:
+            role = (f"active={names[job.recipe.active_task]:<8} child" if record.kind == ModelKind.CHILD
                     else f"{self.core.label:<15} {record.kind}")
             return (f"gen {job.generation:>4}/{self.core.generations} {role}={job.model_id:<5} {scores} "
                     f"entered=[{','.join(entered)}]{errors} {elapsed:7.1f}s")
-        label = record.kind if record.kind in ("base", "average", "aggregate") else f"{record.kind} {job.model_id}"
-        if record.kind == "expert":
+        label = (str(record.kind) if record.kind in (ModelKind.BASE, ModelKind.AVERAGE, ModelKind.AGGREGATE)
+                 else f"{record.kind} {job.model_id}")
+        if record.kind == ModelKind.EXPERT:
             label = f"expert {names[self.core.expert_ids.index(job.model_id)]}"
         return f"{job.phase:<6} {label:<16} {job.split:<6} {scores}{errors} {elapsed:7.1f}s"
 

@@ -16,11 +16,10 @@ import logging
 from collections.abc import Callable, Mapping
 
 from cqd_mpi.errors import StateError
-from cqd_mpi.merging.builder import ModelBuilder
 from cqd_mpi.qd.archive import Bins
-from cqd_mpi.qd.cycleqd import CycleQD
 from cqd_mpi.qd.methods import method_class
 from cqd_mpi.qd.records import make_splits
+from cqd_mpi.qd.search import Search
 from cqd_mpi.run import vision
 from cqd_mpi.run.config import BinsConfig, Config, parse_size
 from cqd_mpi.run.rundir import RunDir
@@ -28,7 +27,7 @@ from cqd_mpi.run.state import HDF5Backend
 from cqd_mpi.run.store import ModelStore
 from cqd_mpi.run.tracking import Tracker
 from cqd_mpi.runtime import mpi, shm
-from cqd_mpi.runtime.conductor import Conductor
+from cqd_mpi.runtime.conductor import Conductor, Evaluation, RunFiles
 from cqd_mpi.runtime.groups import EvalGroup, InProcessGroup
 from cqd_mpi.runtime.signals import StopFlag
 from cqd_mpi.runtime.worker import Worker, build_tasks
@@ -37,26 +36,23 @@ from cqd_mpi.tasks import Task
 log = logging.getLogger("cqd_mpi.launch")
 
 
-def new_core(config: Config, tasks: Mapping[str, Task], paths: tuple[str, list[str]] | None = None) -> CycleQD:
-    qd = config.qd
+def new_core(config: Config, tasks: Mapping[str, Task], paths: tuple[str, list[str]] | None = None) -> Search:
+    """A new search for the config: its parameters, its method's strategy, the tasks' item splits;
+    `paths` (base, experts) where the models are not the config's own (run/vision.py's lifted ones)."""
     splits = make_splits({name: task.item_ids() for name, task in tasks.items()},
-                         seed=config.runtime.seed, search_fraction=qd.search_fraction)
+                         seed=config.runtime.seed, search_fraction=config.qd.search_fraction)
     bins = [Bins(t.bins.lower, t.bins.upper, t.bins.n_bins) if isinstance(t.bins, BinsConfig) else None
             for t in config.tasks]
-    method = method_class(qd.method)
+    method = method_class(config.qd.method)
     base_path, expert_paths = paths or (config.base, [config.expert_path(n) for n in config.task_names])
-    return method(
-        task_names=config.task_names, base_path=base_path, expert_paths=expert_paths, splits=splits,
-        generations=qd.generations, seed=config.runtime.seed, bins=bins, n_bins=qd.n_bins,
-        bc_lower_factor=qd.bc_lower_factor, bc_upper_factor=qd.bc_upper_factor, sampling=qd.sampling,
-        alpha_low=qd.alpha_low, alpha_high=qd.alpha_high, crossover_mu=qd.crossover.mu,
-        crossover_sigma=qd.crossover.sigma, pipeline_depth=config.runtime.pipeline_depth,
-        **method.options(qd))
+    return Search(params=config.search_params(), strategy=method(method.settings_from(config.qd)),
+                  task_names=config.task_names, splits=splits, bins=bins, base_path=base_path,
+                  expert_paths=expert_paths)
 
 
-def check_restored(core: CycleQD, config: Config, tasks: Mapping[str, Task]) -> CycleQD:
-    """A core read back from state.h5, checked against the config and the tasks' data."""
-    if type(core) is not method_class(config.qd.method):
+def check_restored(core: Search, config: Config, tasks: Mapping[str, Task]) -> Search:
+    """A search read back from state.h5, checked against the config and the tasks' data."""
+    if type(core.strategy) is not method_class(config.qd.method):
         raise StateError(f"state.h5 holds a run of method {core.method!r}, the config asks for {config.qd.method!r}")
     if list(core.task_names) != config.task_names:
         raise StateError(f"state.h5 holds tasks {list(core.task_names)}, the config {config.task_names}")
@@ -92,24 +88,22 @@ def conduct(config: Config, *, force: bool = False, drop_lost: bool = False, wor
             echo(f"resuming {rundir.path}: phase {core.phase}, generation {core.generations_done}/"
                  f"{core.generations}")
         budget = config.runtime.model_store_bytes
-        store = ModelStore(core=core, rundir=rundir, echo=echo, max_depth=config.runtime.model_store_depth,
+        store = ModelStore(core=core, rundir=rundir, echo=echo, mutation=config.qd.mutation, vision=layout,
+                           basis_cache=config.runtime.basis_cache, max_shard_size=config.runtime.max_shard_size,
+                           max_depth=config.runtime.model_store_depth,
                            budget=None if budget is None else parse_size(budget, "runtime.model_store_bytes"))
-        builder = ModelBuilder(
-            base_path=rundir.resolve(base_path), expert_paths=[rundir.resolve(p) for p in expert_paths],
-            model_path=store.path, mutation=config.qd.mutation, basis_cache=config.runtime.basis_cache,
-            max_shard_size=config.runtime.max_shard_size, vision=layout)
-        store.builder = builder
         if fresh:
-            builder.check()
+            store.builder.check()
         groups = make_groups(tasks) if make_groups else [InProcessGroup(Worker(config, tasks=tasks))]
         tracker = Tracker.from_config(config.tracking, rundir, name=rundir.path.name, config=config.to_dict())
         stop = (stop if stop is not None else StopFlag()).install()
-        conductor = Conductor(core=core, tasks=tasks, builder=builder, groups=groups, rundir=rundir,
-                              backend=backend, stop=stop, config_text=config.to_yaml(),
-                              world_size=world_size, staging_dir=rundir.staging_dir(config.runtime.staging_dir),
-                              prebuild=config.runtime.pipeline_depth > 0,
-                              retain_bytes=parse_size(config.runtime.retain_child_bytes), tracker=tracker,
-                              echo=echo, store=store, drop_lost=drop_lost)
+        files = RunFiles(rundir=rundir, backend=backend, store=store, config_text=config.to_yaml(),
+                         world_size=world_size)
+        evaluation = Evaluation(tasks=tasks, groups=groups, staging_dir=rundir.staging_dir(config.runtime.staging_dir),
+                                prebuild=config.runtime.pipeline_depth > 0,
+                                retain_bytes=parse_size(config.runtime.retain_child_bytes))
+        conductor = Conductor(core=core, files=files, evaluation=evaluation, stop=stop, tracker=tracker,
+                              echo=echo, drop_lost=drop_lost)
         if backend.rebound:
             conductor.checkpoint()
         try:

@@ -136,8 +136,8 @@ def test_an_unsaved_child_is_rebuilt_and_scores_what_the_run_measured(run3, tmp_
 
 def test_a_child_whose_parents_are_gone_is_rebuilt_through_its_ancestors(runs, tmp_path):
     cases = [(run, m) for run in runs for m, kind in enumerate(run.kinds)
-             if kind == "child" and not run.models[m].saved
-             and not all(run.models[p].saved for p in run.parents(m))]
+             if kind == "child" and not run.kept[m]
+             and not all(run.kept[p] for p in run.parents(m))]
     assert cases, "no run has an unsaved child with an unsaved parent"
     run, child = cases[0]
     first = Exporter(run).model(child, tmp_path / "child")

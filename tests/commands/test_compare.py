@@ -13,7 +13,7 @@ from cqd_mpi.qd.coefficients import CMAES
 from cqd_mpi.qd.noncyclic import NonCyclicQD
 from cqd_mpi.run.state import HDF5Backend
 from tests.qd.test_cycleqd import make_core
-from tests.qd.test_methods import _defaults, run_all
+from tests.qd.test_methods import run_all
 
 stats = pytest.importorskip("scipy.stats", reason="needs scipy: pip install 'cqd_mpi[stats]'")
 
@@ -43,7 +43,7 @@ def finished_run(root, name, seed, *, generations=6, stop_after=None, timed=True
     options = dict(generations=generations, seed=seed, sampling=sampling)
     if cls is CMAES:
         options["population"] = 3
-    core = make_core(**options) if cls is None else cls(**_defaults(options))
+    core = make_core(**options) if cls is None else make_core(cls, **options)
     if stop_after is None:
         run_all(core)
     else:

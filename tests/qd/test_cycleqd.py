@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -5,8 +6,11 @@ import pytest
 
 from cqd_mpi.qd.archive import Bins
 from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.params import SearchParams
 from cqd_mpi.qd.records import make_splits
 from cqd_mpi.qd.sampling import softmax
+from cqd_mpi.qd.search import Search
+from cqd_mpi.run.keeping import kept, written
 from cqd_mpi.run.report import build_report
 
 NAMES = ("code", "os", "db")
@@ -16,12 +20,19 @@ def splits():
     return make_splits({n: [f"{n}{i}" for i in range(10)] for n in NAMES}, seed=0)
 
 
-def make_core(**kwargs):
+def make_core(method=CycleQD, **kwargs):
+    """A search of `method` over NAMES: SearchParams fields and the method's settings by name
+    in kwargs, the rest for the Search constructor."""
+    def take(cls, defaults=()):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**dict(defaults), **{k: kwargs.pop(k) for k in list(kwargs) if k in names}})
+
+    params = take(SearchParams, {"generations": 12, "seed": 5, "n_bins": 5})
+    strategy = method(take(method.Settings))
     defaults = dict(task_names=NAMES, base_path="/models/base",
-                    expert_paths=[f"/models/{n}" for n in NAMES], splits=splits(),
-                    generations=12, seed=5, n_bins=5)
+                    expert_paths=[f"/models/{n}" for n in NAMES], splits=splits())
     defaults.update(kwargs)
-    return CycleQD(**defaults)
+    return Search(params=params, strategy=strategy, **defaults)
 
 
 def fake_scores(model_id: int) -> np.ndarray:
@@ -97,9 +108,9 @@ def test_children_are_offered_to_all_archives_with_strict_improvement():
         core.tell(m, s)
     child = core.ask()
     told = core.tell(child.model_id, [0.9, 0.9, 0.9])
-    assert told.entered == NAMES and told.save
+    assert told.entered == NAMES and kept(core)[child.model_id]
     record = core.models[child.model_id]
-    assert record.saved and record.archived
+    assert kept(core)[record.id] and record.id in written(core)
     row = core.history[-1]
     assert row.entered.tolist() == [True, True, True]
     assert row.child_id == child.model_id and row.generation == 1
@@ -170,7 +181,7 @@ def test_dead_models_are_children_that_left_every_archive():
     second = core.ask()
     told = core.tell(second.model_id, [0.7, 0.7, 0.7])
     assert told.entered == NAMES and told.dead == (first.model_id,)
-    assert not core.models[first.model_id].saved
+    assert not kept(core)[first.model_id]
     third = core.ask()
     assert core.tell(third.model_id, [0.1, 0.1, 0.1]).dead == ()
     assert core.live_models() >= {second.model_id}

@@ -10,8 +10,9 @@ from cqd_mpi.qd.coefficients import CMAES, NSGA2, CoefficientSearch
 from cqd_mpi.qd.cycleqd import CycleQD
 from cqd_mpi.qd.methods import method_class
 from cqd_mpi.qd.noncyclic import NonCyclicQD
+from cqd_mpi.run.keeping import kept
 from cqd_mpi.run.state import from_tree, to_tree
-from tests.qd.test_cycleqd import NAMES, assert_trees_equal, make_core, run
+from tests.qd.test_cycleqd import assert_trees_equal, make_core, run
 
 
 def smooth_scores(core):
@@ -29,15 +30,7 @@ def smooth_scores(core):
 def make(cls, **kwargs):
     if issubclass(cls, CoefficientSearch):
         kwargs = {"population": 4, "sigma0": 0.2, **kwargs}
-    return make_core(**kwargs) if cls is CycleQD else cls(**_defaults(kwargs))
-
-
-def _defaults(kwargs):
-    core = make_core()
-    base = dict(task_names=NAMES, base_path="/models/base", expert_paths=[f"/models/{n}" for n in NAMES],
-                splits=core.splits, generations=12, seed=5, n_bins=5)
-    base.update(kwargs)
-    return base
+    return make_core(cls, **kwargs)
 
 
 def run_all(core):
@@ -78,7 +71,7 @@ def test_non_cyclic_qd_offers_a_child_to_the_run_that_bred_it_only():
 def test_a_coefficient_search_spends_exactly_the_budget_in_whole_populations_but_the_last(cls):
     core = make(cls, generations=10)
     run_all(core)
-    candidates = core.candidates()
+    candidates = core.strategy.candidates(core)
     assert len(candidates) == 10 and [r.generation for r in candidates] == list(range(1, 11))
     assert [r.kind for r in core.models].count("child") == 0
     assert len(core.history) == 10 and core.generations_done == 10
@@ -87,11 +80,11 @@ def test_a_coefficient_search_spends_exactly_the_budget_in_whole_populations_but
         recipe = core.recipe(r.id)
         assert recipe.kind == "aggregate" and recipe.members == (1, 2, 3)
         assert recipe.betas == tuple(r.coefficients)
-        assert not r.saved
+        assert not kept(core)[r.id]
     final = [r for r in core.models if r.kind == "aggregate"][-1]
     best = max(candidates, key=lambda r: (np.mean(r.scores), -r.id))
     np.testing.assert_array_equal(final.coefficients, best.coefficients)
-    assert core.recipe(final.id).betas == tuple(best.coefficients) and final.saved
+    assert core.recipe(final.id).betas == tuple(best.coefficients) and kept(core)[final.id]
     assert np.all(np.isfinite(final.test_scores))
     average = next(r for r in core.models if r.kind == "average")
     assert core.recipe(average.id).betas == (1 / 3,) * 3 and np.all(np.isfinite(average.test_scores))
@@ -110,16 +103,16 @@ def test_a_population_is_issued_at_once_for_parallel_evaluation():
 def test_cma_es_improves_on_its_start_where_the_scores_have_a_slope():
     core = make(CMAES, generations=40, population=6)
     run_all(core)
-    means = [np.mean(r.scores) for r in core.candidates()]
+    means = [np.mean(r.scores) for r in core.strategy.candidates(core)]
     assert np.mean(means[-6:]) > np.mean(means[:6])
 
 
 def test_nsga2_final_model_is_on_the_front_of_everything_evaluated():
     core = make(NSGA2, generations=16)
     run_all(core)
-    scores = np.stack([r.scores for r in core.candidates()])
+    scores = np.stack([r.scores for r in core.strategy.candidates(core)])
     final = [r for r in core.models if r.kind == "aggregate"][-1]
-    chosen = next(r for r in core.candidates() if np.array_equal(r.coefficients, final.coefficients)).scores
+    chosen = next(r for r in core.strategy.candidates(core) if np.array_equal(r.coefficients, final.coefficients)).scores
     dominated = np.any(np.all(scores >= chosen, axis=1) & np.any(scores > chosen, axis=1))
     assert not dominated
 
@@ -135,7 +128,7 @@ def test_a_reloaded_core_continues_exactly_like_the_original(cls, stop_after):
     if stop_after % 2:
         original.ask()
     restored = from_tree(to_tree(original))
-    assert type(restored) is cls
+    assert type(restored.strategy) is cls
     restored.redispatch()
     original.redispatch()
     run_all(original)
@@ -164,8 +157,8 @@ class PluginQD(NonCyclicQD):
 
 
 def test_a_plug_in_method_is_stored_by_its_module_and_class():
-    core = PluginQD(**_defaults({"generations": 2}))
+    core = make_core(PluginQD, generations=2)
     tree = to_tree(core)
     assert tree["attrs"]["method"] == "tests.qd.test_methods:PluginQD"
-    assert type(from_tree(tree)) is PluginQD
+    assert type(from_tree(tree).strategy) is PluginQD
     assert to_tree(make(CMAES))["attrs"]["method"] == "cma-es"

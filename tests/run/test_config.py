@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from cqd_mpi.errors import ConfigError
+from cqd_mpi.qd.params import SearchParams
 from cqd_mpi.run import config as config_mod
 from tests.conftest import probe_config, write_config
 
@@ -27,6 +28,16 @@ def test_valid_config_loads_with_defaults(good, tmp_path):
     assert config.qd.mutation.rank == 4 and config.qd.mutation.basis == "child"
     assert config.runtime.transport == "mpi" and config.runtime.pipeline_depth == 0
     assert config.tasks[0].bins == "auto"
+
+
+def test_the_search_parameters_are_read_whole_from_the_config(good, tmp_path):
+    good["qd"].update(alpha_low=0, crossover={"mu": 0.9, "sigma": 0.05}, bc_upper_factor=1.2)
+    good["runtime"].update(pipeline_depth=2)
+    params = load_dict(good, tmp_path).search_params()
+    assert params == SearchParams(generations=6, seed=3, sampling="elite", alpha_low=0.0, alpha_high=0.8,
+                                  crossover_mu=0.9, crossover_sigma=0.05, pipeline_depth=2, n_bins=4,
+                                  bc_lower_factor=0.85, bc_upper_factor=1.2)
+    assert type(params.alpha_low) is float
 
 
 @pytest.mark.parametrize(("edit", "message"), [

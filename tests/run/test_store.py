@@ -170,7 +170,6 @@ def test_no_needed_model_is_more_than_the_bound_of_merges_from_disk(runs, tmp_pa
 
 
 def test_a_rebuild_that_differs_from_its_digest_stops_and_is_named_at_the_next_resume(runs, tiny_family, tmp_path):
-    from cqd_mpi.merging.builder import ModelBuilder
     from cqd_mpi.run.rundir import RunDir
     from cqd_mpi.run.store import ModelStore
 
@@ -182,11 +181,8 @@ def test_a_rebuild_that_differs_from_its_digest_stops_and_is_named_at_the_next_r
         core.models[e].source = str(changed)
 
     def store():
-        made = ModelStore(core=core, rundir=RunDir(run_dir), budget=1)
-        made.builder = ModelBuilder(base_path=tiny_family["base"],
-                                    expert_paths=[core.models[e].source for e in core.expert_ids],
-                                    model_path=made.path, mutation=config_mod.load(runs["budget_config"]).qd.mutation)
-        return made
+        return ModelStore(core=core, rundir=RunDir(run_dir), budget=1,
+                          mutation=config_mod.load(runs["budget_config"]).qd.mutation)
 
     evicted = sorted(set(members(run_dir)) - set(child_dirs(run_dir)))
     with pytest.raises(LostModels, match=r"rebuilt from its recipe differs from the model the run saved"):

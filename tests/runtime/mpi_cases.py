@@ -74,8 +74,8 @@ def case_an_eval_group_scores_a_model_as_rank_0_alone_does(comm) -> None:
     an MPI group of the other ranks otherwise) gives the per-item results rank 0 computes by
     itself."""
     from cqd_mpi.merging.weights import ModelDir
-    from cqd_mpi.qd.cycleqd import STORED
     from cqd_mpi.qd.records import Job, make_splits
+    from cqd_mpi.qd.search import STORED
     from cqd_mpi.run import config as config_mod
     from cqd_mpi.run.evaluation import evaluate_chunks, make_chunks
     from cqd_mpi.runtime.groups import InProcessGroup, ModelSource, TimedStream

@@ -59,6 +59,14 @@ def test_saved_models_are_exactly_the_archive_members(finished_run):
     assert np.all(np.isfinite(state["models"]["scores"][evaluated_children]))
 
 
+def test_every_generation_records_its_timings(finished_run):
+    history = read_state(finished_run["run"] / "state.h5")["history"]
+    timings = {key: history[f"{key}_s"] for key in ("merge", "transfer", "eval", "total")}
+    for key, seconds in timings.items():
+        assert seconds.shape == (6,) and np.all(np.isfinite(seconds)) and np.all(seconds >= 0), key
+    assert np.all(timings["total"] >= timings["eval"]) and np.all(timings["eval"] > 0)
+
+
 def test_saved_model_loads_and_gives_the_logits_of_its_weights(finished_run):
     run = RunDir(finished_run["run"])
     model_id = int(next(p.name for p in run.models_dir.iterdir()))
