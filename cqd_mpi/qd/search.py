@@ -19,7 +19,8 @@ a search restored from a snapshot continues exactly as the original would have.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,6 @@ from cqd_mpi.qd.records import (
     Told,
 )
 from cqd_mpi.qd.sampling import softmax
-from cqd_mpi.qd.strategy import Strategy
 
 STORED = ModelRecipe(RecipeKind.STORED)
 
@@ -57,6 +57,51 @@ class Progress:
     next_stamp: int
     dropped: list[tuple[int, int]]
     auto_bins: list[bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoSettings:
+    """A method with no settings of its own."""
+
+
+class Strategy:
+    """The part of a search method that is its own (the base class proposes nothing)."""
+
+    method = ""
+    """The name `qd.method` gives it (qd/methods.py)."""
+    label = ""
+    final_label = ""
+    Settings: type = NoSettings
+    min_tasks = 2
+    """The fewest tasks the method makes sense with (one leaves nothing to cycle or trade off;
+    run/config.py refuses fewer, naming the methods that fit: qd/methods.py)."""
+
+    def __init__(self, settings: Any = None):
+        self.settings = self.Settings() if settings is None else settings
+        if not isinstance(self.settings, self.Settings):
+            raise TypeError(f"{type(self).__name__} takes {self.Settings.__name__}, got {type(settings).__name__}")
+
+    @classmethod
+    def settings_from(cls, qd: Any) -> Any:
+        """The method's settings from the config's `qd` section (run/config.QDConfig)."""
+        return cls.Settings()
+
+    def propose(self, search: Search) -> list[Job] | None:
+        """The search-phase jobs to add now (none while the method waits for scores), or None
+        when the search is over. Called after the init phase and after every search tell."""
+        return None
+
+    def offered_to(self, search: Search, record: ModelRecord) -> Collection[int]:
+        """The archives (task indices) a scored model is offered to."""
+        return range(search.k)
+
+    def recipe(self, search: Search, record: ModelRecord) -> ModelRecipe | None:
+        """How to build a model of a kind the method adds (None: the loop's own recipe)."""
+        return None
+
+    def finalize(self, search: Search, final: ModelRecord) -> None:
+        """Fix the method's final model (kind aggregate) before its recipe is taken; the
+        default is the aggregate of the archives' elites."""
 
 
 class Search:

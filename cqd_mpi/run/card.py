@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from cqd_mpi.qd.cycleqd import CycleQD
+from cqd_mpi.qd.search import Search
 
 LINEAGE_LINES = 40
 _SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[0-9a-f]+/?$")
@@ -40,7 +40,7 @@ def base_license(base: str | Path) -> str | None:
     return str(value) if value else None
 
 
-def lineage(core: CycleQD, roots: Sequence[int]) -> list[str]:
+def lineage(core: Search, roots: Sequence[int]) -> list[str]:
     """The recipe tree under `roots`, one model a line, each model expanded once."""
     lines: list[str] = []
     seen: set[int] = set()
@@ -75,7 +75,7 @@ def _score(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-def model_card(*, core: CycleQD, title: str, recipe: str, roots: Sequence[int] = (),
+def model_card(*, core: Search, title: str, recipe: str, roots: Sequence[int] = (),
                scores: Mapping[int, str] | None = None) -> str:
     """README.md text. The base and the experts are the run's (their directories as the core
     records them); `roots`: the models whose lineage is shown; `scores`: model id -> row label of
@@ -115,14 +115,14 @@ def write_card(out_dir: str | Path, **card) -> Path:
     return path
 
 
-def score_rows(core: CycleQD, model_id: int, label: str) -> dict[int, str]:
+def score_rows(core: Search, model_id: int, label: str) -> dict[int, str]:
     """The merged model, then the base and the experts, for the card's score table."""
     rows = {model_id: label, core.base_id: "base"}
     rows.update({e: f"expert {t}" for t, e in zip(core.task_names, core.expert_ids)})
     return rows
 
 
-def final_card(core: CycleQD, model_id: int) -> dict:
+def final_card(core: Search, model_id: int) -> dict:
     """The card arguments of a run's final model (RUN_DIR/final, `export --model` of it)."""
     recipe = core.recipe(model_id)
     members = ", ".join(f"#{m} ({t}) x {b:.6g}" for m, t, b in zip(recipe.members, core.task_names, recipe.betas))

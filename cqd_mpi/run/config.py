@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from cqd_mpi import schema
-from cqd_mpi.errors import ConfigError, StateError
+from cqd_mpi.errors import ConfigError
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.qd.params import SearchParams
 from cqd_mpi.schema import parse_size
@@ -296,7 +294,7 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, ta
     `qd` and `runtime` may be left out (what is given is checked as for a run, but the models
     need not exist), and runtime.run_dir defaults to `root`."""
     root = Path(root)
-    data = _moved_keys(data, warn=True)
+    data = moved_keys(data, warn=True)
     if tasks_only and isinstance(data, dict):
         named = [t["name"] for t in data.get("tasks") or [] if isinstance(t, dict) and isinstance(t.get("name"), str)]
         data = {"base": ".", "experts": [{"task": name, "path": "."} for name in named],
@@ -394,36 +392,6 @@ def load(path: str | Path, *, check_files: bool = True, tasks_only: bool = False
         raise ConfigError(f"{path}: {exc}") from None
 
 
-RESULT_NEUTRAL_KEYS = frozenset({
-    ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
-    ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
-    ("runtime", "threads"), ("runtime", "eval_deadline"), ("runtime", "model_store_bytes"),
-    ("runtime", "model_store_depth"), ("engine", "device"), ("protocol",), ("tracking",),
-})
-"""Keys that cannot change a run's results, or whose effect is checked elsewhere. The run-wide
-`protocol` is one: what it changes is resolved into each task's `protocol` and `settings`,
-which are compared. `runtime.threads` is another: the thread count it gives is recorded in
-state.h5 and checked on resume (run/state.py), so pinning the recorded count is no change."""
-
-
-ADDED_KEYS: dict[tuple[str, ...], Any] = {
-    ("qd", "mutation", "niter"): 2,
-    ("qd", "mutation", "sketch_dtype"): "float32",
-    ("protocol",): protocols.DEFAULT,
-    ("tasks", "*", "protocol"): None,
-    ("qd", "method"): "cycleqd",
-    ("qd", "coefficients"): schema.to_dict(CoefficientsConfig()),
-    ("runtime", "eval_deadline"): "auto",
-    ("runtime", "model_store_bytes"): None,
-    ("runtime", "model_store_depth"): RuntimeConfig.model_store_depth,
-    ("vision",): schema.to_dict(VisionConfig()),
-}
-"""Keys added since a run could have been frozen, at the values that reproduce what the older
-version did ('*' stands for every element of a list). Tasks frozen without a protocol kept
-only the settings their config gave; resuming one whose kind has presets lists the preset's
-values as changes (the scores would differ), so that needs --force."""
-
-
 MOVED_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("engine", "chat_template"): ("engine", "settings", "chat_template"),
     ("engine", "batch_size"): ("engine", "settings", "batch_size"),
@@ -431,7 +399,7 @@ MOVED_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
 """Keys that moved: (old path) -> (new path). Earlier configs are read with them moved."""
 
 
-def _moved_keys(data: Any, *, warn: bool) -> Any:
+def moved_keys(data: Any, *, warn: bool) -> Any:
     """`data` with every key of MOVED_KEYS at its new place (a warning per moved key)."""
     if not isinstance(data, dict):
         return data
@@ -454,70 +422,3 @@ def _moved_keys(data: Any, *, warn: bool) -> Any:
         if warn:
             log.warning("config key %s is now %s; read as such", ".".join(old), ".".join(new))
     return data
-
-
-def upgrade(frozen: dict[str, Any]) -> dict[str, Any]:
-    """A config frozen by an earlier version, with moved keys in their new place and the keys
-    added since at the values that reproduce what that version did, so that resuming its run
-    is not refused over them."""
-    frozen = _moved_keys(frozen, warn=False)
-    for path, value in ADDED_KEYS.items():
-        nodes = [frozen]
-        for key in path[:-1]:
-            if key == "*":
-                nodes = [item for node in nodes if isinstance(node, list) for item in node]
-            else:
-                nodes = [node.get(key) for node in nodes if isinstance(node, dict)]
-        for node in nodes:
-            if isinstance(node, dict):
-                node.setdefault(path[-1], copy.deepcopy(value))
-    return frozen
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """sha256 (hex) of the config's results-relevant content (RESULT_NEUTRAL_KEYS left out, the
-    keys of `upgrade` in place) as canonical JSON: state.h5's `config_hash`."""
-    relevant = upgrade(copy.deepcopy(config))
-    for path in RESULT_NEUTRAL_KEYS:
-        parent = relevant
-        for key in path[:-1]:
-            parent = parent.get(key) if isinstance(parent, dict) else None
-        if isinstance(parent, dict):
-            parent.pop(path[-1], None)
-    text = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def refuse_changes(holder: str, changed: list[str], *, force: bool) -> None:
-    """Refuse to resume `holder` (a run dir, a state file) under a config with these changes
-    (from `differences`), unless `force`, which only warns."""
-    if not changed:
-        return
-    if not force:
-        listing = "\n  ".join(changed)
-        raise StateError(
-            f"{holder} holds a run with a different config; resuming it with this one would "
-            f"change its results:\n  {listing}\nUse the original config, a new run_dir, or "
-            "--force to resume with the new settings anyway."
-        )
-    log.warning("resuming %s with a changed config (--force): %s", holder, "; ".join(changed))
-
-
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose values differ and could change a run's results (resume refuses these)."""
-    found: list[str] = []
-
-    def walk(a: Any, b: Any, key: tuple[str, ...]) -> None:
-        if key in RESULT_NEUTRAL_KEYS:
-            return
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in sorted(set(a) | set(b), key=str):
-                walk(a.get(k), b.get(k), (*key, str(k)))
-        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            for i, (x, y) in enumerate(zip(a, b)):
-                walk(x, y, (*key[:-1], f"{key[-1]}[{i}]") if key else (f"[{i}]",))
-        elif a != b:
-            found.append(f"{'.'.join(key)}: {a!r} -> {b!r}")
-
-    walk(old, new, ())
-    return found

@@ -30,6 +30,7 @@ import yaml
 from cqd_mpi.errors import StateError
 from cqd_mpi.qd.records import ModelKind, ModelRecord
 from cqd_mpi.run import config as config_mod
+from cqd_mpi.run import frozen
 
 log = logging.getLogger("cqd_mpi.run.rundir")
 
@@ -74,8 +75,8 @@ class RunDir:
         for sub in (self.models_dir, self.logs_dir):
             sub.mkdir(exist_ok=True)
         if self.config_path.exists():
-            old = config_mod.upgrade(yaml.safe_load(self.config_path.read_text()))
-            config_mod.refuse_changes(str(self.path), config_mod.differences(old, config.to_dict()), force=force)
+            old = frozen.upgrade(yaml.safe_load(self.config_path.read_text()))
+            frozen.refuse_changes(str(self.path), frozen.differences(old, config.to_dict()), force=force)
 
     def freeze(self, config: config_mod.Config) -> None:
         atomic_write_text(self.config_path, config.to_yaml())

@@ -43,8 +43,7 @@ from cqd_mpi.qd.records import (
     Split,
 )
 from cqd_mpi.qd.search import Progress, Search
-from cqd_mpi.run import config as config_mod
-from cqd_mpi.run import hdf5io, keeping
+from cqd_mpi.run import frozen, hdf5io, keeping
 from cqd_mpi.run.hdf5io import CHECKSUM
 
 SCHEMA_VERSION = 1
@@ -66,7 +65,7 @@ class StateBackend(abc.ABC):
         """The saved core (None if nothing was saved), checked to belong to the run of `config`
         (the config as a dict) computed with `threads` torch threads: a state written under
         another config or thread count is refused unless `force`. Later saves record both."""
-        binding = {"config_hash": config_mod.config_hash(dict(config)), "threads": int(threads)}
+        binding = {"config_hash": frozen.config_hash(dict(config)), "threads": int(threads)}
         tree = self.load_tree()
         if tree is not None:
             check_binding(tree["attrs"], binding, config, holder=self.describe(), force=force)
@@ -200,9 +199,9 @@ def check_binding(attrs: Mapping[str, Any], binding: Mapping[str, Any], config: 
     hash that differs with no key changed is a config of another cqd_mpi version, accepted.
     States written before the binding existed are checked by their config text alone."""
     if attrs.get("config_hash") != binding["config_hash"] and "config" in attrs:
-        recorded = config_mod.upgrade(yaml.safe_load(str(attrs["config"])) or {})
-        changed = config_mod.differences(recorded, config_mod.upgrade(dict(config)))
-        config_mod.refuse_changes(holder, changed, force=force)
+        recorded = frozen.upgrade(yaml.safe_load(str(attrs["config"])) or {})
+        changed = frozen.differences(recorded, frozen.upgrade(dict(config)))
+        frozen.refuse_changes(holder, changed, force=force)
     threads = attrs.get("threads")
     if threads is None:
         log.warning("%s does not record the torch thread count it was computed with (an older cqd_mpi "

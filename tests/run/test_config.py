@@ -6,6 +6,7 @@ import yaml
 from cqd_mpi.errors import ConfigError
 from cqd_mpi.qd.params import SearchParams
 from cqd_mpi.run import config as config_mod
+from cqd_mpi.run import frozen as frozen_mod
 from tests.conftest import probe_config, write_config
 
 A_FILE = Path(__file__).resolve().parents[1] / "fixtures" / "mbpp" / "MbppPlus-fixture.jsonl"
@@ -117,10 +118,10 @@ def test_differences_ignore_result_neutral_keys(good, tmp_path):
     b["runtime"]["eval_groups"] = 4
     b["runtime"]["transport"] = "file"
     b["engine"]["device"] = "cuda"
-    assert config_mod.differences(a, b) == []
+    assert frozen_mod.differences(a, b) == []
     b["qd"]["mutation"]["w_max"] = 0.1
     b["tasks"][1]["settings"]["n_items"] = 7
-    assert config_mod.differences(a, b) == [
+    assert frozen_mod.differences(a, b) == [
         "qd.mutation.w_max: 0.3 -> 0.1", "tasks[1].settings.n_items: 24 -> 7"]
 
 
@@ -187,12 +188,12 @@ def test_the_run_wide_protocol_is_compared_through_the_tasks_it_resolves(good, t
     paper = load_dict(with_mbpp(good), tmp_path).to_dict()
     good["protocol"] = "reference"
     inherited = load_dict(good, tmp_path).to_dict()
-    changed = config_mod.differences(paper, inherited)
+    changed = frozen_mod.differences(paper, inherited)
     assert "tasks[2].protocol: 'paper' -> 'reference'" in changed
     assert "tasks[2].settings.sanitizer: 'authors' -> 'evalplus'" in changed
     assert not any(c.startswith("protocol:") for c in changed)
     good["tasks"][2]["protocol"] = "paper"
-    assert config_mod.differences(paper, load_dict(good, tmp_path).to_dict()) == []
+    assert frozen_mod.differences(paper, load_dict(good, tmp_path).to_dict()) == []
 
 
 def test_configs_frozen_before_protocols_resume(good, tmp_path):
@@ -203,13 +204,13 @@ def test_configs_frozen_before_protocols_resume(good, tmp_path):
     del old["protocol"]
     for task in old["tasks"]:
         del task["protocol"]
-    assert config_mod.differences(config_mod.upgrade(old), new) == []
+    assert frozen_mod.differences(frozen_mod.upgrade(old), new) == []
 
     new = load_dict(with_mbpp(good, settings={"max_new_tokens": 64}), tmp_path).to_dict()
     old = yaml.safe_load(yaml.safe_dump(new))
     del old["protocol"], old["tasks"][2]["protocol"]
     old["tasks"][2]["settings"] = {"max_new_tokens": 64}
-    changed = config_mod.differences(config_mod.upgrade(old), new)
+    changed = frozen_mod.differences(frozen_mod.upgrade(old), new)
     assert changed[0] == "tasks[2].protocol: None -> 'paper'"
     assert "tasks[2].settings.version: None -> 'v0.1.0'" in changed and len(changed) == 13
 
@@ -228,8 +229,8 @@ def test_a_config_frozen_before_methods_and_tracking_resumes(good, tmp_path):
     new = load_dict(good, tmp_path).to_dict()
     frozen = yaml.safe_load(yaml.safe_dump(new))
     del frozen["qd"]["method"], frozen["qd"]["coefficients"], frozen["tracking"]
-    assert config_mod.differences(config_mod.upgrade(frozen), new) == []
+    assert frozen_mod.differences(frozen_mod.upgrade(frozen), new) == []
     new["tracking"]["tensorboard"] = True
-    assert config_mod.differences(config_mod.upgrade(frozen), new) == []
+    assert frozen_mod.differences(frozen_mod.upgrade(frozen), new) == []
     new["qd"]["method"] = "cma-es"
-    assert config_mod.differences(config_mod.upgrade(frozen), new) == ["qd.method: 'cycleqd' -> 'cma-es'"]
+    assert frozen_mod.differences(frozen_mod.upgrade(frozen), new) == ["qd.method: 'cycleqd' -> 'cma-es'"]

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from cqd_mpi.errors import StateError
-from cqd_mpi.run.config import config_hash
+from cqd_mpi.run.frozen import config_hash
 from cqd_mpi.run.state import (
     SCHEMA_VERSION,
     HDF5Backend,
