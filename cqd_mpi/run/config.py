@@ -419,6 +419,10 @@ only the settings their config gave; resuming one whose kind has presets lists t
 values as changes (the scores would differ), so that needs --force."""
 
 
+ADDED_ENGINE_SETTINGS: dict[str, dict[str, Any]] = {"vllm": {"bos": "once"}}
+"""As ADDED_KEYS, for `engine.settings` of the engine kind a frozen config names."""
+
+
 MOVED_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("engine", "chat_template"): ("engine", "settings", "chat_template"),
     ("engine", "batch_size"): ("engine", "settings", "batch_size"),
@@ -466,6 +470,9 @@ def upgrade(frozen: dict[str, Any]) -> dict[str, Any]:
         for node in nodes:
             if isinstance(node, dict):
                 node.setdefault(path[-1], copy.deepcopy(value))
+    engine = frozen.get("engine") if isinstance(frozen.get("engine"), dict) else {}
+    if isinstance(engine.get("settings"), dict):
+        engine["settings"] = {**ADDED_ENGINE_SETTINGS.get(engine.get("kind"), {}), **engine["settings"]}
     return frozen
 
 
