@@ -191,6 +191,10 @@ def test_settings_are_typed_and_checked(data):
         schema.build(Settings, {"environment": {"memory": "lots"}}, "s")
     with pytest.raises(ConfigError, match=r"s\.repeats: expected an integer >= 1, got 0"):
         schema.build(Settings, {"repeats": 0}, "s")
+    with pytest.raises(ConfigError, match=r"s\.turn_seconds: expected a number > 0 or null, got 0"):
+        schema.build(Settings, {"turn_seconds": 0}, "s")
+    with pytest.raises(ConfigError, match=r"s\.observation: expected one of 'cleaned' \| 'raw'"):
+        schema.build(Settings, {"observation": "ansi"}, "s")
     task = make_task(data / "data" / "dev.json", environment={"images": {"default": "/nowhere.tar"}})
     assert task.settings.environment.image_for("local-os/default") == "/nowhere.tar"
     with pytest.raises(TaskError, match=r"no bwrap image for 'local-os/ubuntu'"):
