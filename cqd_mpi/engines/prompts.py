@@ -26,13 +26,18 @@ class PromptCodec:
     """The tokenizer of `model_dir` with left padding, and the chat template an engine uses.
 
     `chat_template` is None (the tokenizer's own), a name from engines.templates or a Jinja
-    string; `where` names it in errors.
+    string; `where` names it in errors. `bos`: 'once' writes BOS once (the template's, else the
+    tokenizer's); 'always' adds the tokenizer's BOS to a rendered chat prompt even after the
+    template's, as vLLM's `generate(prompts=text)` does for the CycleQD authors (docs/protocols.md).
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, chat_template: str | None = None,
-                 where: str = "engine.settings.chat_template"):
+                 where: str = "engine.settings.chat_template", bos: str = "once"):
         from transformers import AutoTokenizer
 
+        if bos not in ("once", "always"):
+            raise ConfigError(f"engine.settings.bos: expected 'once' or 'always', got {bos!r}")
+        self.bos = bos
         self.model_dir = Path(model_dir)
         self.chat_template = resolve_template(chat_template, where=where)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -59,9 +64,10 @@ class PromptCodec:
         return self.tokenizer(prompt)["input_ids"]
 
     def encode_rendered(self, text: str) -> list[int]:
-        """Token ids of a rendered chat prompt; BOS is added unless the template already wrote it."""
+        """Token ids of a rendered chat prompt; BOS is added unless the template already wrote it
+        (with `bos: always`, added in any case)."""
         bos = self.tokenizer.bos_token
-        add_special_tokens = not (bos and text.startswith(bos))
+        add_special_tokens = self.bos == "always" or not (bos and text.startswith(bos))
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def encode_chat(self, conversation: list[dict[str, str]]) -> list[int]:

@@ -58,9 +58,11 @@ WORKER_EXTENSION = "cqd_mpi.engines.vllm_worker.WeightReceiver"
 
 @dataclasses.dataclass
 class VLLMSettings:
-    """`engine.settings` of the vLLM engine; all but chat_template go to `vllm.LLM` as they are.
+    """`engine.settings` of the vLLM engine; all but chat_template and bos go to `vllm.LLM`.
 
-    chat_template: as for the transformers engine. gpu_memory_utilization: the fraction of
+    chat_template: as for the transformers engine. bos: 'once' (BOS written once, as the chat
+    template means) or 'always' (the tokenizer's BOS also before a template's own, as the CycleQD
+    authors' vLLM encodes a rendered prompt: `paper` DB and OS). gpu_memory_utilization: the fraction of
     each GPU's memory vLLM takes for weights, activations and KV cache (on vLLM's CPU
     back-end, the fraction of host memory). max_model_len: prompt plus completion tokens,
     None for the model's own. enforce_eager: no CUDA graphs. tensor_parallel_size: GPUs per
@@ -69,6 +71,7 @@ class VLLMSettings:
     """
 
     chat_template: str | None = None
+    bos: Literal["once", "always"] = "once"
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     enforce_eager: bool = False
@@ -152,7 +155,7 @@ class VLLMEngine(Engine, TextGeneration, LogLikelihoods):
         self.devices = resolve_devices(device, settings.tensor_parallel_size)
         config = AutoConfig.from_pretrained(self.model_dir)
         self.dtype = resolve_dtype(dtype, checkpoint_dtype=checkpoint_dtype(config), device=self.devices[0])
-        self.prompts = PromptCodec(self.model_dir, chat_template=settings.chat_template)
+        self.prompts = PromptCodec(self.model_dir, chat_template=settings.chat_template, bos=settings.bos)
         self.tokenizer = self.prompts.tokenizer
         self.eos_token_ids = self.prompts.eos_token_ids(_generation_config(self.model_dir, config))
         self.tokens_generated = 0

@@ -48,6 +48,10 @@ only the settings their config gave; resuming one whose kind has presets lists t
 values as changes (the scores would differ), so that needs --force."""
 
 
+ADDED_ENGINE_SETTINGS: dict[str, dict[str, Any]] = {"vllm": {"bos": "once"}}
+"""As ADDED_KEYS, for `engine.settings` of the engine kind a frozen config names."""
+
+
 def upgrade(frozen: dict[str, Any]) -> dict[str, Any]:
     """A config frozen by an earlier version, with moved keys in their new place and the keys
     added since at the values that reproduce what that version did, so that resuming its run
@@ -63,6 +67,9 @@ def upgrade(frozen: dict[str, Any]) -> dict[str, Any]:
         for node in nodes:
             if isinstance(node, dict):
                 node.setdefault(path[-1], copy.deepcopy(value))
+    engine = frozen.get("engine") if isinstance(frozen.get("engine"), dict) else {}
+    if isinstance(engine.get("settings"), dict):
+        engine["settings"] = {**ADDED_ENGINE_SETTINGS.get(engine.get("kind"), {}), **engine["settings"]}
     return frozen
 
 

@@ -118,13 +118,15 @@ class ScriptResult:
 
 @dataclasses.dataclass(frozen=True)
 class ShellOutput:
-    """What one shell command printed, cleaned as AgentBench cleans it, and how it ended."""
+    """What one shell command printed, cleaned as AgentBench cleans it (`text`) and as the
+    terminal wrote it (`raw`: escape sequences and carriage returns kept), and how it ended."""
 
     text: str
     seconds: float
     timed_out: bool = False
     output_exceeded: bool = False
     shell_ended: bool = False
+    raw: str = ""
 
 
 class Channel(Protocol):
@@ -216,13 +218,15 @@ class Shell:
             raise ShellError(f"the shell did not start within {self.limits.start_seconds:g} s ({state}): "
                              f"{raw[-300:].decode(errors='replace')!r}")
 
-    def run(self, command: str) -> ShellOutput:
-        """Run one command; the environment's guard is called about every second while it runs,
-        and once after it (it raises EnvironmentLimit when the environment passed a limit)."""
+    def run(self, command: str, *, seconds: float | None = None) -> ShellOutput:
+        """Run one command for at most `seconds` (at most `command_seconds`, its default); the
+        environment's guard is called about every second while it runs, and once after it (it
+        raises EnvironmentLimit when the environment passed a limit)."""
         started = time.monotonic()
         limits, guard = self.limits, self.guard
+        wait = limits.command_seconds if seconds is None else min(seconds, limits.command_seconds)
         self.channel.send(f"\\builtin eval -- {ansi_c_quote(command)}\n".encode())
-        raw, state = self._read(started + limits.command_seconds, guard, limits.output_bytes, stop_when_over=True)
+        raw, state = self._read(started + wait, guard, limits.output_bytes, stop_when_over=True)
         timed_out, exceeded = state == "timeout", state == "exceeded"
         if timed_out or exceeded:
             held = len(self._pending)
@@ -240,7 +244,8 @@ class Shell:
         if guard is not None:
             guard()
         return ShellOutput(clean_output(raw), time.monotonic() - started, timed_out=timed_out,
-                           output_exceeded=exceeded, shell_ended=state == "eof")
+                           output_exceeded=exceeded, shell_ended=state == "eof",
+                           raw=raw.decode("utf-8", errors="replace"))
 
     def _read(self, deadline: float, guard: Callable[[], None] | None, room: int, *,
               stop_when_over: bool = False) -> tuple[bytes, str]:

@@ -138,6 +138,8 @@ OS = {
         "max_new_tokens": 512,
         "judge_unfinished": True,
         "init_failure": "ignore",
+        "turn_seconds": 5.0,
+        "observation": "raw",
     },
     "reference": {
         "item_ids": None,
@@ -147,6 +149,8 @@ OS = {
         "max_new_tokens": 512,
         "judge_unfinished": False,
         "init_failure": "fail",
+        "turn_seconds": None,
+        "observation": "cleaned",
     },
 }
 """AgentBench's OS task (cqd_mpi/tasks/os_interaction/). `paper`: the authors' 110

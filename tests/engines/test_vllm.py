@@ -53,7 +53,7 @@ def test_vllm_settings_are_checked_by_the_schema_and_frozen_with_defaults(tiny_f
     config["engine"] = {"kind": "vllm", "device": "cpu", "settings": {"gpu_memory_utilization": 0.3,
                                                                       "tensor_parallel_size": 2}}
     settings = config_mod.from_dict(config).engine.settings
-    assert settings == {"chat_template": None, "gpu_memory_utilization": 0.3, "max_model_len": None,
+    assert settings == {"chat_template": None, "bos": "once", "gpu_memory_utilization": 0.3, "max_model_len": None,
                         "enforce_eager": False, "tensor_parallel_size": 2, "load_format": "dummy",
                         "enable_prefix_caching": True, "max_num_seqs": None}
     bad = [
@@ -63,7 +63,8 @@ def test_vllm_settings_are_checked_by_the_schema_and_frozen_with_defaults(tiny_f
         ({"max_model_len": 0}, r"engine.settings.max_model_len: expected an integer >= 1 or null, got 0"),
         ({"enforce_eager": "yes"}, r"engine.settings.enforce_eager: expected true or false, got 'yes'"),
         ({"chat_template": "alpaca"}, r"engine.settings.chat_template: expected one of 'instruction-response'"),
-        ({"gpu_memory": 0.5}, r"engine.settings: unknown key 'gpu_memory'; expected keys: chat_template, "
+        ({"bos": "twice"}, r"engine.settings.bos: expected one of 'once' \| 'always', got 'twice'"),
+        ({"gpu_memory": 0.5}, r"engine.settings: unknown key 'gpu_memory'; expected keys: chat_template, bos, "
                               r"gpu_memory_utilization"),
     ]
     for settings, message in bad:

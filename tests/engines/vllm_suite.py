@@ -19,6 +19,7 @@ import vllm  # noqa: F401 (this suite fails, never skips, where vLLM is missing)
 
 from cqd_mpi.engines.base import ContextOverflow
 from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
+from cqd_mpi.engines.prompts import PromptCodec
 from cqd_mpi.engines.templates import INSTRUCTION_RESPONSE
 from cqd_mpi.engines.tiny import build_tiny_llama
 from cqd_mpi.engines.vllm import VLLMEngine, VLLMSettings
@@ -166,6 +167,38 @@ def test_completions_are_clipped_to_max_model_len_and_longer_prompts_are_their_i
     assert isinstance(overflow, ContextOverflow) and overflow == "" and overflow.context_length == 512
     assert overflow.prompt_tokens == len(engine.prompts.encode(line * 2 * repeats))
     assert not isinstance(fits, ContextOverflow) and fits == also_fits == engine.generate([line], max_new_tokens=8)[0]
+
+
+
+BOS_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+"""A template that writes BOS itself, as the Llama-3 one the authors force for DB and OS does."""
+
+
+def test_bos_always_gives_vllm_the_ids_of_the_authors_text_prompt(engine, models):
+    """The CycleQD authors render a conversation to text (evaluation/fishfarm/fishfarm/models/
+    vllm_model.py:62-67) and give vLLM the text (:107-110), which vLLM encodes with the tokenizer's
+    BOS before the template's: `bos: always` (VLLMSettings) gives vLLM those very ids and the
+    same greedy completion; `once` the same ids less that second BOS."""
+    from vllm import SamplingParams
+
+    engine.update(stream(models["m1"]))
+    conversation = CONVERSATIONS[0]
+    saved = engine.prompts
+    try:
+        engine.prompts = PromptCodec(models["m1"], chat_template=BOS_TEMPLATE, bos="always")
+        text = engine.prompts.render_chat(conversation)
+        (authors,) = engine.llm.generate([text], SamplingParams(temperature=0, max_tokens=NEW_TOKENS),
+                                         use_tqdm=False)
+        bos = engine.tokenizer.bos_token_id
+        assert authors.prompt_token_ids[:2] == [bos, bos]
+        assert engine.prompts.encode_chat(conversation) == list(authors.prompt_token_ids)
+        assert engine.chat([conversation], max_new_tokens=NEW_TOKENS) == [authors.outputs[0].text]
+        engine.prompts = PromptCodec(models["m1"], chat_template=BOS_TEMPLATE, bos="once")
+        assert engine.prompts.encode_chat(conversation) == list(authors.prompt_token_ids)[1:]
+    finally:
+        engine.prompts = saved
+    assert VLLMSettings(bos="always").bos == "always"
 
 
 PAIRS_TEXT = [("def add(a, b):", "\n    return a + b\n"), ("Write a python function", " to find the minimum"),

@@ -234,3 +234,14 @@ def test_a_config_frozen_before_methods_and_tracking_resumes(good, tmp_path):
     assert frozen_mod.differences(frozen_mod.upgrade(frozen), new) == []
     new["qd"]["method"] = "cma-es"
     assert frozen_mod.differences(frozen_mod.upgrade(frozen), new) == ["qd.method: 'cycleqd' -> 'cma-es'"]
+
+
+def test_a_vllm_config_frozen_before_engine_settings_bos_resumes(good, tmp_path):
+    """`engine.settings.bos` came later; a frozen vLLM config without it read the old way ('once')."""
+    good["engine"] = {"kind": "vllm", "device": "cpu"}
+    new = load_dict(good, tmp_path).to_dict()
+    frozen = yaml.safe_load(yaml.safe_dump(new))
+    del frozen["engine"]["settings"]["bos"]
+    assert frozen_mod.differences(frozen_mod.upgrade(frozen), new) == []
+    new["engine"]["settings"]["bos"] = "always"
+    assert frozen_mod.differences(frozen_mod.upgrade(frozen), new) == ["engine.settings.bos: 'once' -> 'always'"]

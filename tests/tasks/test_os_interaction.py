@@ -191,6 +191,10 @@ def test_settings_are_typed_and_checked(data):
         schema.build(Settings, {"environment": {"memory": "lots"}}, "s")
     with pytest.raises(ConfigError, match=r"s\.repeats: expected an integer >= 1, got 0"):
         schema.build(Settings, {"repeats": 0}, "s")
+    with pytest.raises(ConfigError, match=r"s\.turn_seconds: expected a number > 0 or null, got 0"):
+        schema.build(Settings, {"turn_seconds": 0}, "s")
+    with pytest.raises(ConfigError, match=r"s\.observation: expected one of 'cleaned' \| 'raw'"):
+        schema.build(Settings, {"observation": "ansi"}, "s")
     task = make_task(data / "data" / "dev.json", environment={"images": {"default": "/nowhere.tar"}})
     assert task.settings.environment.image_for("local-os/default") == "/nowhere.tar"
     with pytest.raises(TaskError, match=r"no bwrap image for 'local-os/ubuntu'"):
@@ -309,6 +313,59 @@ def test_judge_unfinished_judges_like_the_cycleqd_authors_code(data, protocol, e
         assert [r.score for r in results] == expected
 
 
+
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_a_slow_command_ends_the_turn_per_protocol(data, protocol):
+    """A command that runs 6 s. The authors wait 5 s for a turn (SakanaAI/CycleQD evaluation/
+    fishfarm/fishfarm/tasks/os_interaction.py:337 `timeout: float = 5.0`, :504-507 a timed-out
+    turn becomes `("", True)`, judged with that empty answer at :520-525: `paper`); AgentBench v0.2
+    reads a command's output for up to 30 s (src/server/tasks/os_interaction/task.py:67-74) and
+    plays on (`reference`), so item 0's answer after it is right there only."""
+    from cqd_mpi.tasks import protocols
+
+    turn = protocols.OS[protocol]["turn_seconds"]
+    replies = {0: [bash("sleep 6; cat /root/hello.txt"), answer("world")]}
+    policy = Policy(replies)
+    with make_task(data / "data" / "dev.json", turn_seconds=turn, environment={"command_seconds": 10}) as task:
+        (result,) = task.evaluate(policy, [IDS[0]])
+    if protocol == "paper":
+        assert (result.score, result.error, result.detail["rounds"]) == (0.0, "turn-limit", 1)
+        assert result.detail["answer"] == "" and "turn_seconds (5 s)" in result.detail["message"]
+    else:
+        assert (result.score, result.error, result.detail["rounds"]) == (1.0, None, 2)
+        assert policy.conversations[0][8]["content"] == "The output of the OS:\n\nworld"
+
+
+RED_795 = "printf '\\e[1;31m%s\\e[0m\\n' $(printf 'y%.0s' $(seq 795))"
+"""795 characters in red: 797 once AgentBench's clean-up removed the colour codes, more raw."""
+
+
+@pytest.mark.parametrize("protocol", ["paper", "reference"])
+def test_the_observation_is_cleaned_or_raw_before_the_cut_per_protocol(data, protocol):
+    """AgentBench v0.2 removes escape sequences and BELs before the 800-character cut (src/server/
+    tasks/os_interaction/task.py:90-102, cut at :505-508: `reference`, 797 characters shown whole);
+    the authors' Container.execute returns the terminal's text as read (SakanaAI/CycleQD
+    evaluation/fishfarm/fishfarm/tasks/os_interaction.py:286-293, no clean-up) and cuts that
+    (:366-368: `paper`), so the colour codes count and the output is truncated at 780."""
+    from cqd_mpi.tasks import protocols
+
+    shown = protocols.OS[protocol]["observation"]
+    replies = {0: [bash(RED_795), answer("world")]}
+    policy = Policy(replies)
+    with make_task(data / "data" / "dev.json", observation=shown) as task:
+        (result,) = task.evaluate(policy, [IDS[0]])
+    assert result.score == 1.0
+    text = policy.conversations[0][8]["content"]
+    if protocol == "reference":
+        assert text == "The output of the OS:\n\n" + "y" * 795 + "\r\n"
+    else:
+        body = text.removeprefix("The output of the OS:\n\n")
+        assert body.endswith("\n[truncated because the output is too long]")
+        assert len(body) == 780 + len("\n[truncated because the output is too long]")
+        assert body.startswith("\x1b[?2004l\r")  # readline's bracketed-paste end, task.py:99 removes it
+        assert "\x1b[1;31m" + "y" * 10 in body and body.count("y") < 780
+
+
 TAMPERING = {
     "python3 replaced": (1, "cp /bin/true /tmp/t && mv /tmp/t /usr/bin/python3.11"),
     "bash replaced": (3, "cp /bin/true /tmp/t && mv /tmp/t /usr/bin/bash"),
@@ -414,8 +471,10 @@ def test_a_tiny_transformers_llama_runs_through_the_task(data, tmp_path):
     from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
     from cqd_mpi.engines.tiny import build_tiny_llama
 
-    model = TransformersEngine(build_tiny_llama(tmp_path / "tiny", seed=0), device="cpu",
-                               settings=TransformersSettings(chat_template="instruction-response"))
+    tiny = build_tiny_llama(tmp_path / "tiny", seed=0)
+    config = json.loads((tiny / "config.json").read_text())  # AgentBench's prompt is over 1024 tiny tokens
+    (tiny / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    model = TransformersEngine(tiny, device="cpu", settings=TransformersSettings(chat_template="instruction-response"))
     with make_task(data / "data" / "dev.json", max_new_tokens=8) as task:
         results = task.evaluate(model, ["dev-00000", "dev-00001"])
     assert [r.item_id for r in results] == ["dev-00000", "dev-00001"]

@@ -12,8 +12,9 @@ evaluates it:
   I will start a new problem in a new OS. My problem is:" and the description. A reply's
   action is parsed as extract_action parses it: the last `Act:` line wins; `bash` runs the
   reply's ```bash blocks, joined, in the item's persistent shell; `finish` and `answer(...)`
-  end the episode. Output over 800 characters is cut to 780 plus AgentBench's notice; empty
-  output gets its sentence;
+  end the episode. Output (cleaned as AgentBench cleans it, or raw: `observation`) over 800
+  characters is cut to 780 plus AgentBench's notice; empty output gets its sentence; a
+  command still running after `turn_seconds` (the authors' 5 s) gets the episode judged;
 - init scripts run first (`bash -c` / `python3 -c`; one that fails ends the item), then
   `start` in the shell; checks run in the same environment after the episode, as
   AgentBench runs them (`bash -c script -- params`, `python3 -c script params`, params the

@@ -28,7 +28,7 @@ from cqd_mpi.tasks.os_interaction.tamper import tampering
 EXCERPT_CHARS = 2000
 
 STATUS_ERRORS = {"completed": "wrong-answer", "round-limit": "round-limit", "invalid-action": "invalid-action",
-                 "time-limit": "time-limit", "init-failed": "init", "tampered": "tampered",
+                 "time-limit": "time-limit", "turn-limit": "turn-limit", "init-failed": "init", "tampered": "tampered",
                  "environment-limit": "environment-limit", "no-reference": "no-reference"}
 
 
@@ -103,15 +103,20 @@ class OSEpisode(multiturn.Episode):
 
     def act(self, command: str) -> str:
         started = time.monotonic()
+        turn = self.settings.turn_seconds
         try:
-            output = self.env.shell().run(command)
+            output = self.env.shell().run(command, seconds=turn)
         except EnvironmentLimit as exc:
             self.status, self.message = "environment-limit", str(exc)
             return ""
         finally:
             self.env_seconds += time.monotonic() - started
         self.outputs.append(output.text[:EXCERPT_CHARS])
-        return observation(output.text)
+        if output.timed_out and turn is not None and turn <= self.settings.environment.command_seconds:
+            self.status = "turn-limit"  # the authors' wait: judged with an empty answer
+            self.message = f"the command was still running after turn_seconds ({turn:g} s)"
+            return ""
+        return observation(output.raw if self.settings.observation == "raw" else output.text)
 
     def take_observation(self, text: str) -> None:
         if self.status is not None:
@@ -124,6 +129,8 @@ class OSEpisode(multiturn.Episode):
 
     def judged(self) -> bool:
         if self.status == "completed":
+            return True
+        if self.status == "turn-limit":
             return True
         return self.settings.judge_unfinished and self.status in ("round-limit", "invalid-action", "time-limit")
 

@@ -61,7 +61,8 @@ def extract_action(raw: str) -> tuple[str | None, str | None]:
 
 
 def observation(output: str) -> str:
-    """A command's output as AgentBench shows it to the agent."""
+    """A command's output as AgentBench shows it to the agent (v0.2 task.py:500-515; the authors'
+    code the same, os_interaction.py:366-377), from the text the `observation` setting picks."""
     if len(output) > OUTPUT_CHARS:
         output = output[:OUTPUT_KEPT] + TRUNCATED
     return OBSERVATION + output if output else EMPTY

@@ -86,6 +86,12 @@ class Settings:
     include_dev: with a data dir, also its data/dev.json (the `paper` items are standard + dev).
     init_failure: an init script that exits non-zero 'fail's the item (AgentBench) or is
     'ignore'd and the episode goes on (the authors' code).
+    turn_seconds: the authors' per-turn wait: a command still running after it is interrupted
+    and the episode is judged with an empty answer (status `turn-limit`); null (AgentBench): a
+    command runs up to `environment.command_seconds` and the episode goes on.
+    observation: what the agent reads of a command's output, before the 800-character cut:
+    'cleaned' (AgentBench: escape sequences and BELs removed) or 'raw' (the authors' code: the
+    terminal's text as read, escape sequences and carriage returns included).
     """
 
     environment: EnvironmentSettings = dataclasses.field(default_factory=EnvironmentSettings)
@@ -96,6 +102,8 @@ class Settings:
     parallel: int = 4
     judge_unfinished: bool = False
     init_failure: Literal["fail", "ignore"] = "fail"
+    turn_seconds: float | None = None
+    observation: Literal["cleaned", "raw"] = "cleaned"
     scripts: str | None = None
     item_ids: list[str] | str | None = None
     include_dev: bool = False
@@ -104,5 +112,7 @@ class Settings:
         for name in ("max_rounds", "max_new_tokens", "repeats", "parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.turn_seconds is not None and not self.turn_seconds > 0:
+            raise ConfigError(f"{where}.turn_seconds: expected a number > 0 or null, got {self.turn_seconds!r}")
         if isinstance(self.item_ids, list) and not self.item_ids:
             raise ConfigError(f"{where}.item_ids: expected a non-empty list of item ids or null, got []")
