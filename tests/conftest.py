@@ -113,7 +113,7 @@ def subprocess_env(**extra) -> dict:
 SHARED_RESOURCES = {
     "sandboxes": ("sandboxes/", "tasks/test_agentbench_run.py", "tasks/test_dbbench.py",
                   "tasks/test_mbpp.py", "tasks/test_mbpp_authors.py", "tasks/test_os_interaction.py",
-                  "tasks/test_protocols.py", "commands/test_check_tasks.py", "commands/test_doctor.py",
+                  "tasks/test_protocols.py", "tasks/test_os_tamper.py", "commands/test_check_tasks.py", "commands/test_doctor.py",
                   "env/"),
     "slurm": ("jobs/",),
     "vllm": ("engines/test_vllm.py",),
