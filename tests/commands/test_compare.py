@@ -12,8 +12,7 @@ from cqd_mpi.cli import main
 from cqd_mpi.qd.coefficients import CMAES
 from cqd_mpi.qd.noncyclic import NonCyclicQD
 from cqd_mpi.run.state import HDF5Backend
-from tests.qd.test_cycleqd import make_core
-from tests.qd.test_methods import run_all
+from tests.qd.helpers import make_core, run_all
 
 stats = pytest.importorskip("scipy.stats", reason="needs scipy: pip install 'cqd_mpi[stats]'")
 

@@ -1,5 +1,5 @@
 """jobs/ablation.sbatch: one array task per trial and seed, then the table, with srun as
-`mpiexec -n 2` (tests/jobs/test_sbatch.py's stand-ins for SLURM)."""
+`mpiexec -n 2` (tests/jobs/conftest.py's stand-ins for SLURM)."""
 
 import subprocess
 
@@ -7,7 +7,6 @@ import pytest
 
 from cqd_mpi.run.state import read_state
 from tests.conftest import REPO, small_config, write_config
-from tests.jobs.test_sbatch import slurm  # noqa: F401 (the fixture)
 
 pytestmark = pytest.mark.mpi
 
@@ -17,7 +16,7 @@ def submit(config, out, env):
                           cwd=REPO, capture_output=True, text=True, timeout=400)
 
 
-def test_array_tasks_run_the_trials_and_the_last_job_prints_the_table(slurm, tiny_family, tmp_path):  # noqa: F811
+def test_array_tasks_run_the_trials_and_the_last_job_prints_the_table(slurm, tiny_family, tmp_path):
     env, log = slurm
     config = small_config(tiny_family, tmp_path / "unused")
     config["qd"].update(generations=3, coefficients={"population": 2})

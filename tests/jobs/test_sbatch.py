@@ -13,38 +13,10 @@ from pathlib import Path
 import pytest
 
 from cqd_mpi.run.state import read_state
-from tests.conftest import REPO, small_config, subprocess_env, write_config
+from tests.conftest import REPO, small_config, write_config
 from tests.runtime.helpers import wait_for_generation
 
 pytestmark = pytest.mark.mpi
-
-FAKE_SRUN = """#!/bin/bash
-# srun stand-in: drop srun's own options, run the command under mpiexec with 2 ranks
-# (or, with FAKE_SRUN_GONE set, touch that file and exit 0 at once: a run that stopped).
-while [[ "$1" == --* ]]; do shift; done
-if [ -n "${FAKE_SRUN_GONE:-}" ]; then touch "$FAKE_SRUN_GONE"; exit 0; fi
-exec mpiexec -n 2 "$@"
-"""
-FAKE_SCONTROL = """#!/bin/bash
-echo "$@" >> "$FAKE_SLURM_LOG"
-"""
-
-
-@pytest.fixture
-def slurm(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    log = tmp_path / "scontrol.log"
-
-    def env(**extra):
-        return subprocess_env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=log,
-                              SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=REPO, CQD_ENV="/nonexistent", **extra)
-
-    return env, log
-
 
 def start(script, config, env):
     return subprocess.Popen(["bash", str(REPO / "jobs" / script), str(config)], env=env, cwd=REPO,

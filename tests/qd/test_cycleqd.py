@@ -1,53 +1,14 @@
-import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from cqd_mpi.qd.archive import Bins
-from cqd_mpi.qd.cycleqd import CycleQD
-from cqd_mpi.qd.params import SearchParams
 from cqd_mpi.qd.records import make_splits
 from cqd_mpi.qd.sampling import softmax
-from cqd_mpi.qd.search import Search
 from cqd_mpi.run.keeping import kept, written
 from cqd_mpi.run.report import build_report
-
-NAMES = ("code", "os", "db")
-
-
-def splits():
-    return make_splits({n: [f"{n}{i}" for i in range(10)] for n in NAMES}, seed=0)
-
-
-def make_core(method=CycleQD, **kwargs):
-    """A search of `method` over NAMES: SearchParams fields and the method's settings by name
-    in kwargs, the rest for the Search constructor."""
-    def take(cls, defaults=()):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**dict(defaults), **{k: kwargs.pop(k) for k in list(kwargs) if k in names}})
-
-    params = take(SearchParams, {"generations": 12, "seed": 5, "n_bins": 5})
-    strategy = method(take(method.Settings))
-    defaults = dict(task_names=NAMES, base_path="/models/base",
-                    expert_paths=[f"/models/{n}" for n in NAMES], splits=splits())
-    defaults.update(kwargs)
-    return Search(params=params, strategy=strategy, **defaults)
-
-
-def fake_scores(model_id: int) -> np.ndarray:
-    return np.random.default_rng(1000 + model_id).random(3)
-
-
-def run(core, scorer=fake_scores, stop_after=None):
-    told = []
-    while not core.done:
-        job = core.ask()
-        assert job is not None
-        told.append(core.tell(job.model_id, scorer(job.model_id)))
-        if stop_after is not None and len(told) == stop_after:
-            break
-    return told
+from tests.qd.helpers import NAMES, fake_scores, make_core, run
 
 
 def test_make_splits_seeded_disjoint_complete():
@@ -185,16 +146,3 @@ def test_dead_models_are_children_that_left_every_archive():
     third = core.ask()
     assert core.tell(third.model_id, [0.1, 0.1, 0.1]).dead == ()
     assert core.live_models() >= {second.model_id}
-
-
-def assert_trees_equal(a, b, path="/"):
-    assert type(a) is type(b) or (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)), path
-    if isinstance(a, dict):
-        assert set(a) == set(b), (path, set(a) ^ set(b))
-        for key in a:
-            assert_trees_equal(a[key], b[key], f"{path}{key}/")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        np.testing.assert_array_equal(a, b, err_msg=path)
-    else:
-        assert a == b, path

@@ -6,43 +6,13 @@ import numpy as np
 import pytest
 
 from cqd_mpi.errors import ConfigError
-from cqd_mpi.qd.coefficients import CMAES, NSGA2, CoefficientSearch
+from cqd_mpi.qd.coefficients import CMAES, NSGA2
 from cqd_mpi.qd.cycleqd import CycleQD
 from cqd_mpi.qd.methods import method_class
 from cqd_mpi.qd.noncyclic import NonCyclicQD
 from cqd_mpi.run.keeping import kept
 from cqd_mpi.run.state import from_tree, to_tree
-from tests.qd.test_cycleqd import assert_trees_equal, make_core, run
-
-
-def smooth_scores(core):
-    """Scores that depend on a candidate's coefficients, so the optimizers have a slope to follow;
-    other models get seeded noise."""
-    def score(model_id):
-        record = core.models[model_id]
-        if np.all(np.isfinite(record.coefficients)):
-            c = record.coefficients
-            return np.clip([0.6 - (c[0] - 0.5) ** 2, 0.5 - (c[1] - 0.2) ** 2, 0.4 + 0.1 * c[2] - c.sum() * 0.05], 0, 1)
-        return np.random.default_rng(1000 + model_id).random(3)
-    return score
-
-
-def make(cls, **kwargs):
-    if issubclass(cls, CoefficientSearch):
-        kwargs = {"population": 4, "sigma0": 0.2, **kwargs}
-    return make_core(cls, **kwargs)
-
-
-def run_all(core):
-    score = smooth_scores(core)
-    told = []
-    while not core.done:
-        job = core.ask()
-        assert job is not None
-        if job.recipe.kind == "stored":
-            assert core.models[job.model_id].kind in ("base", "expert", "child"), "a stored job needs saved weights"
-        told.append(core.tell(job.model_id, score(job.model_id)))
-    return told
+from tests.qd.helpers import assert_trees_equal, make, make_core, run, run_all, smooth_scores
 
 
 def test_methods_by_name_and_a_clear_error_for_an_unknown_one():

@@ -10,7 +10,7 @@ from cqd_mpi.errors import StateError
 from cqd_mpi.qd.coefficients import CMAES, CoefficientSettings
 from cqd_mpi.qd.params import SearchParams, from_attrs, to_attrs
 from cqd_mpi.run.state import from_tree, to_tree
-from tests.qd.test_cycleqd import make_core, run
+from tests.qd.helpers import make_core, run
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -7,7 +7,7 @@ import pytest
 
 from cqd_mpi.errors import ConfigError
 from cqd_mpi.qd.sampling import elite_weights, sample_crossover_weights, sample_parents, softmax
-from tests.qd.test_cycleqd import make_core, run
+from tests.qd.helpers import make_core, run
 
 
 def test_elite_weights_match_formula():

@@ -15,7 +15,7 @@ from cqd_mpi.run.state import (
     read_state,
     to_tree,
 )
-from tests.qd.test_cycleqd import assert_trees_equal, fake_scores, make_core, run
+from tests.qd.helpers import assert_trees_equal, fake_scores, make_core, run
 
 
 @pytest.fixture(params=["memory", "hdf5"])

@@ -16,7 +16,7 @@ from cqd_mpi.run.store import LostModels
 from cqd_mpi.runtime.launch import conduct
 from cqd_mpi.runtime.signals import StopFlag
 from tests.conftest import small_config, write_config
-from tests.qd.test_cycleqd import assert_trees_equal
+from tests.qd.helpers import assert_trees_equal
 from tests.runtime.helpers import assert_same_results, comparable_state
 
 GENERATIONS = 40

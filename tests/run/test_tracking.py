@@ -17,7 +17,7 @@ from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.run.state import HDF5Backend, from_tree, read_state, to_tree
 from cqd_mpi.run.tracking import MARKER, Tracker
 from tests.conftest import small_config, subprocess_env, write_config
-from tests.qd.test_cycleqd import fake_scores, make_core
+from tests.qd.helpers import fake_scores, make_core
 from tests.runtime.helpers import run_cli, run_command
 
 

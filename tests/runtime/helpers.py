@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cqd_mpi.run.state import read_state
 from tests.conftest import subprocess_env
-from tests.qd.test_cycleqd import assert_trees_equal
+from tests.qd.helpers import assert_trees_equal
 
 TIMING_COLUMNS = ("merge_s", "transfer_s", "eval_s", "total_s")
 RUN_ATTRS = ("world_size", "config", "config_hash", "package_version")
