@@ -156,6 +156,7 @@ def missing_distributions(extra: str) -> list[str]:
     return missing
 
 
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
 def pytest_runtest_setup(item):
     """A test marked `extra(NAME)` needs setup.cfg's extra NAME: where part of it is missing it is
     skipped with the install line, or fails under CQD_REQUIRE_EXTRAS=1 (CI installs every extra)."""
@@ -169,6 +170,7 @@ def pytest_runtest_setup(item):
             pytest.skip(why)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """`cuda` tests need a GPU: where torch sees none they are skipped with the reason shown
     in the summary, and run with `python -m pytest -m cuda` on a GPU node (docs/gpu.md).

@@ -23,6 +23,8 @@ TRIALS = {
     "cma-es": (CMAES, "none", "elite"),
 }
 
+pytestmark = pytest.mark.extra("baselines")  # the trials include cma-es and nsga2
+
 
 def vary_by_seed(core, name, seed, *, timed):
     """Test scores that vary with the seed as real runs' do (the fake scorer keys them by model id

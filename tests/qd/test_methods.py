@@ -14,6 +14,9 @@ from cqd_mpi.run.keeping import kept
 from cqd_mpi.run.state import from_tree, to_tree
 from tests.qd.helpers import assert_trees_equal, make, make_core, run, run_all, smooth_scores
 
+BASELINES = pytest.mark.extra("baselines")
+"""cma-es and nsga2 need the baselines extra (cma, pymoo)."""
+
 
 def test_methods_by_name_and_a_clear_error_for_an_unknown_one():
     assert method_class("cycleqd") is CycleQD and method_class("qd") is NonCyclicQD
@@ -38,6 +41,7 @@ def test_non_cyclic_qd_offers_a_child_to_the_run_that_bred_it_only():
 
 
 @pytest.mark.parametrize("cls", [CMAES, NSGA2])
+@pytest.mark.extra("baselines")
 def test_a_coefficient_search_spends_exactly_the_budget_in_whole_populations_but_the_last(cls):
     core = make(cls, generations=10)
     run_all(core)
@@ -60,6 +64,7 @@ def test_a_coefficient_search_spends_exactly_the_budget_in_whole_populations_but
     assert core.recipe(average.id).betas == (1 / 3,) * 3 and np.all(np.isfinite(average.test_scores))
 
 
+@pytest.mark.extra("baselines")
 def test_a_population_is_issued_at_once_for_parallel_evaluation():
     core = make(CMAES, generations=8, population=4)
     for _ in range(4):
@@ -70,6 +75,7 @@ def test_a_population_is_issued_at_once_for_parallel_evaluation():
     assert {j.generation for j in jobs[:4]} == {1, 2, 3, 4}
 
 
+@pytest.mark.extra("baselines")
 def test_cma_es_improves_on_its_start_where_the_scores_have_a_slope():
     core = make(CMAES, generations=40, population=6)
     run_all(core)
@@ -77,6 +83,7 @@ def test_cma_es_improves_on_its_start_where_the_scores_have_a_slope():
     assert np.mean(means[-6:]) > np.mean(means[:6])
 
 
+@pytest.mark.extra("baselines")
 def test_nsga2_final_model_is_on_the_front_of_everything_evaluated():
     core = make(NSGA2, generations=16)
     run_all(core)
@@ -87,7 +94,7 @@ def test_nsga2_final_model_is_on_the_front_of_everything_evaluated():
     assert not dominated
 
 
-@pytest.mark.parametrize("cls", [NonCyclicQD, CMAES, NSGA2])
+@pytest.mark.parametrize("cls", [NonCyclicQD, pytest.param(CMAES, marks=BASELINES), pytest.param(NSGA2, marks=BASELINES)])
 @pytest.mark.parametrize("stop_after", [3, 6, 9, 13])
 def test_a_reloaded_core_continues_exactly_like_the_original(cls, stop_after):
     original = make(cls, generations=11)
@@ -106,6 +113,7 @@ def test_a_reloaded_core_continues_exactly_like_the_original(cls, stop_after):
     assert_trees_equal(to_tree(original), to_tree(restored))
 
 
+@pytest.mark.extra("baselines")
 def test_a_tampered_state_is_refused_when_the_optimizer_replays_it():
     from cqd_mpi.errors import StateError
 

@@ -34,6 +34,7 @@ def test_parameters_are_cast_checked_and_stored_whole():
         CoefficientSettings(population=1)
 
 
+@pytest.mark.extra("baselines")
 def test_a_restored_search_passes_the_checks_of_a_new_one():
     core = make_core(CMAES, generations=6, population=3)
     run(core, stop_after=5)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cqd_mpi.errors import ConfigError, MissingDependency
 from cqd_mpi.run.config import TrackingConfig
@@ -22,6 +21,9 @@ from tests.runtime.helpers import run_cli, run_command
 
 
 def load(log_dir):
+    """tensorboard's own reader of the event files under log_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     return events
@@ -42,6 +44,7 @@ def tracker(path, **settings):
                                name="t", config={})
 
 
+@pytest.mark.extra("tracking")
 def test_curves_continue_after_a_restart_with_no_step_twice(tmp_path):
     core = make_core(generations=7)
     first = tracker(tmp_path / "tb", maps_every=3)
@@ -71,6 +74,7 @@ def test_curves_continue_after_a_restart_with_no_step_twice(tmp_path):
     assert {"final/aggregate/mean", "final/base/code", "final/average/db"} <= set(events.Tags()["scalars"])
 
 
+@pytest.mark.extra("tracking")
 def test_a_tracker_opened_late_writes_the_whole_history_from_the_state(tmp_path):
     core = make_core(generations=5)
     while core.phase != "final":
@@ -132,6 +136,7 @@ tracker.close()
 """
 
 
+@pytest.mark.extra("tracking")
 @pytest.mark.parametrize("where", ["under-a-file", "/proc/cqd-tensorboard"])
 def test_a_log_dir_that_cannot_hold_files_is_one_line_naming_the_key(tmp_path, where):
     (tmp_path / "a-file").write_text("")
@@ -142,8 +147,8 @@ def test_a_log_dir_that_cannot_hold_files_is_one_line_naming_the_key(tmp_path, w
                             config={})
 
 
+@pytest.mark.extra("tracking")
 def test_wandb_offline_continues_the_run_without_repeating_a_step(tmp_path):
-    pytest.importorskip("wandb")
     core = make_core(generations=6)
     for stop in (3, 6):
         while core.generations_done < stop:
@@ -160,6 +165,7 @@ def test_wandb_offline_continues_the_run_without_repeating_a_step(tmp_path):
     assert json.loads((tmp_path / "tracking" / "wandb.json").read_text())["through"] == 6
 
 
+@pytest.mark.extra("tracking")
 @pytest.mark.parametrize("fault", ["eval:kill:7", "track:kill:2"])
 def test_a_demo_run_killed_and_resumed_writes_each_generation_once(tiny_family, tmp_path, fault):
     config = small_config(tiny_family, tmp_path / "run")

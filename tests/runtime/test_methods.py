@@ -23,7 +23,8 @@ def method_config(family, root, method):
     return write_config(root / "config.yaml", config)
 
 
-@pytest.fixture(scope="module", params=list(METHODS))
+@pytest.fixture(scope="module", params=[pytest.param(m, marks=pytest.mark.extra("baselines")) if m in ("cma-es", "nsga2")
+                                        else m for m in METHODS])
 def finished(request, tiny_family, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     config = method_config(tiny_family, root, request.param)
