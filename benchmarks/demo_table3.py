@@ -7,7 +7,7 @@ lm-eval tasks built from the demo's skills with held-out inputs.
 For each demo skill (reverse, sort, shift) it writes two lm-eval task YAMLs with a local JSONL
 file into RUN_DIR/demo-lmeval-tasks/: `demo_<skill>_gen` (generate_until, exact match of the
 greedy answer) and `demo_<skill>_mc` (multiple_choice: log-likelihood of the answer against
-three other answers of the skill, accuracy). Inputs come from cqd_mpi.tasks.skills with
+three near misses (`near_misses`), accuracy). Inputs come from cqd_mpi.tasks.skills with
 another seed than the run's items (default 1; the run used 0), so these are held-out documents.
 Then it runs `python -m cqd_mpi evaluate RUN_DIR --suite ...` (offline: HF_DATASETS_OFFLINE=1),
 which prints the final model's, the experts' and the base's scores, each divided by the
@@ -35,6 +35,18 @@ from cqd_mpi.tasks import skills  # noqa: E402
 DEMO_SKILLS = ("reverse", "sort", "shift")
 
 
+def near_misses(question: str, answer: str, skill: str, rng: np.random.Generator) -> list[str]:
+    """Wrong answers close to the right one: the input left as it is, the answer with one symbol
+    changed, with two neighbours swapped, and with its first symbol dropped."""
+    text = question.split(":", 1)[1].removesuffix("=")
+    alphabet = skills.SKILLS[skill].alphabet
+    at = int(rng.integers(0, len(answer)))
+    changed = answer[:at] + alphabet[(alphabet.index(answer[at]) + 1) % len(alphabet)] + answer[at + 1:]
+    at = int(rng.integers(0, len(answer) - 1))
+    swapped = answer[:at] + answer[at + 1] + answer[at] + answer[at + 2:]
+    return [text, changed, swapped, answer[1:], answer + answer[-1]]
+
+
 def write_tasks(out: Path, *, docs: int, seed: int, max_length: int = 12) -> list[dict]:
     """The task YAMLs and data of every skill in `out`; returns the suite's task entries."""
     out.mkdir(parents=True, exist_ok=True)
@@ -45,7 +57,7 @@ def write_tasks(out: Path, *, docs: int, seed: int, max_length: int = 12) -> lis
         rng = np.random.default_rng(seed)
         rows = []
         for index, (question, answer) in enumerate(pairs):
-            others = list(dict.fromkeys(pairs[j][1] for j in rng.permutation(len(pairs)) if pairs[j][1] != answer))[:3]
+            others = [c for c in dict.fromkeys(near_misses(question, answer, skill, rng)) if c != answer][:3]
             label = int(rng.integers(0, 4))
             choices = [*others[:label], answer, *others[label:]]
             rows.append({"id": index, "question": question, "answer": answer, "choices": choices, "label": label})
