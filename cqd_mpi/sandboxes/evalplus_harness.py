@@ -201,18 +201,26 @@ def pinned_floats(value) -> bool:
     return False
 
 
-def pinned_check(out, expected, entry_point: str, atol: float) -> tuple[bool, float]:
+def pinned_check(out, expected, entry_point: str, atol: float, *, dataset: str = "mbpp",
+                 inp=()) -> tuple[bool, float]:
     """One output judged by 1895d2f6's rules: (passed, the atol later inputs of the item use, since
     the commit's loop keeps the atol it raised to 1e-6 for float outputs).
 
     Equality first; Mbpp/164 always passes, Mbpp/295 passes on 0, the not-None problems compare
     `expected` with `out is not None` (a bool output included); then, when not equal and atol is
     not 0, numpy's assert_allclose (rtol 1e-7, NaN equal to NaN, shapes must agree, no type
-    check: a tuple may stand for a list)."""
+    check: a tuple may stand for a list). The oracles by entry point are MBPP+'s; HumanEval+
+    has one, HumanEval/32's find_zero: |poly(xs, out)| <= atol (evalplus 0.3.1's eval/__init__.py:186-189)."""
     import numpy as np
 
+    if dataset == "humaneval" and entry_point == "find_zero":
+        from evalplus.eval._special_oracle import _poly
+
+        return bool(abs(_poly(*inp, out)) <= atol), atol
     exact = out == expected
-    if entry_point == "are_equivalent":
+    if dataset != "mbpp":
+        pass
+    elif entry_point == "are_equivalent":
         exact = True
     elif entry_point == "sum_div":
         exact = exact or out == 0
@@ -236,9 +244,10 @@ def _pinned_item(item: dict, judge_seconds: float, verdict) -> None:
 
     atol = item["atol"]
     try:
-        for line, expected in zip(item["outputs"], item["expected"], strict=True):
+        for line, expected, inp in zip(item["outputs"], item["expected"], item["inputs"], strict=True):
             with time_limit(judge_seconds):
-                passed, atol = pinned_check(recorded_output(line), expected, item["entry_point"], atol)
+                passed, atol = pinned_check(recorded_output(line), expected, item["entry_point"], atol,
+                                            dataset=item.get("dataset", "mbpp"), inp=inp)
             if not passed:
                 return
         verdict.value = 1
@@ -254,6 +263,7 @@ def judge_pinned(request: dict, channel: _Channel) -> None:
     import multiprocessing
 
     for item in request["items"]:
+        item = {**item, "dataset": request.get("dataset", "mbpp")}
         verdict = multiprocessing.Value("i", 0)
         child = multiprocessing.Process(target=_pinned_item, args=(item, request["judge_seconds"], verdict))
         child.start()

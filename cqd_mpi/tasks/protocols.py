@@ -63,6 +63,10 @@ EVALPLUS_CHAT_STOP = [*EVALPLUS_EOS, "\n```\n"]
 MBPP_PLUS_PROBLEMS = {"v0.1.0": 399, "v0.2.0": 378}
 """Problems in each MbppPlus release: v0.1.0 is the paper's count; evalplus 0.3.1 loads v0.2.0."""
 
+EVALPLUS_PROBLEMS = {"mbpp": MBPP_PLUS_PROBLEMS, "humaneval": {"v0.1.10": 164}}
+"""Problems in each release of the evalplus datasets the MBPP+ harness scores (HumanEvalPlus:
+evalplus 0.3.1 loads v0.1.10, the 164 problems of OpenAI's HumanEval)."""
+
 MBPP = {
     "paper": {
         "version": "v0.1.0",

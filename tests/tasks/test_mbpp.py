@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 import cqd_mpi
-from cqd_mpi import schema
 from cqd_mpi.errors import ConfigError, TaskError
 from cqd_mpi.tasks import protocols, task_class
 from cqd_mpi.tasks.base import TaskContext
@@ -24,56 +23,17 @@ from cqd_mpi.tasks.mbpp import (
     RESPONSE_PREFIX,
     SYSTEM_MESSAGE,
     MbppPlusTask,
-    Settings,
     default_data_path,
 )
+from tests.tasks.helpers import MBPP_FIXTURE as FIXTURE
+from tests.tasks.helpers import ScriptedModel, canonical, make_task
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mbpp" / "MbppPlus-fixture.jsonl"
 FIXTURE_IDS = ["Mbpp/2", "Mbpp/3", "Mbpp/4", "Mbpp/6", "Mbpp/8", "Mbpp/17", "Mbpp/82", "Mbpp/124"]
 REPO = Path(cqd_mpi.__file__).resolve().parents[1]
 KINDS = [pytest.param(kind, marks=pytest.mark.skipif(shutil.which(kind) is None, reason=f"{kind} is not installed"))
          for kind in ("bwrap", "unshare")]
 ERROR_CLASSES = {"syntax", "no-entry-point", "runtime", "memory", "timeout", "crash", "output-limit",
                  "wrong-answer", "sandbox"}
-
-
-def make_task(data=FIXTURE, *, context=None, protocol=None, **settings):
-    """An MBPP+ task over the fixture: the Settings defaults (the `paper` preset's), or a preset
-    resolved as a config resolves it, with `settings` on top."""
-    if protocol is not None:
-        _, settings = protocols.resolve(MbppPlusTask, name=protocol, default=protocols.DEFAULT,
-                                        settings=settings, where="tasks[0]")
-    return MbppPlusTask(name="mbpp", data=None if data is None else str(data),
-                        settings=schema.build(Settings, settings, "tasks[0].settings"),
-                        context=context or TaskContext())
-
-
-def canonical(task, item_id):
-    problem = task.problems[item_id]
-    return problem["prompt"] + problem["canonical_solution"]
-
-
-class ScriptedModel:
-    """A stand-in model that answers each problem with a fixed reply, found by its entry point."""
-
-    def __init__(self, replies):
-        self.replies = replies
-        self.calls = []
-
-    def _answer(self, text, stop):
-        for entry_point, reply in self.replies.items():
-            if entry_point in text:
-                cut = min([reply.find(s) for s in stop if s in reply] or [len(reply)])
-                return reply[:cut]
-        return "I do not know."
-
-    def generate(self, prompts, *, max_new_tokens, stop=()):
-        self.calls.append(("generate", list(prompts), list(stop)))
-        return [self._answer(p, stop) for p in prompts]
-
-    def chat(self, conversations, *, max_new_tokens, stop=()):
-        self.calls.append(("chat", [list(c) for c in conversations], list(stop)))
-        return [self._answer(c[-2]["content"], stop) for c in conversations]
 
 
 # ----------------------------------------------------------------------------- data

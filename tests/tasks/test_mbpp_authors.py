@@ -10,7 +10,7 @@ fence), sanitization.py:74-123 and 171-180 (the sanitizer, on prompt + "\\n" + c
 import pytest
 
 from cqd_mpi.tasks.mbpp import authors as mbpp_authors
-from tests.tasks.test_mbpp import make_task
+from tests.tasks.helpers import make_task
 
 MBPP_2_PAPER_PROMPT = (
     "You are an exceptionally intelligent coding assistant that consistently delivers accurate and "

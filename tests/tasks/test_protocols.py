@@ -22,7 +22,7 @@ from cqd_mpi.tasks.base import ItemResult, TaskContext
 from cqd_mpi.tasks.dbbench import INSTRUCTION, DBBenchTask, Episode
 from cqd_mpi.tasks.mbpp import MbppPlusTask
 from cqd_mpi.tasks.skills import SkillsTask
-from tests.tasks.test_mbpp import make_task as make_mbpp
+from tests.tasks.helpers import make_task as make_mbpp
 
 REPO = Path(__file__).resolve().parents[2]
 DB_FIXTURE = REPO / "tests" / "fixtures" / "dbbench" / "dev.jsonl"

@@ -1,5 +1,6 @@
-"""MbppPlus data: where evalplus keeps a release, and its jsonl read and checked with evalplus's
-own deserializer; nothing is downloaded."""
+"""MbppPlus and HumanEvalPlus data: where evalplus keeps a release, and its jsonl read and
+checked as evalplus's own loaders do (MbppPlus inputs through its deserializer; HumanEvalPlus
+inputs are plain JSON); nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -10,15 +11,24 @@ from typing import Any
 
 from cqd_mpi.errors import TaskError, require
 
+DATASETS = {"mbpp": ("MbppPlus", "MBPP+", "Mbpp/", "MBPP_OVERRIDE_PATH"),
+            "humaneval": ("HumanEvalPlus", "HumanEval+", "HumanEval/", "HUMANEVAL_OVERRIDE_PATH")}
+"""Per dataset: evalplus's release name, its name in messages, its task_id prefix, and the
+environment variable evalplus reads for a local file (evalplus/data/mbpp.py, humaneval.py)."""
 
-def default_data_path(version: str = "default") -> tuple[Path, str]:
-    """Where evalplus keeps the MbppPlus release `version` (MBPP_OVERRIDE_PATH wins), and its URL."""
-    override = os.environ.get("MBPP_OVERRIDE_PATH")
-    evalplus_mbpp = require("evalplus.data.mbpp", extra="llm", feature="The MBPP+ task")
+
+def default_data_path(version: str = "default", dataset: str = "mbpp") -> tuple[Path, str]:
+    """Where evalplus keeps release `version` of `dataset` (its override variable wins), and its URL."""
+    release_name, _, _, variable = DATASETS[dataset]
+    override = os.environ.get(variable)
+    require("evalplus.data", extra="llm", feature="The MBPP+ task")
+    from evalplus.data.humaneval import HUMANEVAL_PLUS_VERSION
+    from evalplus.data.mbpp import MBPP_PLUS_VERSION
     from evalplus.data.utils import get_dataset_metadata
 
-    release = evalplus_mbpp.MBPP_PLUS_VERSION if version == "default" else version
-    url, cache_path = get_dataset_metadata("MbppPlus", release, False)
+    latest = MBPP_PLUS_VERSION if dataset == "mbpp" else HUMANEVAL_PLUS_VERSION
+    release = latest if version == "default" else version
+    url, cache_path = get_dataset_metadata(release_name, release, False)
     return (Path(override) if override else Path(cache_path)), url
 
 
@@ -48,29 +58,38 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_problems(path: Path) -> dict[str, dict[str, Any]]:
-    """The MbppPlus problems in `path` (jsonl or jsonl.gz), inputs deserialized as evalplus does."""
+def load_problems(path: Path, dataset: str = "mbpp") -> dict[str, dict[str, Any]]:
+    """The problems of `dataset` in `path` (jsonl or jsonl.gz), inputs deserialized as evalplus does.
+    A file of the other dataset (its task_id prefix) is refused with the setting to change."""
     require("evalplus.data", extra="llm", feature="The MBPP+ task")
     from evalplus.data.mbpp import mbpp_deserialize_inputs
     from evalplus.data.utils import completeness_check
 
+    _, label, _, _ = DATASETS[dataset]
     problems = {row["task_id"]: row for row in read_jsonl(path)}
     if not problems:
-        raise TaskError(f"MBPP+ data {path}: the file holds no problems")
+        raise TaskError(f"{label} data {path}: the file holds no problems")
+    first = next(iter(problems))
+    for other, (_, other_label, prefix, _) in DATASETS.items():
+        if other != dataset and first.startswith(prefix):
+            raise TaskError(f"{label} data {path}: expected {label} problems (settings.dataset {dataset!r}), "
+                            f"got {other_label} ones ({first!r}); set `dataset: {other}` in the task's settings")
     for task_id, problem in problems.items():
         for key in ("entry_point", "prompt", "base_input"):
             if key not in problem:
-                raise TaskError(f"MBPP+ data {path}: problem {task_id!r} has no {key!r} field")
+                raise TaskError(f"{label} data {path}: problem {task_id!r} has no {key!r} field")
         if not str(problem["entry_point"]).isidentifier():
-            raise TaskError(f"MBPP+ data {path}: problem {task_id!r} has entry_point "
+            raise TaskError(f"{label} data {path}: problem {task_id!r} has entry_point "
                             f"{problem['entry_point']!r}, expected a Python identifier")
+        if dataset != "mbpp":
+            continue
         try:
             problem["base_input"] = mbpp_deserialize_inputs(task_id, problem["base_input"])
             problem["plus_input"] = mbpp_deserialize_inputs(task_id, problem.get("plus_input", []))
         except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
             raise TaskError(f"MBPP+ data {path}: problem {task_id!r} has inputs evalplus cannot deserialize: {exc}") from exc
     try:
-        completeness_check("MBPP+", problems)
+        completeness_check(label, problems)
     except AssertionError as exc:
-        raise TaskError(f"MBPP+ data {path}: {exc}") from exc
+        raise TaskError(f"{label} data {path}: {exc}") from exc
     return problems

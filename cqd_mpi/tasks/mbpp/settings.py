@@ -15,6 +15,9 @@ SYSTEM_MESSAGE = protocols.AUTHORS_SYSTEM_MESSAGE
 
 _DEFAULT = protocols.MBPP[protocols.DEFAULT]
 
+HUMANEVAL_PLUS_VERSION = "v0.1.10"
+"""The HumanEvalPlus release evalplus 0.3.1 loads (evalplus/data/humaneval.py:14)."""
+
 
 @dataclasses.dataclass
 class Settings:
@@ -31,9 +34,13 @@ class Settings:
     whose rules compare an output with the expected one: 'evalplus-1895d2f6' (the commit the
     authors pin: equality, then numpy's allclose) or 'evalplus-0.3.1' (its untrusted_check: set
     equality for eight problems, two more oracles, type checks). judge_seconds: the time to
-    decode and check one output.
+    decode and check one output. dataset: 'mbpp' (MbppPlus) or 'humaneval' (HumanEvalPlus,
+    whose release `humaneval_version` names for the default path; its prompts carry no assert,
+    so it takes instruction 'evalplus').
     """
 
+    dataset: Literal["mbpp", "humaneval"] = "mbpp"
+    humaneval_version: str = HUMANEVAL_PLUS_VERSION
     task_ids: list[str] | None = None
     version: str = _DEFAULT["version"]
     prompt_format: Literal["instruction-response", "chat", "completion"] = _DEFAULT["prompt_format"]
@@ -69,5 +76,8 @@ class Settings:
             raise ConfigError(f"{where}.memory_mb: expected at least 64 (the interpreter needs it), got {self.memory_mb}")
         if self.task_ids is not None and not self.task_ids:
             raise ConfigError(f"{where}.task_ids: expected a non-empty list of task ids or null, got []")
+        if self.dataset == "humaneval" and self.instruction == "assertion":
+            raise ConfigError(f"{where}.instruction: HumanEval+ prompts have no assert to cut the authors' "
+                              "instruction from; expected 'evalplus' with dataset 'humaneval', got 'assertion'")
         if self.stop is not None and not all(self.stop):
             raise ConfigError(f"{where}.stop: expected non-empty strings or null, got {self.stop!r}")

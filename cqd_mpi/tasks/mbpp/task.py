@@ -21,7 +21,7 @@ from cqd_mpi.errors import TaskError, require
 from cqd_mpi.tasks import protocols
 from cqd_mpi.tasks.base import BackendStatus, ItemResult, Task
 from cqd_mpi.tasks.mbpp import authors as mbpp_authors
-from cqd_mpi.tasks.mbpp.data import default_data_path, load_problems
+from cqd_mpi.tasks.mbpp.data import DATASETS, default_data_path, load_problems
 from cqd_mpi.tasks.mbpp.harness import (
     CHECK_SLACK_SECONDS,
     HARNESS,
@@ -62,7 +62,13 @@ class MbppPlusTask(Task):
         if self.data:
             path = Path(self.data).expanduser()
             return path if path.is_absolute() else Path(self.context.config_dir) / path
-        return default_data_path(self.settings.version)[0]
+        return default_data_path(*self._release())[0]
+
+    def _release(self) -> tuple[str, str]:
+        """The evalplus release settings name, and its dataset."""
+        settings = self.settings
+        version = settings.version if settings.dataset == "mbpp" else settings.humaneval_version
+        return version, settings.dataset
 
     @property
     def problems(self) -> dict[str, dict[str, Any]]:
@@ -70,7 +76,7 @@ class MbppPlusTask(Task):
             path = self.data_path()
             if not path.is_file():
                 raise TaskError(self._missing_data_message(path))
-            problems = load_problems(path)
+            problems = load_problems(path, self.settings.dataset)
             wanted = self.settings.task_ids
             if wanted is not None:
                 unknown = [t for t in wanted if t not in problems]
@@ -87,22 +93,27 @@ class MbppPlusTask(Task):
 
     def _check_release(self, path: Path, count: int) -> None:
         """Warn when the file's problem count is not that of the release settings.version names."""
-        expected = protocols.MBPP_PLUS_PROBLEMS.get(self.settings.version)
+        version, dataset = self._release()
+        expected = protocols.EVALPLUS_PROBLEMS[dataset].get(version)
         if expected is not None and count != expected:
+            key = "version" if dataset == "mbpp" else "humaneval_version"
             self.context.log.warning(
-                "task %s: %s holds %d problems, but MbppPlus %s (settings.version) has %d; scores will not "
-                "compare with that release's", self.name, path, count, self.settings.version, expected)
+                "task %s: %s holds %d problems, but %s %s (settings.%s) has %d; scores will not "
+                "compare with that release's", self.name, path, count, DATASETS[dataset][0], version, key, expected)
 
     def _missing_data_message(self, path: Path) -> str:
+        version, dataset = self._release()
+        release, label, _, variable = DATASETS[dataset]
+        getter = "get_mbpp_plus" if dataset == "mbpp" else "get_human_eval_plus"
         how = (
-            f"give `data: /path/to/MbppPlus.jsonl` for task {self.name!r} in the config, set "
-            "MBPP_OVERRIDE_PATH, or fetch evalplus's release once on a machine with internet: "
-            f"python -c 'from evalplus.data import get_mbpp_plus; get_mbpp_plus(version=\"{self.settings.version}\")'"
+            f"give `data: /path/to/{release}.jsonl` for task {self.name!r} in the config, set "
+            f"{variable}, or fetch evalplus's release once on a machine with internet: "
+            f"python -c 'from evalplus.data import {getter}; {getter}(version=\"{version}\")'"
         )
-        if not self.data and not os.environ.get("MBPP_OVERRIDE_PATH"):
-            url = default_data_path(self.settings.version)[1]
+        if not self.data and not os.environ.get(variable):
+            url = default_data_path(version, dataset)[1]
             how += f" (it downloads {url} into {path.parent})"
-        return f"MBPP+ data file {path} does not exist; nothing is downloaded at run time. To get it, {how}"
+        return f"{label} data file {path} does not exist; nothing is downloaded at run time. To get it, {how}"
 
     def item_seconds(self, item_id: str) -> float:
         """Two runs of the solution (one retry) and two of the judge, each at its wall limit."""
@@ -136,7 +147,7 @@ class MbppPlusTask(Task):
 
         problem = self._problem(item_id)
         if "canonical_solution" not in problem:
-            raise TaskError(f"MBPP+ data {self.data_path()}: problem {item_id!r} has no canonical_solution")
+            raise TaskError(f"{DATASETS[self.settings.dataset][1]} data {self.data_path()}: problem {item_id!r} has no canonical_solution")
         sink = io.StringIO()
         try:
             with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -145,11 +156,12 @@ class MbppPlusTask(Task):
                     self.inputs(item_id),
                     problem["entry_point"],
                     record_time=True,
-                    output_not_none=problem["entry_point"] in MBPP_OUTPUT_NOT_NONE_TASKS,
+                    output_not_none=(self.settings.dataset == "mbpp"
+                                     and problem["entry_point"] in MBPP_OUTPUT_NOT_NONE_TASKS),
                 )
         except Exception as exc:
             raise TaskError(
-                f"MBPP+ data {self.data_path()}: the canonical_solution of {item_id!r} fails on its "
+                f"{DATASETS[self.settings.dataset][1]} data {self.data_path()}: the canonical_solution of {item_id!r} fails on its "
                 f"{self.settings.tests} inputs ({type(exc).__name__}: {exc})"
             ) from exc
         truth = Groundtruth(outputs=list(outputs), seconds=[float(s) for s in seconds])
@@ -196,7 +208,7 @@ class MbppPlusTask(Task):
         from evalplus.provider.utility import EOS, extra_eos_for_direct_completion
 
         if self.settings.prompt_format == "completion":
-            return [*EOS, *extra_eos_for_direct_completion("mbpp")]
+            return [*EOS, *extra_eos_for_direct_completion(self.settings.dataset)]
         return [*EOS, *CHAT_STOP]
 
     def completions(self, model: TextGeneration, item_ids: Sequence[str]) -> list[str]:
@@ -301,7 +313,7 @@ class MbppPlusTask(Task):
         for _attempt in range(2):
             if not pending:
                 break
-            request = {"mode": "judge", "dataset": "mbpp", "items": pending, "judge_seconds": settings.judge_seconds,
+            request = {"mode": "judge", "dataset": settings.dataset, "items": pending, "judge_seconds": settings.judge_seconds,
                        "rules": settings.judge}
             wall = settings.startup_seconds + sum(
                 len(item["inputs"]) * settings.judge_seconds + JUDGE_ITEM_SECONDS for item in pending)
