@@ -15,7 +15,7 @@ from cqd_mpi.run.state import read_state
 from tests.conftest import subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli
 from tests.sandboxes.osenv_helpers import ROOTFS, rootfs_dir
-from tests.tasks.test_os_interaction import write_items
+from tests.tasks.os_items import write_items
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DSN = os.environ.get("CQD_TEST_MYSQL_DSN", "mysql://root@127.0.0.1:3306")
