@@ -38,12 +38,14 @@ CHUNK_ELEMENTS = 1 << 21
 
 
 def is_vision_language(path: str | Path) -> bool:
-    """Whether the model dir's config.json describes a vision-language model (a `vision_config`)."""
+    """Whether the model dir's config.json describes a vision-language model: a `vision_config`
+    beside a `text_config` (LLaVA's layout; SAM has a vision_config and no language model)."""
     try:
         config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
+    return (isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
+            and isinstance(config.get("text_config"), dict))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def engine(vl_family):
 
 def test_kind_and_capabilities(engine):
     assert isinstance(engine, LlavaEngine) and isinstance(engine, VisualQuestionAnswering)
-    assert set(engines.capabilities(engine)) == {"visual question answering", "text generation"}
+    assert set(engines.capabilities(engine)) == {"visual question answering", "text generation", "log-likelihoods"}
     with pytest.raises(ConfigError, match="image_batch_size: expected an integer >= 1"):
         engines.create("llava", engine.model_dir, device="cpu", settings={"image_batch_size": 0})
 
