@@ -67,8 +67,8 @@ class TaskConfig:
 
 @dataclasses.dataclass
 class CrossoverConfig:
-    mu: float = 1.0
-    sigma: float = 0.03
+    mu: float = SearchParams.crossover_mu
+    sigma: float = SearchParams.crossover_sigma
 
     def validate(self, where: str) -> None:
         if self.sigma < 0:
@@ -101,14 +101,14 @@ class QDConfig:
 
     generations: int
     method: str = "cycleqd"
-    sampling: Literal["elite", "random"] = "elite"
-    alpha_low: float = 0.5
-    alpha_high: float = 0.8
+    sampling: Literal["elite", "random"] = SearchParams.sampling
+    alpha_low: float = SearchParams.alpha_low
+    alpha_high: float = SearchParams.alpha_high
     crossover: CrossoverConfig = dataclasses.field(default_factory=CrossoverConfig)
     mutation: MutationSpec = dataclasses.field(default_factory=MutationSpec)
-    n_bins: int = 15
-    bc_lower_factor: float = 0.85
-    bc_upper_factor: float = 1.15
+    n_bins: int = SearchParams.n_bins
+    bc_lower_factor: float = SearchParams.bc_lower_factor
+    bc_upper_factor: float = SearchParams.bc_upper_factor
     search_fraction: float = 0.5
     coefficients: CoefficientsConfig = dataclasses.field(default_factory=CoefficientsConfig)
 
@@ -132,7 +132,7 @@ class RuntimeConfig:
     seed: int = 0
     transport: Literal["mpi", "file"] = "mpi"
     staging_dir: str | None = None
-    pipeline_depth: int = 0
+    pipeline_depth: int = SearchParams.pipeline_depth
     eval_groups: int = 1
     max_shard_size: str = "5GB"
     basis_cache: str | None = None
