@@ -12,6 +12,7 @@ from cqd_mpi.runtime.deadline import AUTO_CHUNK_S, AUTO_ITEM_S, Watchdog, chunk_
 from cqd_mpi.tasks.base import TaskContext
 from cqd_mpi.tasks.dbbench import DBBenchTask
 from cqd_mpi.tasks.mbpp import JUDGE_ITEM_SECONDS, MbppPlusTask
+from cqd_mpi.tasks.mbpp.harness import CHECK_SLACK_SECONDS
 from cqd_mpi.tasks.os_interaction import OSInteractionTask
 from tests.runtime.probe_task import ProbeTask
 
@@ -34,7 +35,11 @@ def test_auto_sizes_a_chunk_from_its_items_and_their_limits():
     mbpp = build(MbppPlusTask, {"timeout_seconds": 20, "startup_seconds": 5, "judge_seconds": 2}, MBPP)
     item = mbpp.item_ids()[0]
     judge = 5 + 2 * len(mbpp.inputs(item)) + JUDGE_ITEM_SECONDS
-    assert chunk_deadline("auto", mbpp, [item]) == AUTO_CHUNK_S + AUTO_ITEM_S + 2 * (20 + judge)
+    limits, base = mbpp.time_limits(item), len(mbpp.problems[item]["base_input"])
+    checks = [sum(limits[:base])] + ([sum(limits[base:])] if len(limits) > base else [])
+    run = 5 + sum(min(20, c) + CHECK_SLACK_SECONDS for c in checks)  # start-up, then each check capped at 20 s
+    assert mbpp.run_wall(item) == run
+    assert chunk_deadline("auto", mbpp, [item]) == AUTO_CHUNK_S + AUTO_ITEM_S + 2 * (run + judge)
     assert chunk_deadline(12.5, db, ids) == 12.5
 
 
