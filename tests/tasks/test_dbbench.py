@@ -578,7 +578,10 @@ def test_a_tiny_transformers_llama_runs_through_the_task(tmp_path):
     from cqd_mpi.engines.hf import TransformersEngine, TransformersSettings
     from cqd_mpi.engines.tiny import build_tiny_llama
 
-    model = TransformersEngine(build_tiny_llama(tmp_path / "tiny", seed=0), device="cpu", settings=TransformersSettings(chat_template="instruction-response"))
+    tiny = build_tiny_llama(tmp_path / "tiny", seed=0)
+    config = json.loads((tiny / "config.json").read_text())  # AgentBench's prompt is over 1024 tiny tokens
+    (tiny / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    model = TransformersEngine(tiny, device="cpu", settings=TransformersSettings(chat_template="instruction-response"))
     with make_task(max_new_tokens=8) as task:
         results = task.evaluate(model, ["0", "20", "40"])
         assert [r.item_id for r in results] == ["0", "20", "40"]
