@@ -86,8 +86,9 @@ def case_an_eval_group_scores_a_model_as_rank_0_alone_does(comm) -> None:
 
     family = tiny_family(comm)
     root = Path(family["root"])
-    config = config_mod.from_dict(probe_config(
-        {"base": family["base"], "experts": {"alpha": family["expert"]}}, root / f"run-{comm.Get_size()}"))
+    config = config_mod.from_dict(probe_config(  # one task: cma-es is the method that takes one
+        {"base": family["base"], "experts": {"alpha": family["expert"]}}, root / f"run-{comm.Get_size()}",
+        **{"qd.method": "cma-es"}))
     rank = comm.Get_rank()
     if rank > 0:
         worker_loop(comm, Worker(config, rank=rank, world_size=comm.Get_size()), StopFlag())
