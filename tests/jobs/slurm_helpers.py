@@ -31,11 +31,12 @@ def slurm_unavailable() -> str | None:
     return None
 
 
-def require_cluster(why: str | None, how: str) -> None:
-    """Skip (saying why and `how` to start one), or fail under CQD_REQUIRE_SLURM=1 (.ci/run)."""
+def require_cluster(why: str | None, how: str, required_by: str = "CQD_REQUIRE_SLURM") -> None:
+    """Skip (saying why and `how` to start one), or fail where the variable `required_by` is 1
+    (.ci/run sets CQD_REQUIRE_SLURM for the one-node cluster)."""
     if why:
-        if os.environ.get("CQD_REQUIRE_SLURM") == "1":
-            pytest.fail(f"CQD_REQUIRE_SLURM=1, but {why}", pytrace=False)
+        if os.environ.get(required_by) == "1":
+            pytest.fail(f"{required_by}=1, but {why}", pytrace=False)
         pytest.skip(f"{why}; {how}")
 
 

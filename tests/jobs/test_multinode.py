@@ -69,7 +69,8 @@ def multinode_state_dir() -> Path:
         down = [node for node in NODES if states.get(node) not in ("idle", "mixed", "allocated")]
         if down:
             why = f"nodes {down} of the multi-node cluster are not up (sinfo: {states})"
-    require_cluster(why, 'eval "$(env/slurm-multinode.sh)" starts the multi-node cluster')
+    require_cluster(why, 'eval "$(env/slurm-multinode.sh)" starts the multi-node cluster',
+                    required_by="CQD_REQUIRE_MULTINODE")
     return conf.parent
 
 

@@ -315,7 +315,7 @@ def test_the_task_requires_mask_prediction_and_a_text_engine_is_refused_at_load(
     config["engine"] = {"kind": "transformers"}
     with pytest.raises(ConfigError, match=r"tasks\[0\]: task 'polyp' \(kind 'segmentation'\) needs mask prediction, "
                                           r"which engine 'transformers' .*does not provide \(it provides: text "
-                                          r"generation\)"):
+                                          r"generation, log-likelihoods\)"):
         config_mod.from_dict(config)
     task = make_task(kvasir_dir, metric="dice")
     assert all(0 < r.score < 1 for r in task.evaluate(Constant(), task.item_ids()))
