@@ -8,7 +8,7 @@ import pytest
 from cqd_mpi.run.state import read_state
 from tests.conftest import REPO, small_config, write_config
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.extra("baselines")]  # the trials run are cma-es and nsga2
 
 
 def submit(config, out, env):
