@@ -98,8 +98,8 @@ def plot(groups: Mapping[str, Sequence[Curve]], out: str | Path, *, average: flo
     ax.set_title("Test mean against budget (shaded: 95% CI over seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    from cqd_mpi.analysis.plots import save_figure
+
+    out = save_figure(fig, out, dpi=120)
     plt.close(fig)
     return out

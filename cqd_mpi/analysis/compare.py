@@ -415,8 +415,8 @@ def bar_chart(rows: Sequence[Row], tasks: Sequence[str], out: str | Path) -> Pat
     ax.set_title(f"Test-split scores, mean and 95% CI over {len(rows[0].seeds)} seed(s)")
     ax.legend(fontsize=7, ncols=len(labels))
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    from cqd_mpi.analysis.plots import save_figure
+
+    out = save_figure(fig, out, dpi=120)
     plt.close(fig)
     return out

@@ -91,5 +91,6 @@ def plot(results: Mapping, path: Path) -> Path:
     axes.set_ylabel("score / base model's")
     axes.set_title(f"suite {results.get('suite')}: normalised by the base model")
     axes.legend(fontsize=7)
-    figure.savefig(path, dpi=100)
-    return path
+    from cqd_mpi.analysis.plots import save_figure
+
+    return save_figure(figure, path, dpi=100)

@@ -36,9 +36,11 @@ def new_figure(width: float, height: float):
     return figure
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: str | Path, *, dpi: int = DPI) -> Path:
+    """Write a figure to `path` (its folder made if needed); the analysis figures' one way out."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
+    figure.savefig(path, dpi=dpi)
     return path
 
 
@@ -145,7 +147,7 @@ def elite_maps(run: RunState, archives: Sequence[Archive], generation: int, path
                 title += " (best over other axes)"
             draw_archive(ax, run, archive, pair, vrange=vrange, title=title)
     figure.suptitle(f"Elite maps at generation {generation} (red: the experts' cells)", fontsize=11)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def elite_map_strip(run: RunState, snapshots: dict[int, list[Archive]], path: Path) -> Path:
@@ -167,7 +169,7 @@ def elite_map_strip(run: RunState, snapshots: dict[int, list[Archive]], path: Pa
                 ax.annotate(f"gen {generation}", xy=(-0.45, 0.5), xycoords="axes fraction", rotation=90,
                             ha="center", va="center", fontsize=11, fontweight="bold")
     figure.suptitle("Archives over generations (red: the experts' cells)", fontsize=11)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def strip_generations(last: int, rows: int = 5) -> list[int]:
@@ -191,7 +193,7 @@ def progress_curves(run: RunState, until: int, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.suptitle(f"Progress up to generation {until}", fontsize=11)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def time_breakdown(run: RunState, until: int, path: Path) -> Path:
@@ -222,7 +224,7 @@ def time_breakdown(run: RunState, until: int, path: Path) -> Path:
     if not len(generation):
         ax.text(0.5, 0.5, "no generation finished yet", transform=ax.transAxes, ha="center")
     ax.set_title(f"Time per generation up to generation {until}", fontsize=11)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def render_all(run: RunState, out_dir: str | Path, *, generation: int | None = None) -> list[Path]:
