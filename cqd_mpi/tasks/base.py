@@ -66,6 +66,9 @@ class Task(abc.ABC):
     Settings: ClassVar[type] = NoSettings
     requires: ClassVar[type[Capability]] = TextGeneration
     """The capability of the live model this task calls (engines/base.py)."""
+    path_settings: ClassVar[tuple[str, ...]] = ()
+    """Settings that are paths: resolved against the config file's folder when it is loaded,
+    as `data` is, so the frozen config names them absolutely."""
     batch_size: int = 16
 
     def __init__(self, *, name: str, data: str | None, settings: Any, context: TaskContext):
