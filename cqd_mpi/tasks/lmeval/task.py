@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -166,6 +167,21 @@ class LmEvalTask(Task):
                 results.append(ItemResult(item_id, score, seconds=seconds, detail=detail))
         return results
 
+    def data_digest(self) -> str:
+        """sha256 over every sub-task's resolved TaskConfig (its YAML with the overrides) and its
+        documents: those scored and, with few-shot examples, those they are drawn from."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, task in self.resolved.tasks.items():
+            digest.update(_stable_json([name, task.dump_config()]).encode())
+            docs = [task.eval_docs]
+            if self._fewshot[name].num_fewshot and task.fewshot_docs() is not None:
+                docs.append(task.fewshot_docs())
+            for doc in (doc for part in docs for doc in part):
+                digest.update(_stable_json(doc).encode() + b"\n")
+        return "sha256:" + digest.hexdigest()
+
     def metric(self, results: Sequence[ItemResult]) -> float:
         """The mean over documents, or with `group_weighting: tasks` the mean of sub-task means."""
         if self.settings.group_weighting == "documents" or len(self.resolved.tasks) == 1:
@@ -179,3 +195,9 @@ class LmEvalTask(Task):
 def _plain(value: Any) -> Any:
     """JSON-safe detail (lm-eval's responses hold tuples and numpy scalars)."""
     return json.loads(json.dumps(value, default=str))
+
+
+def _stable_json(value: Any) -> str:
+    """Canonical JSON of a config or document, the same in every process (objects without a
+    JSON form by their text, less the memory address some texts hold)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", json.dumps(value, sort_keys=True, default=str))
