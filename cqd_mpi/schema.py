@@ -116,6 +116,17 @@ def convert(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_describe(value)}")
 
 
+REST = types.MappingProxyType({"schema": "rest"})
+"""Field metadata of a dict field that collects the keys its mapping has beyond the declared
+ones (`dataclasses.field(default_factory=dict, metadata=schema.REST)`; at most one per
+dataclass, and it is no key itself). The dataclass's `validate` checks them: for settings
+that pass another library's options through (tasks/lmeval)."""
+
+
+def _rest_name(cls: type) -> str | None:
+    return next((f.name for f in dataclasses.fields(cls) if f.metadata.get("schema") == REST["schema"]), None)
+
+
 def build(cls: type, data: Any, where: str):
     """Build dataclass `cls` from mapping `data`; `where` names the mapping in error messages."""
     if data is None:
@@ -123,14 +134,15 @@ def build(cls: type, data: Any, where: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    rest = _rest_name(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != rest}
     unknown = sorted(set(data) - set(fields))
-    if unknown:
+    if unknown and rest is None:
         raise ConfigError(
             f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
             f"expected keys: {', '.join(fields)}"
         )
-    kwargs = {}
+    kwargs = {rest: {k: data[k] for k in unknown}} if rest else {}
     for name, field in fields.items():
         key = f"{where}.{name}" if where else name
         if name in data:
@@ -147,7 +159,9 @@ def build(cls: type, data: Any, where: str):
 def to_dict(obj: Any) -> Any:
     """The inverse of build: plain dicts and lists, for freezing a config to YAML."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        rest = _rest_name(type(obj))
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != rest}
+        return {**out, **to_dict(getattr(obj, rest))} if rest else out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

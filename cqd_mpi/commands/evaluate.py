@@ -5,9 +5,11 @@ id or a Hugging Face dir) on a suite of tasks (lm-eval tasks or any task kind), 
 of each task, on ONE engine per rank built on the base whose weights each model replaces in
 place. Under `mpiexec`/`srun` every rank holds an engine, each (model, task) pair's batches
 are shared out round-robin and gathered on rank 0, which writes the results.
-Results go to RUN_DIR/evaluations/<suite>.json after every (model, task) pair, so a rerun
-skips the pairs already scored and a preempted evaluation resumes; the table normalised by
-the base model's scores is printed and written next to it as .md, .csv, .table.json and .png.
+Results go to RUN_DIR/evaluations/<suite>.json after every (model, task) pair, each keyed by
+the model's weights digest and the task's fingerprint (settings, data digest, --limit), so a
+rerun skips the pairs already scored on the same weights and task, re-scores (and says so)
+those whose model or task changed, and a preempted evaluation resumes; the table normalised
+by the base model's scores is printed and written next to it as .md, .csv, .table.json and .png.
 
 The suite file:
 
@@ -90,6 +92,53 @@ def _models(run_dir: Path, run_config: dict, wanted: list[str], extra: list[str]
     return models
 
 
+def _task_fingerprint(task_config, task, limit: int | None) -> str:
+    """sha256 of what a task's scores depend on: its kind, protocol, settings (as resolved),
+    data path, --limit, and the digest of its data (Task.data_digest)."""
+    import hashlib
+
+    text = json.dumps({"kind": task_config.kind, "protocol": task_config.protocol, "settings": task_config.settings,
+                       "data": task_config.data, "limit": limit, "data_digest": task.data_digest()},
+                      sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _weights(path: Path, entry: dict) -> tuple[str, str]:
+    """(the model's weights digest, its files' names, sizes and mtimes): the digest recorded
+    in `entry` is reused while the files are unchanged, else computed (run/store.py)."""
+    from cqd_mpi.run.store import weights_digest
+
+    files = json.dumps(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                              for p in path.iterdir() if p.is_file()))
+    if entry.get("files") == files and entry.get("weights"):
+        return entry["weights"], files
+    return weights_digest(path), files
+
+
+def _left_to_score(label: str, path: Path, models: dict, tasks: dict[str, str]) -> list[str]:
+    """The tasks `label` still needs: those not scored on these weights with these fingerprints.
+    Stored scores of other weights, or of a task since changed, are dropped, and it says so."""
+    entry = models.setdefault(label, {"path": str(path), "scores": {}})
+    weights, files = _weights(path, entry)
+    if entry.get("weights") != weights and entry["scores"]:
+        was = entry.get("weights") or "not recorded"
+        print(f"{label}: its weights ({path}) changed since it was scored ({was[:19]} -> {weights[:19]}); "
+              "re-scoring every task")
+        entry["scores"] = {}
+    entry.update(path=str(path), weights=weights, files=files)
+    todo = []
+    for task_name, fingerprint in tasks.items():
+        stored = entry["scores"].get(task_name)
+        if stored is not None and stored.get("fingerprint") == fingerprint:
+            continue
+        if stored is not None:
+            print(f"{label}: task {task_name} changed since it was scored (its settings, data or --limit); "
+                  "re-scoring it")
+            del entry["scores"][task_name]
+        todo.append(task_name)
+    return todo
+
+
 def _score(worker, task, ids: list[str], comm) -> list:
     """Every item's result, in order: batches of the task's batch_size, under MPI shared out
     round-robin over the ranks and gathered on rank 0 (None elsewhere)."""
@@ -141,21 +190,17 @@ def _evaluate(args, comm) -> int:
 
     out_dir = run_dir / "evaluations"
     results_path = out_dir / f"{name}.json"
-    results = None
-    if rank == 0:
-        out_dir.mkdir(exist_ok=True)
-        results = json.loads(results_path.read_text()) if results_path.is_file() else {"suite": name, "models": {}}
-        results["tasks"] = config.task_names
-        for label, path in models.items():
-            entry = results["models"].setdefault(label, {"path": str(path), "scores": {}})
-            if entry["path"] != str(path):
-                entry.update(path=str(path), scores={})  # a different model under that label: score it afresh
-    todo = {label: [t for t in config.task_names if t not in results["models"][label]["scores"]]
-            for label in models} if rank == 0 else None
-    if comm is not None:
-        todo = comm.bcast(todo, root=0)
     worker = Worker(config, rank=rank, world_size=comm.Get_size() if comm is not None else 1)
     try:
+        results, todo = None, None
+        if rank == 0:
+            out_dir.mkdir(exist_ok=True)
+            results = json.loads(results_path.read_text()) if results_path.is_file() else {"suite": name, "models": {}}
+            results["tasks"] = config.task_names
+            tasks = {t.name: _task_fingerprint(t, worker.tasks[t.name], args.limit) for t in config.tasks}
+            todo = {label: _left_to_score(label, path, results["models"], tasks) for label, path in models.items()}
+        if comm is not None:
+            todo = comm.bcast(todo, root=0)
         for label, path in models.items():
             if not todo[label]:
                 if rank == 0:
@@ -169,7 +214,8 @@ def _evaluate(args, comm) -> int:
                     continue
                 entry = results["models"][label]
                 entry["scores"][task_name] = {"score": task.metric(scored), "items": len(scored),
-                                              "errors": sum(r.error is not None for r in scored)}
+                                              "errors": sum(r.error is not None for r in scored),
+                                              "fingerprint": tasks[task_name]}
                 atomic_write_text(results_path, json.dumps(results, indent=2))
                 print(f"{label}: {task_name} {entry['scores'][task_name]['score']:.4f} ({len(scored)} items)")
     finally:

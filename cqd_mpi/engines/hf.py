@@ -41,6 +41,12 @@ from cqd_mpi.errors import ConfigError, WeightsError
 
 __all__ = ["TransformersEngine", "TransformersSettings"]
 
+HFLM_DEFAULT_MAX_LENGTH = 2048
+"""lm-eval's HFLM's context length for a model whose config and tokenizer name none."""
+
+TOKENIZER_UNSET = int(1e30)
+"""transformers' model_max_length of a tokenizer that names no limit (VERY_LARGE_INTEGER)."""
+
 
 @dataclasses.dataclass
 class TransformersSettings:
@@ -220,9 +226,17 @@ class TransformersEngine(Engine, TextGeneration, LogLikelihoods):
 
     @property
     def context_length(self) -> int | None:
-        """The model's context in tokens (its config's max_position_embeddings), None if it names none."""
-        value = getattr(self.model.config, "max_position_embeddings", None)
-        return int(value) if isinstance(value, int) and value > 0 else None
+        """The model's context in tokens, read as lm-eval's HFLM reads it: n_positions,
+        max_position_embeddings or n_ctx of its (text) config, else the tokenizer's
+        model_max_length; None if neither names one. Generation (ContextOverflow) and scoring
+        (`max_length`) both use it."""
+        config = getattr(self.model.config, "text_config", None) or self.model.config
+        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(config, attr, None)
+            if value is not None:
+                return int(value)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return int(limit) if limit is not None and limit != TOKENIZER_UNSET else None
 
     @torch.inference_mode()
     def _generate_batch(self, token_ids: list[list[int]], max_new_tokens: int, stop: Sequence[str],
@@ -261,15 +275,9 @@ class TransformersEngine(Engine, TextGeneration, LogLikelihoods):
 
     @property
     def max_length(self) -> int:
-        """The context length as lm-eval's HFLM reads it: the config's n_positions,
-        max_position_embeddings or n_ctx, else the tokenizer's model_max_length, else 2048."""
-        config = getattr(self.model.config, "text_config", None) or self.model.config
-        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-            value = getattr(config, attr, None)
-            if value is not None:
-                return int(value)
-        limit = getattr(self.tokenizer, "model_max_length", None)
-        return int(limit) if limit is not None and limit < 10**29 else 2048
+        """The context length scoring reads (LogLikelihoods): `context_length`, else HFLM's
+        default when the model names none."""
+        return self.context_length or HFLM_DEFAULT_MAX_LENGTH
 
     def generate_ids(self, token_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                      stop: Sequence[str] = (), batch_size: int | None = None) -> list[str]:

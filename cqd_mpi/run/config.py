@@ -313,9 +313,12 @@ def from_dict(data: Any, *, root: Path | str = ".", check_files: bool = True, ta
         task.data = _resolve(task.data, root)
         if check_files and task.data is not None and not Path(task.data).exists():
             raise ConfigError(f"tasks[{i}].data: file {task.data} does not exist")
+        cls = task_class_of(task, f"tasks[{i}]")
         task.protocol, task.settings = protocols.resolve(
-            task_class_of(task, f"tasks[{i}]"), name=task.protocol, default=config.protocol,
-            settings=task.settings, where=f"tasks[{i}]")
+            cls, name=task.protocol, default=config.protocol, settings=task.settings, where=f"tasks[{i}]")
+        for key in cls.path_settings:  # as `data`: against the config's folder, absolute when frozen
+            if isinstance(task.settings.get(key), str):
+                task.settings[key] = _resolve(task.settings[key], root)
         check_capability(task, engine, f"tasks[{i}]", settings=task_settings(task, f"tasks[{i}]"), root=root)
     if not tasks_only:
         from cqd_mpi.qd.methods import check_task_count

@@ -66,6 +66,9 @@ class Task(abc.ABC):
     Settings: ClassVar[type] = NoSettings
     requires: ClassVar[type[Capability]] = TextGeneration
     """The capability of the live model this task calls (engines/base.py)."""
+    path_settings: ClassVar[tuple[str, ...]] = ()
+    """Settings that are paths: resolved against the config file's folder when it is loaded,
+    as `data` is, so the frozen config names them absolutely."""
     batch_size: int = 16
 
     def __init__(self, *, name: str, data: str | None, settings: Any, context: TaskContext):
@@ -96,6 +99,12 @@ class Task(abc.ABC):
         `root` is the config's folder). `requires` unless a kind's needs depend on its settings."""
         return (cls.requires,)
 
+    def data_digest(self) -> str:
+        """A digest of the data the task scores beyond its settings (here the bytes of `data`,
+        a file or a folder; "" without one), so that `evaluate` re-scores when it changes. A
+        kind whose items come from elsewhere digests those."""
+        return file_digest(Path(self.data).expanduser()) if self.data else ""
+
     def item_seconds(self, item_id: str) -> float:
         """The most time one item may spend outside the model (its sandboxes, servers,
         environments) by the task's own limits; sizes `runtime.eval_deadline: auto`."""
@@ -116,3 +125,21 @@ class Task(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name
+    order); "missing:<path>" when there is none."""
+    import hashlib
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    if not files:
+        return f"missing:{path}"
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path) if file != path else ''}\0".encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()

@@ -1,5 +1,7 @@
 """TransformersEngine: in-place weight swaps, batch-invariant greedy generation, stop strings, chat templates."""
 
+import types
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -297,3 +299,15 @@ def test_a_prompt_past_the_context_is_that_items_result_and_the_others_are_gener
                               f"for a reply within the model's context of {context}")
     assert free[1].startswith(got[2]) and len(got[2]) < len(free[1])
     assert isinstance(live_a.generate([long * 2], max_new_tokens=4)[0], ContextOverflow)
+    assert live_a.max_length == context, "scoring reads the same context length"
+
+
+def test_a_model_that_names_no_context_length(live_a, monkeypatch):
+    """Neither config nor tokenizer names one: generation is unbounded, scoring uses HFLM's default."""
+    from cqd_mpi.engines.hf import HFLM_DEFAULT_MAX_LENGTH, TOKENIZER_UNSET
+
+    monkeypatch.setattr(live_a.model, "config", types.SimpleNamespace())  # a config with no context length
+    monkeypatch.setattr(live_a.tokenizer, "model_max_length", 300)
+    assert (live_a.context_length, live_a.max_length) == (300, 300)
+    monkeypatch.setattr(live_a.tokenizer, "model_max_length", TOKENIZER_UNSET)
+    assert (live_a.context_length, live_a.max_length) == (None, HFLM_DEFAULT_MAX_LENGTH)

@@ -82,9 +82,10 @@ def _explain_load_error(exc: BaseException, name: str, where: str, source: str) 
 def _build(manager, entry, settings):
     """The task or group `entry` with the settings' TaskConfig overrides (lm-eval's factory
     merges them into the YAML's config, as its group files do for their tasks)."""
-    overrides = dict(settings.task_config or {})
+    overrides = dict(settings.overrides)
     if settings.gen_kwargs:
-        base = dict(entry.cfg.get("generation_kwargs") or {}) if entry.cfg else {}
+        base = overrides.get("generation_kwargs") or (entry.cfg.get("generation_kwargs") if entry.cfg else None)
+        base = dict(base or {})
         overrides["generation_kwargs"] = {**base, **settings.gen_kwargs}
     if not overrides:
         return manager.load([settings.task])

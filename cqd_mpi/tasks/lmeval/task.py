@@ -10,28 +10,31 @@ over documents (`group_weighting: documents`) or over sub-tasks (`tasks`, lm-eva
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import json
 import logging
-import random
+import re
 import time
-import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from cqd_mpi import schema
 from cqd_mpi.engines.base import Capability, LogLikelihoods, TextGeneration
 from cqd_mpi.errors import ConfigError, TaskError
 from cqd_mpi.tasks.base import ItemResult, Task
+from cqd_mpi.tasks.lmeval.fewshot import FewshotDraws
 
 
 @dataclasses.dataclass
 class Settings:
     """`settings:` of an lm-eval task: lm-eval's own names and meanings (docs/lm-eval.md).
 
-    `task_config` holds any other TaskConfig keys (doc_to_text, dataset_kwargs, ...), passed to
-    lm-eval as overrides of the task's YAML.
+    Any other key must be a field of lm-eval's TaskConfig (doc_to_text, dataset_kwargs, ...);
+    those are collected in `overrides` and passed to lm-eval as overrides of the task's YAML.
     """
 
     task: str
@@ -45,18 +48,38 @@ class Settings:
     metric: str | None = None
     filter: str | None = None
     group_weighting: Literal["documents", "tasks"] = "documents"
-    task_config: dict[str, Any] | None = None
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict, metadata=schema.REST)
 
     def validate(self, where: str) -> None:
         if not self.task:
             raise ConfigError(f"{where}.task: expected an lm-eval task or group name, got {self.task!r}")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ConfigError(f"{where}.num_fewshot: expected an integer >= 0, got {self.num_fewshot}")
-        if self.include_path is not None and not Path(self.include_path).expanduser().is_absolute():
-            raise ConfigError(f"{where}.include_path: expected an absolute path (workers read the frozen config "
-                              f"from the run directory), got {self.include_path!r}")
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise ConfigError(f"{where}.fewshot_as_multiturn: needs apply_chat_template: true (as in lm-eval)")
+        if self.overrides:
+            _check_task_config_keys(self.overrides, where)
+
+
+def _check_task_config_keys(keys, where: str) -> None:
+    """Refuse a key that is neither ours nor a field of lm-eval's TaskConfig, naming the closest."""
+    from cqd_mpi.tasks.lmeval import require
+
+    require()
+    from lm_eval.api.task import TaskConfig
+
+    ours = [f.name for f in dataclasses.fields(Settings) if f.name != "overrides"]
+    theirs = [f.name for f in dataclasses.fields(TaskConfig) if f.name not in ours]
+    for key in sorted(keys):
+        if key == "task_config":
+            raise ConfigError(f"{where}.task_config: give lm-eval's TaskConfig keys directly under settings "
+                              "(e.g. doc_to_text: ...), not in a nested mapping")
+        if key not in theirs:
+            close = difflib.get_close_matches(str(key), ours + theirs, n=3, cutoff=0.6)
+            hint = (f"closest valid keys: {', '.join(close)}" if close else
+                    f"expected one of {', '.join(ours)} or a field of lm-eval's TaskConfig (docs/lm-eval.md)")
+            raise ConfigError(f"{where}: unknown key {key!r}, neither a setting of kind 'lm-eval' nor a field of "
+                              f"lm-eval's TaskConfig; {hint}")
 
 
 def _quiet() -> None:
@@ -69,6 +92,7 @@ class LmEvalTask(Task):
 
     kind = "lm-eval"
     Settings = Settings
+    path_settings = ("include_path",)
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -76,8 +100,8 @@ class LmEvalTask(Task):
 
         _quiet()
         self.resolved = resolve(self.settings, root=self.context.config_dir, where=f"task {self.name!r} settings")
-        for task in self.resolved.tasks.values():
-            _set_fewshot(task, self.settings)
+        self._fewshot = {name: FewshotDraws(task, num_fewshot=self.settings.num_fewshot, seed=self.settings.fewshot_seed)
+                         for name, task in self.resolved.tasks.items()}
         self._ids = [f"{task}/{doc_id}" for task, doc_id in self.resolved.doc_ids()]
         self._known = set(self._ids)
 
@@ -111,12 +135,16 @@ class LmEvalTask(Task):
             task, _, doc_id = item_id.rpartition("/")
             wanted[task].append(int(doc_id))
         tasks = {name: self.resolved.tasks[name] for name in wanted}
-        output = evaluate(
-            lm=EngineLM(model, name=self.name), task_dict={"tasks": tasks, "groups": {}, "group_map": {}},
-            samples={name: sorted(ids) for name, ids in wanted.items()}, log_samples=True, bootstrap_iters=0,
-            system_instruction=self.settings.system_instruction,
-            apply_chat_template=self.settings.apply_chat_template,
-            fewshot_as_multiturn=self.settings.fewshot_as_multiturn)
+        samples = {name: sorted(ids) for name, ids in wanted.items()}
+        with contextlib.ExitStack() as stack:
+            for name, ids in samples.items():
+                stack.enter_context(self._fewshot[name].building(ids))
+            output = evaluate(
+                lm=EngineLM(model, name=self.name), task_dict={"tasks": tasks, "groups": {}, "group_map": {}},
+                samples=samples, log_samples=True, bootstrap_iters=0,
+                system_instruction=self.settings.system_instruction,
+                apply_chat_template=self.settings.apply_chat_template,
+                fewshot_as_multiturn=self.settings.fewshot_as_multiturn)
         scores: dict[str, tuple[float, dict]] = {}
         for name, samples in output["samples"].items():
             for sample in samples:
@@ -129,7 +157,8 @@ class LmEvalTask(Task):
                 results.append(ItemResult(item_id, 0.0, error="lm-eval: no per-sample result", seconds=seconds))
                 continue
             value, sample = scores[item_id]
-            detail = {"filtered": _plain(sample["filtered_resps"]), "target": _plain(sample["target"])}
+            detail = {"filtered": _plain(sample["filtered_resps"]), "target": _plain(sample["target"]),
+                      "prompt_hash": sample["prompt_hash"]}
             score = float(value)
             if not 0.0 <= score <= 1.0:
                 results.append(ItemResult(item_id, 0.0, error=f"lm-eval: {self.resolved.metric} = {score} is "
@@ -137,6 +166,21 @@ class LmEvalTask(Task):
             else:
                 results.append(ItemResult(item_id, score, seconds=seconds, detail=detail))
         return results
+
+    def data_digest(self) -> str:
+        """sha256 over every sub-task's resolved TaskConfig (its YAML with the overrides) and its
+        documents: those scored and, with few-shot examples, those they are drawn from."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, task in self.resolved.tasks.items():
+            digest.update(_stable_json([name, task.dump_config()]).encode())
+            docs = [task.eval_docs]
+            if self._fewshot[name].num_fewshot and task.fewshot_docs() is not None:
+                docs.append(task.fewshot_docs())
+            for doc in (doc for part in docs for doc in part):
+                digest.update(_stable_json(doc).encode() + b"\n")
+        return "sha256:" + digest.hexdigest()
 
     def metric(self, results: Sequence[ItemResult]) -> float:
         """The mean over documents, or with `group_weighting: tasks` the mean of sub-task means."""
@@ -153,26 +197,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _set_fewshot(task, settings: Settings) -> None:
-    """num_fewshot and its seed as lm_eval.simple_evaluate sets them; with examples drawn at
-    random, each document's draw comes from a generator seeded by fewshot_seed and the
-    document itself, so an item's prompt does not depend on which documents share its batch."""
-    if settings.num_fewshot is not None:
-        if task.get_config("num_fewshot") != 0:
-            task.set_config(key="num_fewshot", value=settings.num_fewshot)
-    elif task.get_config("num_fewshot") is None:
-        task.set_config(key="num_fewshot", value=0)
-    task.set_fewshot_seed(seed=settings.fewshot_seed)
-    if not task.get_config("num_fewshot"):
-        return
-    context = task.fewshot_context
-    seed = settings.fewshot_seed
-
-    def seeded(doc, *args, **kwargs):
-        key = zlib.crc32(json.dumps(doc, sort_keys=True, default=str).encode())
-        task.fewshot_rnd = random.Random(f"{seed}/{key}")
-        if getattr(task, "sampler", None) is not None:
-            task.sampler.rnd = random.Random(f"{seed}/{key}")
-        return context(doc, *args, **kwargs)
-
-    task.fewshot_context = seeded
+def _stable_json(value: Any) -> str:
+    """Canonical JSON of a config or document, the same in every process (objects without a
+    JSON form by their text, less the memory address some texts hold)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", json.dumps(value, sort_keys=True, default=str))

@@ -64,6 +64,12 @@ class MbppPlusTask(Task):
             return path if path.is_absolute() else Path(self.context.config_dir) / path
         return default_data_path(*self._release())[0]
 
+    def data_digest(self) -> str:
+        """The digest of the problems file scored (the user's `data`, else evalplus's release)."""
+        from cqd_mpi.tasks.base import file_digest
+
+        return file_digest(self.data_path())
+
     def _release(self) -> tuple[str, str]:
         """The evalplus release settings name, and its dataset."""
         settings = self.settings

@@ -51,13 +51,13 @@ def hf_engine(tiny_family):
                               settings=TransformersSettings(batch_size=8))
 
 
-def evaluate_all(model, lmeval_dir: Path, **kwargs) -> dict:
-    """lm_eval.simple_evaluate on the four fixture tasks, per-sample logs kept."""
+def evaluate_all(model, lmeval_dir: Path, tasks=TASKS, **kwargs) -> dict:
+    """lm_eval.simple_evaluate on the fixture tasks (default: all four), per-sample logs kept."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_defaults=False, include_path=str(lmeval_dir))
-    return simple_evaluate(model=model, tasks=list(TASKS), task_manager=manager, log_samples=True,
+    return simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, log_samples=True,
                            bootstrap_iters=0, **kwargs)
 
 

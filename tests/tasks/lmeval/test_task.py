@@ -12,7 +12,7 @@ import pytest
 from cqd_mpi.errors import ConfigError, MissingDependency
 from cqd_mpi.run import config as config_mod
 from cqd_mpi.tasks.base import TaskContext
-from tests.tasks.lmeval.conftest import FIXTURES
+from tests.tasks.lmeval.conftest import FIXTURES, evaluate_all, write_task_dir
 
 
 def make_task(lmeval_dir, **settings):
@@ -53,9 +53,9 @@ def _load(tmp_path, lmeval_dir, settings, engine=None):
 
 
 @pytest.mark.parametrize("settings,message", [
-    ({"task": "cqd_mc", "task_config": {"dataset_kwargs": {"data_files": {"test": "/nonexistent/mc.jsonl"}}}},
+    ({"task": "cqd_mc", "dataset_kwargs": {"data_files": {"test": "/nonexistent/mc.jsonl"}}},
      "tasks[0].settings.task: the data of lm-eval task 'cqd_mc' (", ),
-    ({"task": "cqd_mc", "task_config": {"dataset_path": "cqd-nobody/no-such-dataset", "dataset_kwargs": None}},
+    ({"task": "cqd_mc", "dataset_path": "cqd-nobody/no-such-dataset", "dataset_kwargs": None},
      "tasks[0].settings.task: lm-eval task 'cqd_mc' needs its dataset from the Hugging Face Hub"),
     ({"task": "cqd_roll"}, "tasks[0].settings.metric: lm-eval task 'cqd_roll' has no metric where higher is better"),
     ({"task": "cqd_roll", "metric": "bits_per_byte"},
@@ -66,20 +66,40 @@ def _load(tmp_path, lmeval_dir, settings, engine=None):
      "tasks[0].settings.gen_kwargs: lm-eval task 'cqd_gen' samples"),
     ({"task": "cqd_gen", "filter": "loose"}, "tasks[0].settings.filter: lm-eval task 'cqd_gen' has filters"),
     ({"task": "cqd_mc", "include_path": "/no-such-folder"}, "tasks[0].settings.include_path: expected a folder"),
-    ({"task": "cqd_mc", "include_path": "tasks"}, "tasks[0].settings.include_path: expected an absolute path"),
-    ({"task": "cqd_mc", "colour": 1}, "tasks[0].settings: unknown key 'colour'"),
+    ({"task": "cqd_mc", "include_path": "no-such-folder"}, "tasks[0].settings.include_path: expected a folder of "
+     "lm-eval task YAMLs, but {tmp_path}/no-such-folder is not a directory"),
+    ({"task": "cqd_mc", "colour": 1}, "tasks[0].settings: unknown key 'colour', neither a setting of kind 'lm-eval' "
+     "nor a field of lm-eval's TaskConfig; expected one of task, include_path,"),
+    ({"task": "cqd_mc", "doc_to_txt": "{{question}}"}, "tasks[0].settings: unknown key 'doc_to_txt', neither a "
+     "setting of kind 'lm-eval' nor a field of lm-eval's TaskConfig; closest valid keys: doc_to_text"),
+    ({"task": "cqd_mc", "num_fewshots": 2}, "closest valid keys: num_fewshot"),
+    ({"task": "cqd_mc", "task_config": {"doc_to_text": "x"}},
+     "tasks[0].settings.task_config: give lm-eval's TaskConfig keys directly under settings"),
 ])
 def test_bad_input_is_one_line_naming_the_key(tmp_path, lmeval_dir, settings, message):
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, lmeval_dir, settings)
     text = str(caught.value)
-    assert message in text and "\n" not in text, text
+    assert message.format(tmp_path=tmp_path) in text and "\n" not in text, text
+
+
+def test_task_config_fields_pass_through_and_include_path_is_relative_to_the_config(tmp_path):
+    """TaskConfig's fields are top-level settings (here a prompt and a metric list lm-eval applies), and
+    a relative include_path is the config file's folder's, named absolutely in the frozen config."""
+    write_task_dir(tmp_path / "tasks")
+    config = _load(tmp_path, "tasks", {"task": "cqd_mc", "doc_to_text": "Q: {{question}}\nA:",
+                                       "metric_list": [{"metric": "acc_norm", "higher_is_better": True}]})
+    settings = config.to_dict()["tasks"][0]["settings"]
+    assert settings["include_path"] == str(tmp_path / "tasks") and settings["doc_to_text"].startswith("Q: ")
+    task = make_task(settings["include_path"], **{k: v for k, v in settings.items() if k != "include_path"})
+    lm_task = task.resolved.tasks["cqd_mc"]
+    assert lm_task.fewshot_context(lm_task.eval_docs[0], 0).startswith("Q: ")
+    assert task.resolved.metric == "acc_norm"
 
 
 def test_hub_fetch_hint_says_how(tmp_path, lmeval_dir):
     with pytest.raises(ConfigError, match=r"HF_DATASETS_CACHE.*HF_HUB_OFFLINE=1"):
-        _load(tmp_path, lmeval_dir, {"task": "cqd_mc", "task_config": {"dataset_path": "cqd-nobody/x",
-                                                                        "dataset_kwargs": None}})
+        _load(tmp_path, lmeval_dir, {"task": "cqd_mc", "dataset_path": "cqd-nobody/x", "dataset_kwargs": None})
 
 
 def test_loglikelihood_tasks_need_the_capability(tmp_path, lmeval_dir):
@@ -126,15 +146,24 @@ def test_a_group_scores_its_sub_tasks_documents(hf_engine, hflm_reference, lmeva
     assert means[0] != means[1], "sub-tasks of different sizes and scores tell the weightings apart"
 
 
-def test_few_shot_prompts_do_not_depend_on_the_documents_before_them(lmeval_dir):
-    """lm-eval draws random few-shot examples from one generator in document order; here each
-    document's draw is seeded by the document, so sharding cannot change an item's prompt."""
-    task = make_task(lmeval_dir, task="cqd_mc", num_fewshot=2, fewshot_seed=7).resolved.tasks["cqd_mc"]
-    docs = list(task.eval_docs)
-    alone = task.fewshot_context(docs[5], 2)
-    for doc in docs[:5]:
-        task.fewshot_context(doc, 2)
-    assert task.fewshot_context(docs[5], 2) == alone
-    assert alone.count("Question:") == 3
-    other = make_task(lmeval_dir, task="cqd_mc", num_fewshot=2, fewshot_seed=8).resolved.tasks["cqd_mc"]
-    assert [other.fewshot_context(d, 2) for d in docs] != [task.fewshot_context(d, 2) for d in docs]
+@pytest.fixture(scope="module")
+def fewshot_reference(tiny_family, lmeval_dir) -> dict:
+    """lm-eval's own HFLM on the multiple-choice task with two examples drawn at random (seed 7)."""
+    return evaluate_all("hf", lmeval_dir, tasks=["cqd_mc"], num_fewshot=2, fewshot_random_seed=7,
+                        model_args=f"pretrained={tiny_family['base']},dtype=float32", batch_size=8, device="cpu")
+
+
+def test_few_shot_prompts_equal_lm_evals_whatever_the_chunks(hf_engine, fewshot_reference, lmeval_dir):
+    """lm-eval draws each document's examples from one generator in document order; an item's
+    prompt and score equal simple_evaluate's however the documents are shared out (chunks in any
+    order, on any worker: here one engine, chunks out of order, one chunk scored twice)."""
+    task = make_task(lmeval_dir, task="cqd_mc", num_fewshot=2, fewshot_seed=7)
+    ids = task.item_ids()
+    chunks = [ids[9:], ids[3:9:2], ids[4:9:2], ids[:3], ids[9:]]
+    results = {r.item_id: r for chunk in chunks for r in task.evaluate(hf_engine, chunk)}
+    samples = {f"cqd_mc/{s['doc_id']}": s for s in fewshot_reference["samples"]["cqd_mc"]}
+    assert samples.keys() == results.keys()
+    assert all(s["arguments"][0][0].count("Question:") == 3 for s in samples.values()), "two examples and the doc"
+    assert {i: r.detail["prompt_hash"] for i, r in results.items()} == {i: s["prompt_hash"] for i, s in samples.items()}
+    assert {i: r.score for i, r in results.items()} == {i: float(s["acc"]) for i, s in samples.items()}
+    assert len({s["prompt_hash"] for s in samples.values()}) == len(samples)
