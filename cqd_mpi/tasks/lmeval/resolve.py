@@ -123,6 +123,10 @@ def _resolve(settings, include_path: str | None, where: str) -> Resolved:
     if not tasks:
         raise ConfigError(f"{where}.task: lm-eval task {name!r} has no sub-tasks")
     for task_name, task in tasks.items():
+        if getattr(task, "UNSAFE_CODE", False):
+            raise ConfigError(f"{where}.task: lm-eval task {task_name!r} runs the model's code in this process "
+                              "(unsafe_code), outside cqd_mpi's sandbox; score code skills with kind: mbpp, "
+                              "which runs them sandboxed")
         if task.get_config("output_type") == "generate_until":
             from cqd_mpi.tasks.lmeval.adapter import sampling_requested
 

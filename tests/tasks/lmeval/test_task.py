@@ -73,6 +73,8 @@ def _load(tmp_path, lmeval_dir, settings, engine=None):
     ({"task": "cqd_mc", "doc_to_txt": "{{question}}"}, "tasks[0].settings: unknown key 'doc_to_txt', neither a "
      "setting of kind 'lm-eval' nor a field of lm-eval's TaskConfig; closest valid keys: doc_to_text"),
     ({"task": "cqd_mc", "num_fewshots": 2}, "closest valid keys: num_fewshot"),
+    ({"task": "cqd_gen", "unsafe_code": True},
+     "tasks[0].settings.task: lm-eval task 'cqd_gen' runs the model's code in this process (unsafe_code)"),
     ({"task": "cqd_mc", "task_config": {"doc_to_text": "x"}},
      "tasks[0].settings.task_config: give lm-eval's TaskConfig keys directly under settings"),
 ])
