@@ -57,46 +57,10 @@ case "$node" in
   *) die "slurmd -C printed an unexpected line: $node" ;;
 esac
 install -d -o slurm -g slurm "$state" "$state/ctld" "$state/d" "$state/log"
-new_conf=$(cat <<CONF
-$marker: a one-node test cluster.
-ClusterName=cqd
-SlurmctldHost=$host(127.0.0.1)
-SlurmUser=slurm
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-# A requeued job may start again cred_expire + 1 s after it left (default 120 s).
-AuthInfo=cred_expire=5
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$state/log/jobcomp.txt
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-# Pending jobs (a requeued one waiting out its begin time) are looked at every 2 s, not 60.
-SchedulerParameters=sched_interval=2
-JobRequeue=1
-ReturnToService=2
-# Finished jobs stay visible to scontrol show job for 10 minutes.
-MinJobAge=600
-KillWait=10
-MailProg=/bin/true
-StateSaveLocation=$state/ctld
-SlurmdSpoolDir=$state/d
-SlurmctldPidFile=$state/slurmctld.pid
-SlurmdPidFile=$state/slurmd.pid
-SlurmctldLogFile=$state/log/slurmctld.log
-SlurmdLogFile=$state/log/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-$node NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=cqd Nodes=$host Default=YES MaxTime=INFINITE State=UP
-CONF
-)
+# shellcheck source=env/slurm-conf.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm-conf.sh"
+new_conf=$(slurm_conf "$marker: a one-node test cluster." cqd "$host(127.0.0.1)" "$state" "$state/d" \
+  "$state/slurmd.pid" "$state/log/slurmd.log" CR_CPU "" "$node NodeAddr=127.0.0.1 State=UNKNOWN" "$host")
 changed=0
 if [ -e "$conf" ] && ! grep -qF "$marker" "$conf"; then
   die "$conf exists and was not written by this script; set CQD_SLURM_CONF to another path"

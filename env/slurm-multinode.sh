@@ -148,58 +148,31 @@ node_lines=""
 for node in "${nodes[@]}"; do
   node_lines+="NodeName=$node NodeHostname=$node NodeAddr=$(addr_of "$node") CPUs=$cpus $memory State=UNKNOWN"$'\n'
 done
-new_conf=$(cat <<CONF
-$marker: a ${n_nodes}-node test cluster in network namespaces.
-ClusterName=cqdmn
-SlurmctldHost=cqd-head($(addr_of cqd-head))
-SlurmUser=slurm
-SlurmdUser=root
+# What differs from the one-node cluster (env/slurm-conf.sh has the rest).
+extra=$(cat <<CONF
 # Each node declares CQD_SLURM_MN_CPUS CPUs, not what slurmd finds (the machine's, shared).
 SlurmdParameters=config_overrides
-AuthType=auth/munge
-CredType=cred/munge
-# A requeued job may start again cred_expire + 1 s after it left (default 120 s).
-AuthInfo=cred_expire=5
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$state/log/jobcomp.txt
-SelectType=select/cons_tres
-# Jobs go to the least loaded node (CR_LLN), so that a job array spreads over the nodes.
-SelectTypeParameters=CR_CPU,CR_LLN
-SchedulerType=sched/builtin
-SchedulerParameters=sched_interval=2
-JobRequeue=1
-# A node whose slurmd comes back after a crash returns to service by itself.
-ReturnToService=2
 # A crashed node is DOWN (its jobs ended and requeued) SlurmdTimeout s after its slurmd stops
 # answering: SLURM's default, later than cqd_mpi's own lost-ranks deadline in the tests.
 SlurmdTimeout=300
-MinJobAge=600
-KillWait=10
 # Two cores run every node's daemons and jobs: at the default 10 s, launches and PMI exchanges
 # timed out under load and srun cancelled steps that were starting.
 MessageTimeout=60
-# One kernel: UCX would find the "nodes" on one machine and move bytes between them through
-# shared memory (cma, posix via /proc/PID/fd); every task gets UCX_TLS=tcp,self from here.
+# Every task gets MPICH's OFI netmod with the tcp provider on eth0 from here (env/README.md:
+# UCX, the wheel's default, moved bytes between the "nodes" through shared memory, one kernel,
+# and its address exchange ran through slurm's PMI-1 parser in pieces that it garbled).
 TaskProlog=$state/task-prolog.sh
-MailProg=/bin/true
-StateSaveLocation=$state/ctld
-SlurmdSpoolDir=$state/nodes/%n/spool
-SlurmctldPidFile=$state/slurmctld.pid
-SlurmdPidFile=$state/slurmd-%n.pid
-SlurmctldLogFile=$state/log/slurmctld.log
-SlurmdLogFile=$state/log/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-${node_lines}PartitionName=cqd Nodes=cqd-n[1-$n_nodes] Default=YES MaxTime=INFINITE State=UP
 CONF
 )
+# shellcheck source=env/slurm-conf.sh
+source "$(dirname "${BASH_SOURCE[0]}")/slurm-conf.sh"
+# Jobs go to the least loaded node (CR_LLN), so that a job array spreads over the nodes.
+new_conf=$(slurm_conf "$marker: a ${n_nodes}-node test cluster in network namespaces." cqdmn \
+  "cqd-head($(addr_of cqd-head))" "$state" "$state/nodes/%n/spool" "$state/slurmd-%n.pid" \
+  "$state/log/slurmd-%n.log" CR_CPU,CR_LLN "$extra" "${node_lines%$'\n'}" "cqd-n[1-$n_nodes]")
 printf '%s\n' '#!/bin/sh' '# env/slurm-multinode.sh: between nodes, MPI bytes go over TCP (eth0), never shared memory.' \
-  'echo "export UCX_TLS=tcp,self"' > "$state/task-prolog.sh"
+  'for v in MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp FI_TCP_IFACE=eth0 UCX_TLS=tcp,self; do echo "export $v"; done' \
+  > "$state/task-prolog.sh"
 chmod 755 "$state/task-prolog.sh"
 changed=0
 if [ "$(cat "$conf" 2>/dev/null)" != "$new_conf" ]; then
@@ -249,8 +222,10 @@ fi
 
 # --- the daemons.
 ping_ctld() { ip netns exec "$head_ns" scontrol ping 2>/dev/null | grep -q UP; }
+fresh_ctld=0
 if ! pid_alive "$state/slurmctld.pid" || ! ping_ctld; then
   stop_pidfile "$state/slurmctld.pid"
+  fresh_ctld=1
   in_node cqd-head slurmctld -c || die "slurmctld did not start; its log: $state/log/slurmctld.log"
   for _ in $(seq 100); do ping_ctld && break; sleep 0.2; done
   ping_ctld || { tail -n 20 "$state/log/slurmctld.log" >&2; die "slurmctld does not answer"; }
@@ -263,6 +238,10 @@ for node in "${nodes[@]}"; do
     ip netns exec "$head_ns" scontrol update NodeName="$node" State=DOWN \
       Reason="slurmd not running: restarted by env/slurm-multinode.sh" 2>/dev/null || true
     kill_namespace "$(ns_of "$node")"
+    # A fresh controller (slurmctld -c) counts job ids from 1 again: the whole cluster boots,
+    # and a node's /dev/shm (a directory here, not a tmpfs) is emptied as a reboot would. A node
+    # restarted alone keeps it, as a node whose processes were killed does.
+    if (( fresh_ctld )); then find "$state/nodes/$node/shm" -mindepth 1 -delete; fi
     in_node "$node" slurmd -N "$node" || { tail -n 20 "$state/log/slurmd-$node.log" >&2; die "slurmd of $node did not start"; }
   fi
 done

@@ -66,6 +66,15 @@ cqd_run() {
   local signalled=0 srun_pid=""
   # The trap is set before srun starts: a warning signal that came in between would end bash.
   trap 'signalled=1; echo "cqd_mpi: time limit near: asking all ranks to checkpoint and stop"; [ -z "$srun_pid" ] || kill -USR1 "$srun_pid"' USR1 TERM
+  # MPICH names a node's shared-memory segment after the job step ("<job id>.<step id>"), so
+  # this start's ranks would open as their own a segment that an earlier start of this job left
+  # on a node (its ranks killed) and fail in MPI_Init or read dead bytes. One task per node
+  # removes those first (cqd_mpi/runtime/shm.py, clear_job); no rank of this start runs yet.
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    srun --nodes="${SLURM_JOB_NUM_NODES:-1}" --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 \
+      --mpi=none --cpu-bind=none python -m cqd_mpi.runtime.shm clear-job "$SLURM_JOB_ID" \
+      || echo "cqd_mpi: warning: could not clear the shared-memory segments of earlier starts" >&2
+  fi
   srun ${CQD_SRUN_MPI:+--mpi="$CQD_SRUN_MPI"} --kill-on-bad-exit=1 --cpu-bind=none python -m cqd_mpi run "$config" "$@" &
   srun_pid=$!
   if (( signalled )); then kill -USR1 "$srun_pid"; fi

@@ -110,7 +110,11 @@ def subprocess_env(**extra) -> dict:
 # processes found by scanning /proc (OS environments, evalplus harnesses), the SLURM cluster,
 # vLLM's share of host memory, MPI jobs. Every other module is a group of its own, so its
 # module-scoped set-ups (runs, models) are built once. Checked by tests/test_groups.py.
+# The multi-node cluster (env/slurm-multinode.sh) is a resource of its own, apart from the
+# one-node cluster of "slurm": its tests mostly wait for their jobs, beside the other groups.
+# The first group whose prefix matches wins.
 SHARED_RESOURCES = {
+    "multinode": ("jobs/test_multinode.py",),
     "sandboxes": ("sandboxes/", "tasks/test_agentbench_run.py", "tasks/test_dbbench.py",
                   "tasks/test_mbpp.py", "tasks/test_mbpp_authors.py", "tasks/test_os_interaction.py",
                   "tasks/test_protocols.py", "tasks/test_os_tamper.py", "commands/test_check_tasks.py", "commands/test_doctor.py",

@@ -35,4 +35,5 @@ def test_groups_name_existing_modules():
             assert (Path(REPO / "tests" / prefix)).exists(), prefix
     assert xdist_group_of("qd/test_archive.py") == "qd/test_archive.py"
     assert xdist_group_of("jobs/test_slurm.py") == "slurm"
+    assert xdist_group_of("jobs/test_multinode.py", ("slow", "mpi")) == "multinode"
     assert xdist_group_of("tasks/test_other.py", ("slow", "mpi")) == "mpi"

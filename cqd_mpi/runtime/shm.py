@@ -9,6 +9,16 @@ rank removes the recorded segments whose recording processes are all dead and th
 process maps; an aborting rank unlinks its job's segments at once (`release`). A segment
 of another live job is never touched: its recorders are alive, or it is mapped, or it was
 never recorded.
+
+MPICH names a job's segment after its PMI key-value space, which under SLURM is
+"<job id>.<step id>": a requeued job's steps get the names of its earlier start's, and so does
+a new job once the controller's job ids start again. MPICH opens an existing segment of its
+name as one that a faster rank of its node made, so a stale one (the earlier start's ranks
+were killed) is mapped instead of a fresh one: MPI_Init then fails, or the node's ranks read
+the dead job's bytes. The sweep above runs after MPI_Init, too late for that; `clear_job`
+removes, on each node of a job before its ranks start (jobs/lib.sh), the segments named after
+that job's steps that no live process maps. Run as `python -m cqd_mpi.runtime.shm clear-job
+JOB_ID`.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -132,3 +144,56 @@ def sweep() -> list[str]:
     if removed:
         log.info("removed %d shared-memory segment(s) left by ended jobs: %s", len(removed), ", ".join(removed))
     return removed
+
+
+# MPICH 5 (ch4/shm/posix): "/mpich_shm_%x_%d" and "/mpich_vci_%x_%d" of the FNV-1a hash of the
+# PMI kvs name and the node's index; newer MPICH hashes "<kvs name>-<init count>".
+_SEGMENT_KINDS = ("shm", "vci")
+# Steps of one start whose names are cleared: jobs/lib.sh's starts use two (this and the run).
+_STEPS_PER_START = 16
+
+
+def _fnv1a(text: str) -> int:
+    value = 2166136261
+    for byte in text.encode():
+        value = ((value ^ byte) * 16777619) & 0xFFFFFFFF
+    return value
+
+
+def job_segment_prefixes(job_id: str) -> set[str]:
+    """Name prefixes (up to the node index) of the segments MPICH makes for steps of SLURM job
+    `job_id` (steps 0 to _STEPS_PER_START - 1)."""
+    prefixes = set()
+    for step in range(_STEPS_PER_START):
+        for kvs in (f"{job_id}.{step}", f"{job_id}.{step}-1"):
+            prefixes |= {f"{PREFIX}{kind}_{_fnv1a(kvs):x}_" for kind in _SEGMENT_KINDS}
+    return prefixes
+
+
+def clear_job(job_id: str) -> list[str]:
+    """Remove this node's segments named after steps of `job_id` that no live process maps
+    (an earlier start's, killed): the job's ranks, started next, would open them as their own."""
+    prefixes = job_segment_prefixes(job_id)
+    try:
+        named = {p.name for p in SHM_DIR.iterdir() if p.name.startswith(PREFIX)
+                 and p.name.rsplit("_", 1)[0] + "_" in prefixes}
+    except OSError:
+        return []
+    return _unlink(named - live_mappings()) if named else []
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "clear-job" or not argv[1].isdigit():
+        print(f"usage: python -m cqd_mpi.runtime.shm clear-job JOB_ID (got: {' '.join(argv) or 'nothing'})",
+              file=sys.stderr)
+        return 2
+    removed = clear_job(argv[1])
+    if removed:
+        print(f"cqd_mpi: {socket.gethostname()}: removed {len(removed)} shared-memory segment(s) left by "
+              f"ended jobs: {', '.join(sorted(removed))} (named after job {argv[1]}'s steps, which its "
+              "ranks would have opened as their own)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -39,8 +39,8 @@ def main() -> None:
     torch.cuda.device_count = lambda: gpus
     comm = MPI.COMM_WORLD
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    before = eth0_bytes()  # on every rank before any rank may send (a late reader missed bytes)
     comm.Barrier()
-    before = eth0_bytes()
     data = np.full(PAYLOAD, 7 if comm.Get_rank() == 0 else 0, dtype=np.uint8)
     comm.Bcast(data, root=0)
     comm.Barrier()

@@ -3,7 +3,7 @@ node a network namespace with its own hostname, slurmd and /dev/shm): where the 
 how their bytes travel, a preempted job and a job that loses a node, each requeued and resumed to
 the state of a one-process run, and the ablation array with its table.
 
-Skipped, saying why, where that cluster is not up; failed under CQD_REQUIRE_SLURM=1 (.ci/run).
+Skipped, saying why, where that cluster is not up; failed under CQD_REQUIRE_MULTINODE=1 (.ci/run).
 The jobs are submitted together by one fixture so that their minutes overlap; the job that loses
 cqd-n3 is the only one placed there.
 """
@@ -99,13 +99,15 @@ def wait_for_line(path: Path, pattern: str, timeout: float) -> re.Match:
 
 
 def run_processes(job_id: str) -> list[int]:
-    """Live `python -m cqd_mpi run` processes of the job, on any node."""
+    """Live `python -m cqd_mpi run` processes of the job, on any node (of this cluster: the
+    one-node cluster's job ids are the same numbers)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
             if not proc.name.isdigit() or b"cqd_mpi\0run" not in (proc / "cmdline").read_bytes():
                 continue
-            if f"SLURM_JOB_ID={job_id}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if f"SLURM_JOB_ID={job_id}".encode() in environ and b"SLURM_CLUSTER_NAME=cqdmn" in environ:
                 found.append(int(proc.name))
         except OSError:
             continue
@@ -129,7 +131,7 @@ def test_ranks_land_on_their_nodes_and_devices_and_talk_over_tcp_between_nodes(c
     assert [r["node_ranks"] for r in ranks] == [3, 3, 3, 2, 2]
     assert all(r["payload_ok"] for r in ranks)
     # Node 1's link sent the payload and node 2's received it, once: not through shared memory
-    # (the kernel is one: UCX would use it, were UCX_TLS not tcp,self on this cluster).
+    # (the kernel is one: UCX would use it; this cluster's task prolog selects OFI's tcp provider).
     assert all(payload <= r["sent"] < 2 * payload for r in ranks[:3]), ranks
     assert all(payload <= r["received"] < 2 * payload for r in ranks[3:]), ranks
 
