@@ -87,27 +87,35 @@ class FileKeys:
         self._keys.pop(m, None)
 
 
-def check_inputs(models: Mapping[str, Path], recorded: str | None, *, holder: str,
+def check_inputs(models: Mapping[str, Path], recorded: str | None, *, holder: str, root: Path | None = None,
                  force: bool = False, warn=None) -> tuple[str, list[str]]:
     """Hash the files of `models` (label -> model dir) and compare them with the digests
     `recorded` at the run's first start (the JSON text of state.h5's `inputs`; None when none
-    were). Returns the JSON to record and the lines to report; raises StateError naming the
-    first file that changed, is missing or is new, unless `force` (then it is reported and the
-    new digests recorded)."""
+    were). Files under `root` (the run dir: models lifted there) are recorded relative to it, so
+    a copied run dir holds the same record. Returns the JSON to record and the lines to report;
+    raises StateError naming the first file that changed, is missing or is new, unless `force`
+    (then it is reported and the new digests recorded)."""
+    root = Path(os.path.abspath(root)) if root is not None else None
+
+    def key(file: Path) -> str:
+        return str(file.relative_to(root)) if root is not None and file.is_relative_to(root) else str(file)
+
+    def where(name: str) -> Path:
+        return root / name if root is not None and not Path(name).is_absolute() else Path(name)
+
     labels: dict[str, str] = {}
     for label, model_dir in models.items():
         for file in input_files(model_dir):
-            labels.setdefault(str(file), label)
+            labels.setdefault(key(file), label)
     old = json.loads(recorded) if recorded else None
     if old is not None:
-        for file in sorted(set(old) - set(labels)):
-            if not Path(file).is_file():
-                labels[file] = "no longer a file of the base or an expert"
-    now = {file: file_digest(Path(file)) for file in sorted(labels) if Path(file).is_file()}
+        for name in sorted(set(old) - set(labels)):
+            labels[name] = "no longer a file of the base or an expert"
+    now = {name: file_digest(where(name)) for name in sorted(labels) if where(name).is_file()}
     text = json.dumps(now, sort_keys=True)
     if old is None:
         return text, []
-    changes = list(_changes(old, now, labels, holder))
+    changes = list(_changes(old, now, labels, holder, where))
     if changes and not force:
         raise StateError(f"{changes[0]}: restore it and run again, and the state resumes as it was; or pass "
                          f"--force to go on with the weights as they are (results then differ from an "
@@ -118,16 +126,16 @@ def check_inputs(models: Mapping[str, Path], recorded: str | None, *, holder: st
 
 
 def _changes(old: Mapping[str, str], now: Mapping[str, str], labels: Mapping[str, str],
-             holder: str) -> Iterable[str]:
-    for file in sorted(set(old) | set(now)):
-        label = labels.get(file, "")
-        if file not in now:
+             holder: str, where) -> Iterable[str]:
+    for name in sorted(set(old) | set(now)):
+        label, file = labels.get(name, ""), where(name)
+        if name not in now:
             yield f"{file} ({label}) is missing; {holder} recorded its sha256 at the run's first start"
-        elif file not in old:
+        elif name not in old:
             yield f"{file} ({label}) is new since the run's first start (its files were {_short(old)})"
-        elif old[file] != now[file]:
-            yield (f"{file} ({label}) changed since the run's first start (sha256 {old[file][7:19]}... recorded "
-                   f"in {holder}, {now[file][7:19]}... now)")
+        elif old[name] != now[name]:
+            yield (f"{file} ({label}) changed since the run's first start (sha256 {old[name][7:19]}... recorded "
+                   f"in {holder}, {now[name][7:19]}... now)")
 
 
 def _short(files: Mapping[str, str]) -> str:

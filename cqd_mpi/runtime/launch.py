@@ -73,7 +73,8 @@ def check_inputs(core: Search, rundir: RunDir, backend: StateBackend, *, force: 
               **{f"expert of task {name!r}": rundir.weights_of(core.models[e])
                  for name, e in zip(core.task_names, core.expert_ids)}}
     recorded = backend.recorded.get(integrity.INPUTS_ATTR)
-    text, _ = integrity.check_inputs(models, recorded, holder=backend.describe(), force=force, warn=echo)
+    text, _ = integrity.check_inputs(models, recorded, holder=backend.describe(), root=rundir.path, force=force,
+                                     warn=echo)
     if backend.recorded and text != recorded:
         backend.rebound = True
     backend.binding = {**backend.binding, integrity.INPUTS_ATTR: text}
