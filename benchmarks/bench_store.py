@@ -91,7 +91,7 @@ def digest_rate(root: Path) -> float:
     import torch
     from safetensors.torch import save_file
 
-    from cqd_mpi.run.store import weights_digest
+    from cqd_mpi.run.integrity import weights_digest
 
     model = root / "digest-model"
     model.mkdir()

@@ -10,7 +10,8 @@ rebuilt), a run killed (kill -9) and resumed, and the SAM demo at a few generati
 writes, per run, a sha256 of every state.h5 dataset and attribute and of every file under
 models/ and final/ (but report.json, which holds wall times). The timing columns
 (`/history/*_s`) and the attributes that describe the launch (`config`, `config_hash`,
-`package_version`, `world_size`, `checksum`) are left out. The tiny family and the demo models
+`package_version`, `world_size`, `checksum`, and `inputs`, the digests of the experts' files,
+which a checkout before #26 does not write) are left out. The tiny family and the demo models
 are built once under DIR (and in DIR/cache) and reused by every later `record`, so both
 checkouts read the same experts. With `--start-repo OTHER`, each probe run is started by
 OTHER's code, killed (kill -9) at its 9th evaluation and resumed by CHECKOUT's: compared with
@@ -34,7 +35,7 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SKIPPED_ATTRS = {"config", "config_hash", "package_version", "world_size", "checksum"}
+SKIPPED_ATTRS = {"config", "config_hash", "package_version", "world_size", "checksum", "inputs"}
 TIMINGS = {"merge_s", "transfer_s", "eval_s", "total_s"}
 PROBE = "tests.runtime.probe_task:ProbeTask"
 METHODS = {

@@ -5,7 +5,8 @@ default) this process reaches POINT (merge, eval: a worker starts scoring a mode
 starts one chunk of items, checkpoint, track, os-setup: an OS item's environment has just
 started, save-model: a model's weights are being written), on rank RANK (any when left out),
 ACTION happens: ``kill`` (SIGKILL to itself, as a node failure would), ``raise``, ``hang`` (block
-for ever, as a stuck server would), or ``enospc`` (the OSError a full disk raises, naming the
+for ever, as a stuck server would), ``stop`` (SIGSTOP to itself: no thread of it runs, as in a
+swapped-out or kernel-hung process), or ``enospc`` (the OSError a full disk raises, naming the
 path the point passes).
 """
 
@@ -48,7 +49,9 @@ def point(name: str, path: str | os.PathLike | None = None) -> None:
         raise InjectedFault(f"injected fault at {name} (hit {_hits[name]}, rank {_rank()})")
     elif action == "hang":
         threading.Event().wait()
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if path is None else os.fspath(path))
     else:
-        raise ValueError(f"CQD_MPI_FAULT: unknown action {action!r}; expected kill, raise, hang or enospc")
+        raise ValueError(f"CQD_MPI_FAULT: unknown action {action!r}; expected kill, raise, hang, stop or enospc")

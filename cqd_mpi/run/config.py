@@ -142,6 +142,10 @@ class RuntimeConfig:
     eval_deadline: Literal["auto"] | float = "auto"
     """Seconds one chunk of items may take on a worker before the job aborts, naming the rank,
     task and chunk (runtime/deadline.py); auto: sized from the chunk's items and their limits."""
+    eval_grace: float = 60.0
+    """Seconds a worker rank may take besides its chunks' deadlines (loading the model, sending
+    the scores) before rank 0 ends the job naming it (runtime/mpi.py's `Overdue`): the watch that
+    holds when the worker's own cannot run (the rank stopped, swapped out, hung in the kernel)."""
     model_store_bytes: str | None = None
     """Disk for models/ (run/store.py): beyond it archive members are kept as recipes and rebuilt
     bit for bit on demand; null keeps every member on disk."""
@@ -162,6 +166,8 @@ class RuntimeConfig:
         if self.eval_deadline != "auto" and not self.eval_deadline > 0:
             raise ConfigError(f"{where}.eval_deadline: expected 'auto' or a number of seconds > 0, "
                               f"got {self.eval_deadline}")
+        if not self.eval_grace > 0:
+            raise ConfigError(f"{where}.eval_grace: expected a number of seconds > 0, got {self.eval_grace}")
         if self.model_store_bytes is not None:
             parse_size(self.model_store_bytes, f"{where}.model_store_bytes")
         if self.model_store_depth < 1:

@@ -34,6 +34,11 @@ class ItemChunk:
     task: str
     item_ids: tuple[str, ...]
 
+    def __str__(self) -> str:
+        """How messages name a chunk: 'chunk 3 of task 'gsm8k' (5 items, 12 .. 16)'."""
+        ids = self.item_ids
+        return f"chunk {self.index} of task {self.task!r} ({len(ids)} items, {ids[0]} .. {ids[-1]})"
+
 
 @dataclasses.dataclass(frozen=True)
 class Scores:

@@ -21,7 +21,7 @@ log = logging.getLogger("cqd_mpi.run.config")
 RESULT_NEUTRAL_KEYS = frozenset({
     ("runtime", "transport"), ("runtime", "staging_dir"), ("runtime", "eval_groups"),
     ("runtime", "basis_cache"), ("runtime", "keep_backup"), ("runtime", "retain_child_bytes"),
-    ("runtime", "threads"), ("runtime", "eval_deadline"), ("runtime", "model_store_bytes"),
+    ("runtime", "threads"), ("runtime", "eval_deadline"), ("runtime", "eval_grace"), ("runtime", "model_store_bytes"),
     ("runtime", "model_store_depth"), ("engine", "device"), ("protocol",), ("tracking",),
 })
 """Keys that cannot change a run's results, or whose effect is checked elsewhere. The run-wide
@@ -38,6 +38,7 @@ ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("qd", "method"): "cycleqd",
     ("qd", "coefficients"): schema.to_dict(CoefficientsConfig()),
     ("runtime", "eval_deadline"): "auto",
+    ("runtime", "eval_grace"): RuntimeConfig.eval_grace,
     ("runtime", "model_store_bytes"): None,
     ("runtime", "model_store_depth"): RuntimeConfig.model_store_depth,
     ("vision",): schema.to_dict(VisionConfig()),

@@ -57,6 +57,8 @@ class StateBackend(abc.ABC):
     """Root attributes every save records once `resume` has bound the backend to its run."""
     rebound = False
     """Whether `resume` found the state recording another binding (forced, or older files)."""
+    recorded: Mapping[str, Any] = {}
+    """The root attributes of the state `resume` read (empty when none was saved)."""
 
     def save(self, core: Search, *, attrs: Mapping[str, Any] | None = None) -> None:
         self.save_tree(to_tree(core), attrs={**self.binding, **(attrs or {})})
@@ -70,6 +72,7 @@ class StateBackend(abc.ABC):
         if tree is not None:
             check_binding(tree["attrs"], binding, config, holder=self.describe(), force=force)
         self.binding = binding
+        self.recorded = {} if tree is None else dict(tree["attrs"])
         self.rebound = tree is not None and any(tree["attrs"].get(k) != v for k, v in binding.items())
         return None if tree is None else from_tree(tree)
 

@@ -13,13 +13,15 @@ budget every needed child stays on disk, as before. Either way the state file is
 
 A digest of each child's tensors is recorded in RUN_DIR/digests.json when it is saved, and a
 rebuilt child must match it, so a recipe that no longer reproduces its model (an expert
-changed on disk, another torch thread count) is found instead of used. At resume `check`
-rebuilds what it can and names the models that are lost; `run --drop-lost` drops them.
+changed on disk, another torch thread count) is found instead of used. A child read from disk
+(as a parent, a member, a stored model) must match it too, checked once per process and again
+whenever its files change (run/integrity.py). At resume `check` rebuilds what it can and names
+the models that are lost (`run --drop-lost` drops them), and writes digests.json again from
+the saved children when it is missing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -30,7 +32,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cqd_mpi.errors import CqdError, StateError
 from cqd_mpi.merging.builder import ModelBuilder
@@ -41,6 +42,7 @@ from cqd_mpi.qd.records import ModelKind, Phase, RecipeKind
 from cqd_mpi.qd.search import Search
 from cqd_mpi.run import keeping
 from cqd_mpi.run.config import RuntimeConfig
+from cqd_mpi.run.integrity import FileKeys, refuse_child, weights_digest
 from cqd_mpi.run.rundir import RunDir, atomic_write_text
 
 log = logging.getLogger("cqd_mpi.run.store")
@@ -51,18 +53,6 @@ class LostModels(StateError):
     def __init__(self, message: str, lost: Iterable[int]):
         super().__init__(message)
         self.lost = sorted(lost)
-
-
-def weights_digest(model_dir: Path) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order (so it does not
-    depend on how the model is sharded)."""
-    digest = hashlib.sha256()
-    tensors = dict(ModelDir(model_dir).tensors())
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-    return "sha256:" + digest.hexdigest()
 
 
 class ModelStore:
@@ -93,6 +83,9 @@ class ModelStore:
         self.rebuild_s = 0.0
         self.evicted = 0
         self.digest_s = 0.0
+        self.verified = 0
+        self.verify_s = 0.0
+        self._checked = FileKeys()
         self._clock = itertools.count()
         self._used: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
@@ -133,7 +126,27 @@ class ModelStore:
             for a in self._plan(m):
                 self._rebuild(a)
         self._used[m] = next(self._clock)
+        if self._kind(m) == ModelKind.CHILD:
+            self._verify(m)
         return self.location(m)
+
+    def _verify(self, m: int) -> None:
+        """Child m's weights on disk match its digest in digests.json (recorded there when it has
+        none): hashed the first time this process reads it, again only once its files changed."""
+        target = self.location(m)
+        if self._checked.current(m, target):
+            return
+        start = time.perf_counter()
+        key = self._checked.of(target)
+        found = weights_digest(target)
+        known = self._digests.get(str(m))
+        if known is None:
+            self._record(m, found)
+        elif known != found:
+            raise refuse_child(m, target, self.rundir.digests_path, found, known)
+        self._checked.remember(m, key)
+        self.verified += 1
+        self.verify_s += time.perf_counter() - start
 
     def _plan(self, m: int) -> list[int]:
         """The children off disk that rebuilding m needs, parents before children (ids are in
@@ -154,6 +167,7 @@ class ModelStore:
         start = time.perf_counter()
         target = self.location(m)
         self.builder.write(m, self.core.recipe(m), target)
+        key = self._checked.of(target)
         found = weights_digest(target)
         known = self._digests.get(str(m))
         if known is not None and known != found:
@@ -169,6 +183,7 @@ class ModelStore:
             self._write_digests()
         if known is None:
             self._record(m, found)
+        self._checked.remember(m, key)
         self.rebuilt += 1
         self.rebuild_s += time.perf_counter() - start
         log.info("rebuilt child #%d from its recipe into %s", m, target)
@@ -199,7 +214,9 @@ class ModelStore:
         if self._kind(m) != ModelKind.CHILD:
             return
         start = time.perf_counter()
+        key = self._checked.of(self.rundir.model_dir(m))
         self._record(m, weights_digest(self.rundir.model_dir(m)))
+        self._checked.remember(m, key)
         self.digest_s += time.perf_counter() - start
         self._used[m] = next(self._clock)
 
@@ -207,7 +224,7 @@ class ModelStore:
         """What this process's store did: for report.json and the benchmark."""
         return {"budget_bytes": self.budget, "disk_bytes": self.disk_bytes(), "on_disk": len(self.on_disk_children()),
                 "evicted": self.evicted, "rebuilt": self.rebuilt, "rebuild_s": self.rebuild_s,
-                "digest_s": self.digest_s}
+                "digest_s": self.digest_s, "verified": self.verified, "verify_s": self.verify_s}
 
     # what the run needs -------------------------------------------------------------------------
 
@@ -293,7 +310,7 @@ class ModelStore:
                 if max(depth.values(), default=0) > self.max_depth:
                     continue
                 if str(m) not in self._digests:
-                    self._record(m, weights_digest(self.rundir.model_dir(m)))
+                    self._verify(m)
                 total -= self.size(m)
                 self._delete(m)
                 off.add(m)
@@ -337,8 +354,22 @@ class ModelStore:
             os.rename(target, gone)
             shutil.rmtree(gone, ignore_errors=True)
         self._sizes.pop(m, None)
+        self._checked.forget(m)
 
     # at resume -------------------------------------------------------------------------------
+
+    def _rewrite_digests(self) -> None:
+        """digests.json is missing: record the digest of every saved child from its weights as
+        they are now (a child saved after this is recorded at its save, as always)."""
+        children = self.on_disk_children()
+        for m in children:
+            self._verify(m)
+        self._write_digests()
+        if children:
+            log.warning("%s was missing: recorded the digests of %d saved children from their weights as they "
+                        "are now", self.rundir.digests_path, len(children))
+            self.echo(f"rewrote {self.rundir.digests_path.name} from the {len(children)} saved children's weights "
+                      "(it was missing)")
 
     def check(self, *, drop_lost: bool = False) -> list[int]:
         """Make sure every model the run needs is on disk or rebuildable: rebuild the missing
@@ -363,6 +394,8 @@ class ModelStore:
                 except CqdError as exc:
                     log.warning("child #%d: %s; deleting it to rebuild it from its recipe", m, exc)
                     self._delete(m)
+        if not self.read_only and not self.rundir.digests_path.exists():
+            self._rewrite_digests()
         lost: set[int] = set()
         why: list[str] = []
         while True:

@@ -20,10 +20,10 @@ from cqd_mpi.qd.archive import Bins
 from cqd_mpi.qd.methods import method_class
 from cqd_mpi.qd.records import make_splits
 from cqd_mpi.qd.search import Search
-from cqd_mpi.run import vision
+from cqd_mpi.run import integrity, vision
 from cqd_mpi.run.config import BinsConfig, Config, parse_size
 from cqd_mpi.run.rundir import RunDir
-from cqd_mpi.run.state import HDF5Backend
+from cqd_mpi.run.state import HDF5Backend, StateBackend
 from cqd_mpi.run.store import ModelStore
 from cqd_mpi.run.tracking import Tracker
 from cqd_mpi.runtime import mpi, shm
@@ -66,6 +66,20 @@ def check_restored(core: Search, config: Config, tasks: Mapping[str, Task]) -> S
     return core
 
 
+def check_inputs(core: Search, rundir: RunDir, backend: StateBackend, *, force: bool, echo) -> None:
+    """The base's and the experts' files against the digests state.h5 recorded at the run's
+    first start (run/integrity.py): a changed one is refused; every later save records them."""
+    models = {"base": rundir.weights_of(core.models[core.base_id]),
+              **{f"expert of task {name!r}": rundir.weights_of(core.models[e])
+                 for name, e in zip(core.task_names, core.expert_ids)}}
+    recorded = backend.recorded.get(integrity.INPUTS_ATTR)
+    text, _ = integrity.check_inputs(models, recorded, holder=backend.describe(), root=rundir.path, force=force,
+                                     warn=echo)
+    if backend.recorded and text != recorded:
+        backend.rebound = True
+    backend.binding = {**backend.binding, integrity.INPUTS_ATTR: text}
+
+
 def conduct(config: Config, *, force: bool = False, drop_lost: bool = False, world_size: int = 1,
             make_groups: Callable[[dict[str, Task]], list[EvalGroup]] | None = None,
             stop: StopFlag | None = None, echo=print) -> str:
@@ -87,6 +101,7 @@ def conduct(config: Config, *, force: bool = False, drop_lost: bool = False, wor
             check_restored(core, config, tasks)
             echo(f"resuming {rundir.path}: phase {core.phase}, generation {core.generations_done}/"
                  f"{core.generations}")
+        check_inputs(core, rundir, backend, force=force, echo=echo)
         budget = config.runtime.model_store_bytes
         store = ModelStore(core=core, rundir=rundir, echo=echo, mutation=config.qd.mutation, vision=layout,
                            basis_cache=config.runtime.basis_cache, max_shard_size=config.runtime.max_shard_size,

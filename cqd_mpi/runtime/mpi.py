@@ -11,9 +11,14 @@ evaluates one model at a time, so G groups have G models in flight. Per model, i
    bounded chunks between nodes);
 4. each worker scores its share of the chunks and sends the per-item results to rank 0.
 
-A group whose results are overdue (its ranks or their node lost: nothing else ever tells rank
-0) ends the job, naming the ranks and their hosts (`Overdue`); RUN_DIR/logs/LOST_FILE, stamped
-with the SLURM job and start, tells the job script that the run resumes (jobs/lib.sh requeues).
+Rank 0 watches every step of a group (`Overdue`): a stop agreement or a transfer that makes no
+progress names the group's ranks and hosts (its ranks or their node lost: nothing else ever
+tells rank 0); a worker rank whose scores are not in within its chunks' deadlines plus
+`runtime.eval_grace` of the model being sent is named with its host, its tasks and chunks, as
+the worker's own deadline (runtime/deadline.py) cannot end the job when the rank cannot run
+(stopped, swapped out, hung in the kernel). Either ends the job; RUN_DIR/logs/LOST_FILE,
+stamped with the SLURM job and start, tells the job script that the run resumes (jobs/lib.sh
+requeues).
 
 mpi4py is imported only when the process runs under an MPI launcher (see `under_mpi`).
 """
@@ -26,13 +31,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from cqd_mpi.errors import ConfigError, require
 from cqd_mpi.run.config import Config
-from cqd_mpi.run.evaluation import shard
+from cqd_mpi.run.evaluation import ItemChunk, shard
 from cqd_mpi.run.rundir import RunDir
 from cqd_mpi.runtime import shm
 from cqd_mpi.runtime.deadline import chunk_deadline
@@ -48,8 +53,7 @@ TAG_RESULT = 17
 LOST_FILE = "lost-ranks.txt"
 LOST_STATUS = 75
 OVERDUE_GRACE_S = 60.0
-"""Seconds a group may take besides its chunks' deadlines: the stop agreement, the model's
-transfer and load."""
+"""Seconds a group may take for a stop agreement or for each tensor of a model's transfer."""
 _LAUNCHER_VARIABLES = ("PMI_SIZE", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
                        "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE", "I_MPI_HYDRA_HOST_FILE")
 
@@ -197,33 +201,37 @@ def lost_stamp() -> str:
 
 
 class Overdue:
-    """Rank 0's watch over its groups: a thread that ends the job when a group's results are
-    overdue. A worker that hangs ends the job itself (runtime/deadline.py); one that is gone
-    (killed, its node lost) tells nobody, and rank 0 would wait in a poll or a collective for
-    ever. Armed from a group's stop agreement until its results are in."""
+    """Rank 0's watch over its groups: a thread that ends the job when a group's step, or one
+    worker rank's scores, are overdue. A worker that hangs in Python ends the job itself
+    (runtime/deadline.py); one that is gone (killed, its node lost) or cannot run (stopped,
+    swapped out, hung in the kernel) tells nobody, and rank 0 would wait in a poll or a
+    collective for ever. Armed from a group's stop agreement until its results are in: per
+    group (`rank` None) for the collective steps, per worker rank for the scores."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.lost_file = RunDir(run_dir).logs_dir / LOST_FILE
         self.lost_file.unlink(missing_ok=True)
-        self._due: dict[int, tuple[float, str]] = {}
+        self._due: dict[tuple[int, int | None], tuple[float, str]] = {}
         self._lock = threading.Lock()
         threading.Thread(target=self._run, name="overdue-groups", daemon=True).start()
 
-    def arm(self, group: int, seconds: float, message: str) -> None:
+    def arm(self, group: int, seconds: float, message: str, *, rank: int | None = None) -> None:
         with self._lock:
-            self._due[group] = (time.monotonic() + seconds, message)
+            self._due[group, rank] = (time.monotonic() + seconds, message)
 
-    def disarm(self, group: int) -> None:
+    def disarm(self, group: int, *, rank: int | None = None) -> None:
+        """Disarm one rank's watch, or with `rank` None every watch of the group."""
         with self._lock:
-            self._due.pop(group, None)
+            for key in [k for k in self._due if k[0] == group and (rank is None or k[1] == rank)]:
+                del self._due[key]
 
     def _run(self) -> None:
         import sys
 
         while True:
-            time.sleep(1.0)
+            time.sleep(0.5)
             with self._lock:
-                late = [message for due, message in self._due.values() if time.monotonic() > due]
+                late = [message for due, message in sorted(self._due.values()) if time.monotonic() > due]
             if late:
                 print(late[0], file=sys.stderr, flush=True)
                 with contextlib.suppress(OSError):
@@ -247,7 +255,8 @@ class MPIGroup(EvalGroup):
     """Rank 0's end of one group of worker ranks."""
 
     def __init__(self, comm, *, index: int, transport: str, stop: StopFlag, overdue: Overdue | None = None,
-                 world_ranks: list[int] | None = None, hosts: list[str] | None = None, budget=None):
+                 world_ranks: list[int] | None = None, hosts: list[str] | None = None,
+                 deadline: Callable[[ItemChunk], float] | None = None, grace: float = OVERDUE_GRACE_S):
         self.comm = comm
         self.index = index
         self.name = f"group {index}"
@@ -265,7 +274,8 @@ class MPIGroup(EvalGroup):
         self.overdue = overdue
         self.world_ranks = world_ranks or list(range(1, comm.Get_size()))
         self.hosts = hosts
-        self.budget = budget or (lambda _chunks: 0.0)
+        self.deadline = deadline or (lambda _chunk: 0.0)
+        self.grace = float(grace)
 
     def _arm(self, seconds: float, what: str) -> None:
         """Expect `what` from the group within OVERDUE_GRACE_S + `seconds`, else end the job."""
@@ -281,6 +291,24 @@ class MPIGroup(EvalGroup):
             f"cqd_mpi: error: eval group {self.index} ({where}) gave no {what} "
             f"within {OVERDUE_GRACE_S + seconds:g} s: ranks or their node lost. Aborting the job; its state "
             "resumes from the last checkpoint."))
+
+    def _arm_scores(self, model_id: int, chunks: list[ItemChunk]) -> None:
+        """Expect each worker rank's scores within its share's deadlines plus `grace` from now."""
+        if self.overdue is None:
+            return
+        n_workers = self.comm.Get_size() - 1
+        for w in range(n_workers):
+            mine = shard(chunks, n_workers, w)
+            rank = self.world_ranks[w]
+            host = f" on {self.hosts[rank]}" if self.hosts is not None else ""
+            budget = sum(self.deadline(c) for c in mine)
+            named = "; ".join(map(str, mine[:3])) + (f"; and {len(mine) - 3} more" if len(mine) > 3 else "") or "no chunks"
+            self.overdue.arm(self.index, budget + self.grace, rank=w + 1, message=(
+                f"cqd_mpi: error: rank {rank}{host} (eval group {self.index}) sent no scores for model {model_id} "
+                f"within {budget + self.grace:g} s of receiving it, its chunks' deadlines ({budget:g} s, "
+                f"runtime.eval_deadline) plus runtime.eval_grace ({self.grace:g} s): {named}. Its own deadline did "
+                "not end the job, so the rank cannot run (stopped, swapped out, hung in the kernel) or is lost. "
+                "Aborting the job; its state resumes from the last checkpoint."))
 
     def _disarm(self) -> None:
         if self.overdue is not None:
@@ -319,8 +347,8 @@ class MPIGroup(EvalGroup):
             tensors = Prefetched(source.stream)
             self.broadcast.send(self._progress(tensors, what))
             waited = tensors.waited
-        self._arm(self.budget(chunks), f"results for model {job.model_id} (its chunks' eval deadlines "
-                                       f"plus {OVERDUE_GRACE_S:g} s)")
+        self._disarm()
+        self._arm_scores(job.model_id, list(chunks))
         transfer_s = time.perf_counter() - started - waited
         self._job = (job, list(chunks), source.stream.seconds + source.staged_s, transfer_s,
                      started - source.staged_s)
@@ -336,6 +364,8 @@ class MPIGroup(EvalGroup):
         while self._waiting and self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status):
             message = self.comm.recv(source=status.Get_source(), tag=TAG_RESULT)
             self._waiting.discard(status.Get_source())
+            if self.overdue is not None:
+                self.overdue.disarm(self.index, rank=status.Get_source())
             self._results.update(message["results"])
             self._eval_s = max(self._eval_s, message["eval_s"])
             self._worker_stop |= message["stop"]
@@ -411,18 +441,17 @@ def serve(comm, config: Config, *, stop: StopFlag | None = None) -> None:
 
 def conductor_groups(comm, config: Config, stop: StopFlag, tasks) -> list[MPIGroup]:
     """Rank 0's end of every eval group (collective with the workers' `serve`), watched by
-    one `Overdue`: a group has the deadlines of its slowest worker's share of chunks."""
+    one `Overdue`: each worker rank has the deadlines of its share of the chunks, plus
+    `runtime.eval_grace`."""
     comms, members = group_comms(comm, config.runtime.eval_groups)
     hosts = host_names(comm)
     overdue = Overdue(config.runtime.run_dir)
 
-    def budget(n_workers):
-        """Seconds the slowest of n_workers may take for its share of the chunks."""
-        return lambda chunks: max(sum(chunk_deadline(config.runtime.eval_deadline, tasks[c.task], c.item_ids)
-                                      for c in shard(chunks, n_workers, w)) for w in range(n_workers))
+    def deadline(chunk: ItemChunk) -> float:
+        return chunk_deadline(config.runtime.eval_deadline, tasks[chunk.task], chunk.item_ids)
 
     groups = [MPIGroup(c, index=i, transport=config.runtime.transport, stop=stop, overdue=overdue,
-                       world_ranks=members[i], hosts=hosts, budget=budget(len(members[i])))
+                       world_ranks=members[i], hosts=hosts, deadline=deadline, grace=config.runtime.eval_grace)
               for i, c in enumerate(comms)]
     shm.record()
     return groups

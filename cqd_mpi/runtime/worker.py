@@ -88,9 +88,7 @@ class Worker:
         return results
 
     def _overran(self, chunk: ItemChunk, seconds: float) -> str:
-        ids = chunk.item_ids
-        return (f"[rank {self.rank}] cqd_mpi: error: chunk {chunk.index} of task {chunk.task!r} "
-                f"({len(ids)} items, {ids[0]} .. {ids[-1]}) ran past its deadline of {seconds:g} s "
+        return (f"[rank {self.rank}] cqd_mpi: error: {chunk} ran past its deadline of {seconds:g} s "
                 f"(runtime.eval_deadline); aborting the job. The state in {self.config.runtime.run_dir} "
                 "resumes: rerun the same command.")
 

@@ -9,8 +9,9 @@ BASE(k) = SANDBOX_UID + 65536 * (k + 1), are uids 0 .. 65535 inside. The rootfs,
 and owned by SANDBOX_UID, is shown to the environment through an idmapped mount (Linux >= 5.12:
 open_tree, mount_setattr, move_mount) that maps SANDBOX_UID .. + 65535 onto the slot's range,
 so its files belong to the environment's root without a copy. The mount lives on the host only
-until the environment's sandbox has bound it (`detach`), and a stale one of a crashed worker is
-removed when its slot is taken again. Elsewhere (no root, or a kernel without idmapped mounts)
+until the environment's sandbox has bound it (`detach`); a worker killed before that leaves its
+slot's mounted, which the next process on the node to set environments up takes off (`sweep`:
+every slot mounted whose lock nobody holds), as does the next holder of that slot. Elsewhere (no root, or a kernel without idmapped mounts)
 environments keep one uid; `mode()` says which a node gets (doctor).
 """
 
@@ -138,10 +139,7 @@ class UidRange:
 
     def detach(self) -> None:
         """Take the idmapped rootfs off the host (the sandbox that bound it keeps its copy)."""
-        while _libc.umount2(self.lower.encode(), MNT_DETACH) == 0:
-            pass  # stacked mounts of crashed holders, each taken off
-        if ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):  # EINVAL: no mount there (any more)
-            raise _failed(f"umount {self.lower}")
+        _unmount(self.lower)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -154,9 +152,42 @@ class UidRange:
             self.lock = None
 
 
+def _unmount(path: str) -> None:
+    while _libc.umount2(path.encode(), MNT_DETACH) == 0:
+        pass  # stacked mounts of crashed holders, each taken off
+    if ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):  # EINVAL: no mount there (any more)
+        raise _failed(f"umount {path}")
+
+
+def _mounted_slots() -> set[int]:
+    """The slots whose `N.lower` is a mount point on the host (/proc/self/mountinfo's 5th field)."""
+    slots = set()
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            point = Path(line.split()[4])
+            if point.parent == SLOT_DIR and point.suffix == ".lower" and point.stem.isdigit():
+                slots.add(int(point.stem))
+    return slots
+
+
+def sweep() -> list[int]:
+    """Take off the host the idmapped rootfs of every slot no live environment holds (its lock
+    is free: the worker that mounted it was killed before `detach`). Returns those slots."""
+    swept = []
+    for slot in sorted(_mounted_slots()):
+        with open(SLOT_DIR / f"{slot}.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            _unmount(str(SLOT_DIR / f"{slot}.lower"))
+            swept.append(slot)
+    return swept
+
+
 def usable(rootfs: str | None = None) -> tuple[bool, str]:
     """(whether environments get a uid range here, why not), tried once per process on `rootfs`
-    (default: the slot dir itself)."""
+    (default: the slot dir itself), which then sweeps the slots' stale mounts."""
     global _usable
     if _usable is None:
         if os.geteuid() != 0:
@@ -165,6 +196,7 @@ def usable(rootfs: str | None = None) -> tuple[bool, str]:
             try:
                 SLOT_DIR.mkdir(parents=True, exist_ok=True)
                 UidRange(rootfs or str(SLOT_DIR)).close()
+                sweep()
                 _usable = True, ""
             except OSError as exc:
                 _usable = False, f"a uid range could not be set up ({exc})"

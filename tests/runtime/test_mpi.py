@@ -1,6 +1,7 @@
 """The MPI runtime under mpiexec (pip mpich wheel): invariants over rank counts, eval groups,
 transports, failures and preemption."""
 
+import contextlib
 import json
 import os
 import re
@@ -143,6 +144,47 @@ def test_an_evaluation_past_its_deadline_aborts_the_job_naming_it_and_resumes(on
                      r"deadline of 5 s \(runtime.eval_deadline\)", hung.stderr), hung.stderr[-3000:]
     assert "in wait" in hung.stderr
     assert elapsed < 40
+    resumed = run_cli("run", config, mpi_ranks=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert_same_results(one_rank, tmp_path / "run")
+
+
+def test_a_stopped_worker_is_named_by_rank_0_past_its_deadlines_and_the_rerun_resumes(one_rank, tiny_family, tmp_path):
+    """SIGSTOP (the `stop` fault at a chunk): no thread of the worker runs, its own deadline
+    included; rank 0 ends the job past the rank's chunks' deadlines plus runtime.eval_grace,
+    naming the rank, the task and the chunk."""
+    config = mpi_config(tiny_family, tmp_path, **{"runtime.eval_deadline": 2, "runtime.eval_grace": 3})
+    process = subprocess.Popen(["mpiexec", "-n", "3", *run_cli_command(config)],
+                               env=subprocess_env(CQD_MPI_FAULT="chunk@2:stop:3"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "logs" / "rank-2.log"
+    stopped_at, pid = None, None
+    try:
+        deadline = time.time() + 120
+        while stopped_at is None and process.poll() is None and time.time() < deadline:
+            if pid is None and log.exists() and (found := re.search(r"\(pid (\d+)\)", log.read_text())):
+                pid = int(found.group(1))
+            if pid is not None and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+                stopped_at = time.time()
+            time.sleep(0.1)
+        _, err = process.communicate(timeout=60)
+        ended_at = time.time()
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if process.poll() is None:
+            process.kill()
+    assert stopped_at is not None, err[-3000:]
+    assert process.returncode != 0
+    named = re.search(r"cqd_mpi: error: rank 2 on \S+ \(eval group 0\) sent no scores for model \d+ within "
+                      r"([\d.]+) s of receiving it, its chunks' deadlines \(([\d.]+) s, runtime.eval_deadline\) "
+                      r"plus runtime.eval_grace \(3 s\): chunk \d+ of task '\w+' \(\d+ items", err)
+    assert named, err[-3000:]
+    assert float(named.group(1)) == float(named.group(2)) + 3
+    assert ended_at - stopped_at < float(named.group(1)) + 3, (ended_at - stopped_at, named.group(0))
+    assert named.group(0) in (tmp_path / "run" / "logs" / "lost-ranks.txt").read_text()
     resumed = run_cli("run", config, mpi_ranks=3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout

@@ -3,10 +3,14 @@ so an item's `chown` to a user it creates works as on docker, and no two environ
 host uid; the idmapped rootfs leaves nothing mounted on the host."""
 
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
 from cqd_mpi.sandboxes import uidrange
+from tests.conftest import subprocess_env
 from tests.sandboxes.osenv_helpers import make_env, rootfs_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="uid ranges need a root worker (CI runs as root)")
@@ -36,3 +40,25 @@ def test_items_chown_to_users_they_create_and_no_two_share_a_uid():
         first.close()
         second.close()
     assert host_mounts() == before
+
+
+def test_the_mount_a_killed_worker_left_is_swept_and_a_live_environments_kept(tmp_path, monkeypatch):
+    """A worker SIGKILLed between mounting its slot's rootfs and `detach` leaves it on the host;
+    `sweep` takes it off (its lock is free) and leaves the slot a live environment holds."""
+    slots, tree = tmp_path / "slots", tmp_path / "tree"
+    tree.mkdir()
+    monkeypatch.setattr(uidrange, "SLOT_DIR", slots)
+    live = uidrange.UidRange(str(tree))
+    try:
+        killed = subprocess.run(
+            [sys.executable, "-c", "import os, signal, sys; from cqd_mpi.sandboxes import uidrange; "
+             "print(uidrange.UidRange(sys.argv[1]).slot, flush=True); os.kill(os.getpid(), signal.SIGKILL)", str(tree)],
+            env=subprocess_env(CQD_UID_SLOTS=slots), capture_output=True, text=True, timeout=60)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        dead = int(killed.stdout)
+        assert uidrange._mounted_slots() == {dead, live.slot}
+        assert uidrange.sweep() == [dead]
+        assert uidrange._mounted_slots() == {live.slot}
+    finally:
+        live.close()
+    assert uidrange._mounted_slots() == set()
