@@ -86,9 +86,11 @@ def test_analyze_and_export_read_the_run(finished, tmp_path):
         assert aggregate.returncode == 2 and f"this is a {finished['method']} run, whose final model is" in aggregate.stderr
 
 
-def test_the_budget_curve_scores_the_would_be_final_model_every_n_models(finished):
+def test_the_budget_curve_scores_the_would_be_final_model_every_n_models(finished, tmp_path):
     """Without test_every no curve is written; with it, a point at 2 and 4 models evaluated (the
-    final model is the point at the budget, 6), each the best candidate so far on the test split."""
+    final model is the point at the budget, 6), each the best candidate so far on the test split,
+    and `compare` shows the method's row and draws the curve (compare's other methods:
+    tests/commands/test_compare.py)."""
     state = read_state(finished["root"] / "run" / "state.h5")
     every = RUNTIME.get(finished["method"], {}).get("test_every", 0)
     if not every:
@@ -104,18 +106,11 @@ def test_the_budget_curve_scores_the_would_be_final_model_every_n_models(finishe
     for point, n in zip(points, [2, 4]):
         best = max(searched[:n], key=lambda i: (models["scores"][i].mean(), -i))
         np.testing.assert_array_equal(models["coefficients"][point], models["coefficients"][best])
-
-
-def test_compare_shows_the_method(finished, tmp_path):
-    run_dir = finished["root"] / "run"
-    every = RUNTIME.get(finished["method"], {}).get("test_every", 0)
-    extra = ["--budget-curve", tmp_path / "curve.png"] if every else []
-    compared = run_cli("compare", run_dir, "--format", "csv", "--no-chart", *extra)
+    compared = run_cli("compare", finished["root"] / "run", "--format", "csv", "--no-chart",
+                       "--budget-curve", tmp_path / "curve.png")
     assert compared.returncode == 0, compared.stderr[-2000:]
-    label = {"qd": "QD", "cma-es": "CMA-ES", "nsga2": "NSGA-II", "policy-gradient": "Policy gradient"}[finished["method"]]
-    assert any(line.startswith(f"{label},") for line in compared.stdout.splitlines()), compared.stdout
-    if every:
-        assert (tmp_path / "curve.png").stat().st_size > 0
+    assert any(line.startswith("Policy gradient,method,") for line in compared.stdout.splitlines()), compared.stdout
+    assert (tmp_path / "curve.png").stat().st_size > 0
 
 
 def test_kill_9_then_resume_equals_the_uninterrupted_run(finished, tiny_family, tmp_path):
