@@ -164,9 +164,9 @@ class CoefficientSearch(Strategy):
         final.coefficients = np.array(self.best_candidate(search).coefficients, dtype=np.float64)
 
     def recipe(self, search: Search, record: ModelRecord) -> ModelRecipe | None:
-        """A candidate and the final model: theta_base + sum_k c_k tau_k over the experts."""
+        """A candidate, the final model and a budget-curve point: theta_base + sum_k c_k tau_k over the experts."""
         if record.kind == ModelKind.COMBINATION or (
-                record.kind == ModelKind.AGGREGATE and np.all(np.isfinite(record.coefficients))):
+                record.kind in (ModelKind.AGGREGATE, ModelKind.CURVE) and np.all(np.isfinite(record.coefficients))):
             return ModelRecipe(RecipeKind.AGGREGATE, members=tuple(search.expert_ids),
                                betas=tuple(float(c) for c in record.coefficients))
         return None

@@ -16,6 +16,7 @@ BUILTIN = {
     "qd": "cqd_mpi.qd.noncyclic:NonCyclicQD",
     "cma-es": "cqd_mpi.qd.coefficients:CMAES",
     "nsga2": "cqd_mpi.qd.coefficients:NSGA2",
+    "policy-gradient": "cqd_mpi.qd.policy_gradient:PolicyGradient",
 }
 
 

@@ -61,6 +61,9 @@ class SearchParams:
     """Bins per axis of an auto-binned task."""
     bc_lower_factor: float = 0.85
     bc_upper_factor: float = 1.15
+    test_every: int = 0
+    """Every this many models evaluated, the would-be final model is scored on the test split
+    (a budget-curve point, not counted in the budget); 0: never."""
 
     @classmethod
     def from_sections(cls, *sections: Mapping[str, Any]) -> SearchParams:
@@ -83,7 +86,7 @@ class SearchParams:
         coerce(self)
         if self.sampling not in ("elite", "random"):
             raise ValueError(f"sampling must be 'elite' or 'random', got {self.sampling!r}")
-        for name in ("generations", "seed", "pipeline_depth"):
+        for name in ("generations", "seed", "pipeline_depth", "test_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.n_bins < 1:

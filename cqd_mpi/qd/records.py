@@ -35,7 +35,10 @@ class ModelKind(Name):
     """The method's final model."""
     COMBINATION = "combination"
     """theta_base + sum_k c_k tau_k over the experts, with its own `coefficients` (a candidate
-    of the coefficient searches, CMA-ES and NSGA-II)."""
+    of the coefficient searches, CMA-ES, NSGA-II and policy gradient)."""
+    CURVE = "curve"
+    """The would-be final model after `generation` models evaluated (`runtime.test_every`),
+    scored on the test split only and not counted in the budget (a point of the budget curve)."""
 
 
 class Phase(Name):
@@ -43,6 +46,9 @@ class Phase(Name):
     SEARCH = "search"
     FINAL = "final"
     DONE = "done"
+    CURVE = "curve"
+    """A job's phase only: a budget-curve point scored during the search (the search's own
+    phase stays search)."""
 
 
 class RecipeKind(Name):

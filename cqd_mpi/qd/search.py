@@ -12,6 +12,11 @@ were issued. Three phases:
 - final: the base, the experts, the naive task-vector average, the archive elites and the
   method's final model (kind aggregate) are scored on the test split.
 
+With `test_every` N > 0, every N models evaluated in the search (before the budget) the
+would-be final model (a model of kind curve, built as the final model would be then) is
+scored on the test split, queued behind the jobs already issued; the strategies count search
+jobs only, so these points change no candidate, only the models' ids.
+
 All randomness of generation t comes from cqd_mpi.seeding keyed by (seed, t, purpose), so
 a search restored from a snapshot continues exactly as the original would have.
 """
@@ -247,6 +252,7 @@ class Search:
                 coverage=np.array([a.coverage() for a in self.archives]),
                 **{f"{key}_s": float(value) for key, value in (timings or {}).items()},
             ))
+            self._curve_point(job.generation)
             self._refill()
         elif job.phase == Phase.FINAL and not self.pending:
             self.phase = Phase.DONE
@@ -293,8 +299,20 @@ class Search:
             self._start_final()
             return
         self.pending.extend(jobs)
-        if not self.pending:
+        if not any(job.phase == Phase.SEARCH for job in self.pending):
             self._start_final()
+
+    def _curve_point(self, generation: int) -> None:
+        """After `generation` models evaluated, queue the would-be final model on the test
+        split when the budget curve takes a point there (every `test_every`, before the budget:
+        the final model is the point at the budget)."""
+        every = self.params.test_every
+        if not every or generation % every or generation >= self.generations:
+            return
+        record = self.add_model(ModelKind.CURVE, generation)
+        self.strategy.finalize(self, record)
+        recipe = self.strategy.recipe(self, record) or self._elites_aggregate()
+        self.pending.append(Job(record.id, generation, Phase.CURVE, "test", recipe))
 
     def _start_final(self) -> None:
         self.phase = Phase.FINAL
@@ -369,8 +387,17 @@ class Search:
         if record.kind == ModelKind.AVERAGE:
             return ModelRecipe(RecipeKind.AGGREGATE, members=tuple(self.expert_ids), betas=(1.0 / self.k,) * self.k)
         if record.kind == ModelKind.AGGREGATE:
-            return ModelRecipe(RecipeKind.AGGREGATE, members=tuple(self.elites()), betas=tuple(self.aggregate_betas()))
+            return self._elites_aggregate()
+        if record.kind == ModelKind.CURVE:
+            job = next((j for j in self.pending if j.model_id == model_id), None)
+            if job is None:
+                raise ValueError(f"model {model_id} is a budget-curve point (runtime.test_every); its recipe is "
+                                 "the aggregate of the elites when it was queued, which the state does not keep")
+            return job.recipe
         return STORED
+
+    def _elites_aggregate(self) -> ModelRecipe:
+        return ModelRecipe(RecipeKind.AGGREGATE, members=tuple(self.elites()), betas=tuple(self.aggregate_betas()))
 
     def drop(self, model_ids: Sequence[int]) -> None:
         """Take models whose weights are lost out of the archives (recorded in `dropped` as

@@ -18,6 +18,7 @@ from cqd_mpi import schema
 from cqd_mpi.errors import ConfigError
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.qd.params import SearchParams
+from cqd_mpi.qd.policy_gradient import PolicyGradientSettings
 from cqd_mpi.schema import parse_size
 from cqd_mpi.tasks import protocols
 
@@ -95,6 +96,22 @@ class CoefficientsConfig:
 
 
 @dataclasses.dataclass
+class PolicyGradientConfig:
+    """qd.method policy-gradient: Adam's learning rate on the policy's mean and log standard
+    deviation, and the decay of the REINFORCE baseline's moving average (qd/policy_gradient.py;
+    its population, initial standard deviation and box are `qd.coefficients`')."""
+
+    learning_rate: float = PolicyGradientSettings.learning_rate
+    baseline_decay: float = PolicyGradientSettings.baseline_decay
+
+    def validate(self, where: str) -> None:
+        if not self.learning_rate > 0:
+            raise ConfigError(f"{where}.learning_rate: expected a number > 0, got {self.learning_rate}")
+        if not 0.0 <= self.baseline_decay < 1.0:
+            raise ConfigError(f"{where}.baseline_decay: expected a number in [0, 1), got {self.baseline_decay}")
+
+
+@dataclasses.dataclass
 class QDConfig:
     """`generations` is the search budget: the models evaluated in the search phase, one
     child per generation for CycleQD and QD, one candidate each for CMA-ES and NSGA-II."""
@@ -111,6 +128,7 @@ class QDConfig:
     bc_upper_factor: float = SearchParams.bc_upper_factor
     search_fraction: float = 0.5
     coefficients: CoefficientsConfig = dataclasses.field(default_factory=CoefficientsConfig)
+    policy_gradient: PolicyGradientConfig = dataclasses.field(default_factory=PolicyGradientConfig)
 
     def validate(self, where: str) -> None:
         from cqd_mpi.qd.methods import method_class
@@ -151,6 +169,9 @@ class RuntimeConfig:
     bit for bit on demand; null keeps every member on disk."""
     model_store_depth: int = 2
     """With a budget, no needed model is more than this many chained merges from weights on disk."""
+    test_every: int = SearchParams.test_every
+    """Every N models evaluated, score the would-be final model on the test split (the points of
+    `compare --budget-curve`; not counted in the budget); 0: never."""
 
     def validate(self, where: str) -> None:
         if self.seed < 0:
@@ -170,6 +191,8 @@ class RuntimeConfig:
             raise ConfigError(f"{where}.eval_grace: expected a number of seconds > 0, got {self.eval_grace}")
         if self.model_store_bytes is not None:
             parse_size(self.model_store_bytes, f"{where}.model_store_bytes")
+        if self.test_every < 0:
+            raise ConfigError(f"{where}.test_every: expected an integer >= 0 (0: never), got {self.test_every}")
         if self.model_store_depth < 1:
             raise ConfigError(f"{where}.model_store_depth: expected an integer >= 1, got {self.model_store_depth}")
 

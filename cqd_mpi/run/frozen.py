@@ -13,7 +13,13 @@ from typing import Any
 
 from cqd_mpi import schema
 from cqd_mpi.errors import StateError
-from cqd_mpi.run.config import CoefficientsConfig, RuntimeConfig, VisionConfig, moved_keys
+from cqd_mpi.run.config import (
+    CoefficientsConfig,
+    PolicyGradientConfig,
+    RuntimeConfig,
+    VisionConfig,
+    moved_keys,
+)
 from cqd_mpi.tasks import protocols
 
 log = logging.getLogger("cqd_mpi.run.config")
@@ -37,10 +43,12 @@ ADDED_KEYS: dict[tuple[str, ...], Any] = {
     ("tasks", "*", "protocol"): None,
     ("qd", "method"): "cycleqd",
     ("qd", "coefficients"): schema.to_dict(CoefficientsConfig()),
+    ("qd", "policy_gradient"): schema.to_dict(PolicyGradientConfig()),
     ("runtime", "eval_deadline"): "auto",
     ("runtime", "eval_grace"): RuntimeConfig.eval_grace,
     ("runtime", "model_store_bytes"): None,
     ("runtime", "model_store_depth"): RuntimeConfig.model_store_depth,
+    ("runtime", "test_every"): RuntimeConfig.test_every,
     ("vision",): schema.to_dict(VisionConfig()),
 }
 """Keys added since a run could have been frozen, at the values that reproduce what the older

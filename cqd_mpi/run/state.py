@@ -47,6 +47,9 @@ from cqd_mpi.run import frozen, hdf5io, keeping
 from cqd_mpi.run.hdf5io import CHECKSUM
 
 SCHEMA_VERSION = 1
+ADDED_ATTRS = {"test_every": 0}
+"""Root attributes added to schema v1 since files were written without them, at the values that
+reproduce what those files' runs did."""
 log = logging.getLogger("cqd_mpi.run.state")
 
 
@@ -259,6 +262,8 @@ def to_tree(core: Search) -> dict:
         "pending": _pending_columns(core, paths),
         "items": {},
     }
+    if core.params.test_every:
+        tree["curve"] = _curve_columns(core)
     for t, name in enumerate(core.task_names):
         bins = core.bins[t]
         tree["tasks"][name] = {
@@ -288,6 +293,15 @@ def to_tree(core: Search) -> dict:
 
 
 _MODEL_INTS = ("generation", "parent1", "parent2", "active_task", "mutation_seed")
+
+
+def _curve_columns(core: Search) -> dict:
+    """The budget curve (`test_every`): the told models of kind curve as the group `curve`,
+    `models_evaluated` [P] and `test_scores` [P, K] (analysis/budget_curve.py reads it; the rows
+    are in /models too, so from_tree needs nothing from it)."""
+    told = [r for r in core.models if r.kind == ModelKind.CURVE and np.all(np.isfinite(r.test_scores))]
+    return {"models_evaluated": np.array([r.generation for r in told], dtype=np.int64),
+            "test_scores": np.array([r.test_scores for r in told], dtype=np.float64).reshape(len(told), core.k)}
 
 
 def _columns(rows, names, dtype) -> dict:
@@ -345,7 +359,7 @@ def from_tree(tree: Mapping) -> Search:
             generations_done=int(attrs["generations_done"]), next_stamp=int(attrs["next_stamp"]),
             dropped=[(int(g), int(m)) for g, m in np.asarray(attrs.get("dropped", np.zeros((0, 2))))],
             auto_bins=auto_bins)
-        return Search(params=from_attrs(SearchParams, attrs), strategy=cls(from_attrs(cls.Settings, attrs)),
+        return Search(params=from_attrs(SearchParams, {**ADDED_ATTRS, **attrs}), strategy=cls(from_attrs(cls.Settings, attrs)),
                       task_names=names, splits=splits, bins=bins, progress=progress)
     except (ValueError, TypeError) as exc:
         raise StateError(f"the state does not describe a {cls.__name__} search: {exc}") from None

@@ -32,6 +32,8 @@ TRIALS: dict[str, tuple[str, dict]] = {
                 {"method": "cycleqd", "mutation.kind": "svd", "sampling": "elite"}),
     "cma-es": ("Table 1, model 9: merging, coefficients learnt with CMA-ES", {"method": "cma-es"}),
     "nsga2": ("Table 1, model 10: merging, coefficients learnt with NSGA-II", {"method": "nsga2"}),
+    "policy-gradient": ("Table 1, model 8: merging, coefficients learnt by policy gradient",
+                        {"method": "policy-gradient"}),
 }
 
 

@@ -229,6 +229,8 @@ class Conductor:
                  else f"{record.kind} {job.model_id}")
         if record.kind == ModelKind.EXPERT:
             label = f"expert {names[self.core.expert_ids.index(job.model_id)]}"
+        elif record.kind == ModelKind.CURVE:
+            label = f"final@{job.generation}"
         return f"{job.phase:<6} {label:<16} {job.split:<6} {scores}{errors} {elapsed:7.1f}s"
 
     def _finish(self) -> None:

@@ -27,11 +27,11 @@ def test_one_config_per_trial_and_seed_differing_only_in_the_trial(tiny_family, 
         assert config.qd.mutation.rank == original["qd"]["mutation"]["rank"]
         for key in ("base", "experts", "tasks", "engine"):
             assert data[key] == original[key]
-        seen.add((config.qd.method, config.qd.mutation.kind if config.qd.method not in ("cma-es", "nsga2") else "-",
-                  config.qd.sampling if config.qd.method not in ("cma-es", "nsga2") else "-"))
+        learnt = config.qd.method in ("cma-es", "nsga2", "policy-gradient")
+        seen.add((config.qd.method, "-" if learnt else config.qd.mutation.kind, "-" if learnt else config.qd.sampling))
     assert seen == {("qd", "none", "random"), ("cycleqd", "none", "random"), ("cycleqd", "gaussian", "random"),
                     ("cycleqd", "svd", "random"), ("cycleqd", "svd", "elite"), ("cma-es", "-", "-"),
-                    ("nsga2", "-", "-")}
+                    ("nsga2", "-", "-"), ("policy-gradient", "-", "-")}
 
 
 def test_one_trial_and_a_bad_config(tiny_family, tmp_path, capsys):

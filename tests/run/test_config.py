@@ -89,7 +89,7 @@ def one_task(config: dict, method: str) -> dict:
 def test_one_task_is_refused_by_the_methods_that_need_several_naming_those_that_do_not(good, tmp_path, method):
     with pytest.raises(ConfigError, match=rf"c.yaml: qd.method: {method} needs at least 2 tasks \(with fewer there is no "
                                           r"other task to cycle or trade off against\), got 1 \(alpha\); with 1 "
-                                          r"task\(s\) use cma-es$"):
+                                          r"task\(s\) use cma-es or policy-gradient$"):
         load_dict(one_task(good, method), tmp_path)
 
 
