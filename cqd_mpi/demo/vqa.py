@@ -35,7 +35,7 @@ from cqd_mpi.demo.cache import build_cached, deterministic, has_stamp, recipe_ve
 
 log = logging.getLogger("cqd_mpi.demo.vqa")
 
-RECIPE_FORMAT = 1
+RECIPE_FORMAT = 2
 """Bump when the builder's code changes what it writes for an unchanged TrainingRecipe."""
 
 IMAGE_TOKEN = "<image>"
@@ -112,7 +112,8 @@ class TrainingRecipe:
     item_seed: int = 0
     batch_size: int = 48
     replay_batch_size: int = 24
-    steps: int = 300
+    align_steps: int = 200
+    steps: int = 200
     vision_lr: float = 3e-3
     language_lr: float = 1e-4
     seed: int = 0
@@ -234,26 +235,27 @@ def _render(processor, question: str) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
-def _train(model, batches: Iterator[dict[str, torch.Tensor]], replay: Iterator[dict[str, torch.Tensor]],
-           recipe: TrainingRecipe) -> float:
+def _train(model, batches: Iterator[dict[str, torch.Tensor]], replay: Iterator[dict[str, torch.Tensor]] | None,
+           *, steps: int, vision_lr: float, language_lr: float) -> float:
     """AdamW, linear warm-up then cosine decay: the vision stack at `vision_lr`, the language model
-    at `language_lr`; each step's loss is an image batch's plus a text batch's of the demo's skills
-    (replayed, as the text experts replay the other skills, so that the language model keeps
-    them); returns the last image batch's loss."""
+    at `language_lr` (frozen at 0). With `replay`, each step's loss is an image batch's plus a
+    text batch's of the demo's skills (as the text experts replay the other skills, so that the
+    language model keeps them); returns the last image batch's loss."""
     vision = [p for n, p in model.named_parameters() if "language_model" not in n and not n.startswith("lm_head")]
     language = [p for n, p in model.named_parameters() if "language_model" in n or n.startswith("lm_head")]
-    optimizer = torch.optim.AdamW([{"params": vision, "lr": recipe.vision_lr},
-                                   {"params": language, "lr": recipe.language_lr}],
-                                  betas=(0.9, 0.95), weight_decay=0.0)
-    steps, warmup = recipe.steps, max(1, recipe.steps // 10)
+    for param in language:
+        param.requires_grad_(language_lr > 0)
+    groups = [{"params": vision, "lr": vision_lr}] + ([{"params": language, "lr": language_lr}] if language_lr > 0 else [])
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps)))
     model.train()
     loss = torch.tensor(float("nan"))
-    for _, batch, text in zip(range(steps), batches, replay):
+    for _, batch in zip(range(steps), batches):
         loss = model(**batch).loss
         optimizer.zero_grad()
-        (loss + model(**text).loss).backward()
+        (loss + model(**next(replay)).loss if replay is not None else loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -290,10 +292,13 @@ def _train_all(recipe: TrainingRecipe, text: llm.DemoModels, out: Path) -> None:
         replay = (llm._batch(tokenizer, pairs) for pairs in llm._batches(
             dataclasses.replace(skills, batch_size=recipe.replay_batch_size), weights=dict.fromkeys(skills.skills, 1),
             seed=len(skills.skills) + 1, held_out=llm._held_out(skills)))
-        loss = _train(model, _batches(recipe, processor, held_out=held_out), replay, recipe)
+        batches = _batches(recipe, processor, held_out=held_out)
+        _train(model, batches, None, steps=recipe.align_steps, vision_lr=recipe.vision_lr, language_lr=0.0)
+        loss = _train(model, batches, replay, steps=recipe.steps, vision_lr=recipe.vision_lr,
+                      language_lr=recipe.language_lr)
         model.save_pretrained(out / "vqa")
         processor.save_pretrained(out / "vqa")
-        log.info("VQA demo: LLaVA expert trained (%d steps, loss %.3f, %.0fs)", recipe.steps, loss,
+        log.info("VQA demo: LLaVA expert trained (%d + %d steps, loss %.3f, %.0fs)", recipe.align_steps, recipe.steps, loss,
                  time.perf_counter() - start)
         write_stamp(out, recipe)
 

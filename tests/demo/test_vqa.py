@@ -19,7 +19,7 @@ from tests.demo.helpers import SMALL as SMALL_TEXT
 pytestmark = pytest.mark.extra("vqa")
 
 SMALL = demo.TrainingRecipe(text=SMALL_TEXT, vision_hidden_size=16, vision_layers=1, vision_heads=2, n_items=12,
-                            batch_size=12, steps=6)
+                            batch_size=12, align_steps=4, steps=6)
 
 
 @pytest.fixture(scope="module")
