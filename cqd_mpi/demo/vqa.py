@@ -266,13 +266,14 @@ def _train(model, batches: Iterator[dict[str, torch.Tensor]], replay: Iterator[d
 def write_manifest(out: Path, *, n_items: int, size: int, seed: int) -> tuple[Path, set[bytes]]:
     """`n_items` held-out questions as a VQA manifest (out/vqa.jsonl, images in out/images/), and
     their images' bytes (the training batches skip them)."""
-    from PIL import Image
+    from cqd_mpi.errors import require
 
+    image_module = require("PIL.Image", extra="vqa", feature="the VQA demo")
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines, seen = [], set()
     for index, (image, question, answer) in enumerate(questions(np.random.default_rng([seed, 13]), size, n_items)):
         name = f"q{index:04d}"
-        Image.fromarray(image).save(out / "images" / f"{name}.png")
+        image_module.fromarray(image).save(out / "images" / f"{name}.png")
         seen.add(image.tobytes())
         lines.append(json.dumps({"id": name, "image": f"images/{name}.png", "question": question,
                                  "answers": [answer] * 10}))
