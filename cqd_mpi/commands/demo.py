@@ -1,9 +1,12 @@
-"""`python -m cqd_mpi` (or `python -m cqd_mpi demo [llm|sam]`): an embedded demo on the CPU.
+"""`python -m cqd_mpi` (or `python -m cqd_mpi demo [llm|sam|vqa]`): an embedded demo on the CPU.
 
 `llm` (the default, and what the bare command runs) builds or reuses a tiny Llama base and
 three skill experts, then runs CycleQD over them into ./cqd-demo. `sam` builds or reuses a
 tiny Segment Anything base and two segmentation experts, runs CycleQD over them into
 ./cqd-sam-demo, and prints the scores normalised by the experts (Table 4) with its claim.
+`vqa` reuses the llm demo's models, builds or reuses a tiny LLaVA expert for synthetic visual
+questions, runs CycleQD over the four skills into ./cqd-vqa-demo, and prints every model on
+every skill (Table 5) with its claim.
 Rerunning resumes or, once done, prints the table again. Under mpiexec, rank 0 builds the
 models and every rank runs.
 """
@@ -13,18 +16,20 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-HELP = "run an embedded demo: tiny models trained on the CPU (llm, the default command; or sam)"
+HELP = "run an embedded demo: tiny models trained on the CPU (llm, the default command; sam; vqa)"
 
 DEMOS = {
     "llm": ("cqd_mpi.demo.llm", "cqd-demo", "a tiny Llama and three skill experts"),
     "sam": ("cqd_mpi.demo.sam", "cqd-sam-demo", "a tiny SAM and two segmentation experts"),
+    "vqa": ("cqd_mpi.demo.vqa", "cqd-vqa-demo", "the llm demo's models and a tiny LLaVA expert"),
 }
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("which", nargs="?", choices=list(DEMOS), default="llm",
-                        help="llm: three synthetic text skills (default); sam: two synthetic segmentation domains")
-    parser.add_argument("--run-dir", default=None, help="where the run goes (default ./cqd-demo, ./cqd-sam-demo)")
+                        help="llm: three synthetic text skills (default); sam: two synthetic segmentation domains; "
+                             "vqa: the three text skills and visual question answering")
+    parser.add_argument("--run-dir", default=None, help="where the run goes (default ./cqd-demo, ./cqd-sam-demo, ./cqd-vqa-demo)")
     parser.add_argument("--generations", type=int, default=None, help="CycleQD generations (default: the demo's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="where the demo models are cached (default ~/.cache/cqd_mpi)")
@@ -73,6 +78,13 @@ def run(args) -> int:
         state = RunState.load(run_dir)
         print("")
         print("\n".join(normalised.section(state, build_report(state.core))))
+    if rank == 0 and status == 0 and args.which == "vqa":
+        from cqd_mpi.analysis.runstate import RunState
+        from cqd_mpi.run.report import build_report
+
+        report = build_report(RunState.load(run_dir).core)
+        print("")
+        print("\n".join([*demo.table(report), demo.claim(report)[1]]))
     if rank == 0:
         print(f"{name}: total {time.perf_counter() - started:.0f} s. Next: "
               f"python -m cqd_mpi analyze {run_dir}")

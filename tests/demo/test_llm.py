@@ -23,8 +23,8 @@ from tests.demo.helpers import SMALL, digests
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory) -> demo.DemoModels:
-    return demo.build(SMALL, cache_dir=tmp_path_factory.mktemp("cache"))
+def small(small_llm) -> demo.DemoModels:
+    return small_llm
 
 
 def test_models_load_with_transformers(small):
