@@ -108,11 +108,13 @@ def subprocess_env(**extra) -> dict:
 
 # Tests that share a machine-wide resource run in one xdist group, one at a time, on one worker:
 # processes found by scanning /proc (OS environments, evalplus harnesses), the SLURM cluster,
-# vLLM's share of host memory, MPI jobs. Every other module is a group of its own, so its
-# module-scoped set-ups (runs, models) are built once. Checked by tests/test_groups.py.
-# The multi-node cluster (env/slurm-multinode.sh) is a resource of its own, apart from the
-# one-node cluster of "slurm": its tests mostly wait for their jobs, beside the other groups.
-# The first group whose prefix matches wins.
+# the multi-node cluster (env/slurm-multinode.sh, apart from the one-node cluster of "slurm":
+# its tests mostly wait for their jobs, beside the other groups), vLLM's share of host memory.
+# Every other module is a group of its own, so its module-scoped set-ups (runs, models) are
+# built once. MPI jobs are not a shared resource: each mpiexec picks its own ports, and a rank
+# only removes shared-memory segments that no live process maps (runtime/shm.py), so two MPI
+# modules may run at once. The first group whose prefix matches wins. Checked by
+# tests/test_groups.py.
 SHARED_RESOURCES = {
     "multinode": ("jobs/test_multinode.py",),
     "sandboxes": ("sandboxes/", "tasks/test_agentbench_run.py", "tasks/test_dbbench.py",
@@ -121,17 +123,24 @@ SHARED_RESOURCES = {
                   "env/"),
     "slurm": ("jobs/",),
     "vllm": ("engines/test_vllm.py",),
-    "mpi": ("runtime/", "engines/test_plugins.py", "tasks/test_segmentation_run.py", "tasks/lmeval/test_run.py",
-            "tasks/lmeval/test_evaluate.py"),
 }
 
 
-MARKER_GROUPS = {"docker": "sandboxes", "mpi": "mpi"}
+MARKER_GROUPS = {"docker": "sandboxes"}
+
+
+def start_order(group: str, markers: set[str]) -> int:
+    """When a group starts (setup.cfg turns xdist's by-size reordering off): the shared
+    resources first, as they are the longest, then the modules that start jobs (`mpi`, `slow`),
+    then the rest, which fill the workers' last minutes."""
+    if group in SHARED_RESOURCES:
+        return 0
+    return 1 if markers & {"mpi", "slow"} else 2
 
 
 def xdist_group_of(relative_path: str, markers: tuple[str, ...] = ()) -> str:
     """The xdist group of a test, by its module's path under tests/, then by its markers
-    (a module elsewhere whose test starts MPI jobs or containers joins that group)."""
+    (a module elsewhere whose test starts containers joins that group)."""
     for group, prefixes in SHARED_RESOURCES.items():
         if relative_path.startswith(prefixes):
             return group
@@ -178,12 +187,21 @@ def pytest_runtest_setup(item):
 def pytest_collection_modifyitems(config, items):
     """`cuda` tests need a GPU: where torch sees none they are skipped with the reason shown
     in the summary, and run with `python -m pytest -m cuda` on a GPU node (docs/gpu.md).
-    Under xdist, each test joins its group (SHARED_RESOURCES)."""
+    Under xdist, each test joins its group (SHARED_RESOURCES), and the groups are ordered
+    by start_order."""
     if config.pluginmanager.hasplugin("xdist"):
+        groups, group_markers = {}, {}
         for item in items:
             relative = Path(str(item.fspath)).resolve().relative_to(REPO / "tests").as_posix()
             markers = tuple(mark.name for mark in item.iter_markers())
-            item.add_marker(pytest.mark.xdist_group(xdist_group_of(relative, markers)))
+            group = xdist_group_of(relative, markers)
+            item.add_marker(pytest.mark.xdist_group(group))
+            groups[item] = group
+            group_markers.setdefault(group, set()).update(markers)
+        first = {}
+        for index, item in enumerate(items):
+            first.setdefault(groups[item], index)
+        items.sort(key=lambda item: (start_order(groups[item], group_markers[groups[item]]), first[groups[item]]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU, and torch sees none here (docs/gpu.md says how they ran)")

@@ -8,7 +8,6 @@ from tests.conftest import REPO, SHARED_RESOURCES, xdist_group_of
 
 # What in a test module's source means it uses a machine-wide resource, and which group owns it.
 USES = {
-    "mpi": re.compile(r"mpi_ranks=|\"mpiexec\""),
     "slurm": re.compile(r"\bsbatch\b|\bsrun\b"),
     "vllm": re.compile(r"CQD_VLLM_PYTHON"),
     "sandboxes": re.compile(r"Path\(\"/proc\"\)|osenv_helpers|bwrap|DOCKER_HOST|127\.0\.0\.1:3306|mysql://"),
@@ -36,4 +35,15 @@ def test_groups_name_existing_modules():
     assert xdist_group_of("qd/test_archive.py") == "qd/test_archive.py"
     assert xdist_group_of("jobs/test_slurm.py") == "slurm"
     assert xdist_group_of("jobs/test_multinode.py", ("slow", "mpi")) == "multinode"
-    assert xdist_group_of("tasks/test_other.py", ("slow", "mpi")) == "mpi"
+    assert xdist_group_of("tasks/test_other.py", ("slow", "mpi")) == "tasks/test_other.py"
+    assert xdist_group_of("runtime/test_mpi.py", ("mpi",)) == "runtime/test_mpi.py"
+
+
+def test_every_module_starting_mpi_jobs_is_marked_mpi():
+    """The `mpi` marker starts a module's group early (conftest.start_order): an unmarked
+    module of MPI jobs would start last and hold the suite's end."""
+    starts_jobs = re.compile(r"mpi_ranks=|\"mpiexec\"")
+    unmarked = [path.relative_to(REPO / "tests").as_posix() for path in sorted((REPO / "tests").rglob("test_*.py"))
+                if path != Path(__file__).resolve() and starts_jobs.search(path.read_text())
+                and "pytest.mark.mpi" not in path.read_text()]
+    assert not unmarked, unmarked

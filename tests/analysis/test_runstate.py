@@ -12,6 +12,8 @@ from cqd_mpi.analysis.runstate import RunState, axis_pairs, project, summary
 from cqd_mpi.errors import StateError
 from tests.analysis.runs import GENERATIONS, finished_run, interrupted_run
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda k: f"K{k}")
 def run_dir(request, tmp_path_factory, tiny_family):

@@ -17,6 +17,8 @@ from cqd_mpi.runtime.signals import StopFlag
 from tests.conftest import small_config, write_config
 from tests.runtime.helpers import assert_same_results, run_cli
 
+pytestmark = pytest.mark.slow
+
 GENERATIONS = 8
 
 

@@ -19,6 +19,8 @@ from tests.conftest import small_config, subprocess_env, write_config
 from tests.qd.helpers import fake_scores, make_core
 from tests.runtime.helpers import run_cli, run_command
 
+pytestmark = pytest.mark.slow
+
 
 def load(log_dir):
     """tensorboard's own reader of the event files under log_dir."""

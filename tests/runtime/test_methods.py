@@ -12,6 +12,8 @@ from cqd_mpi.run.state import read_state
 from tests.conftest import small_config, subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli
 
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]
+
 METHODS = {
     "qd": {"generations": 4},
     "cma-es": {"generations": 5, "coefficients": {"population": 3, "sigma0": 0.3}},

@@ -13,6 +13,8 @@ from cqd_mpi.runtime.deadline import EXIT_STATUS
 from tests.conftest import small_config, subprocess_env, write_config
 from tests.runtime.helpers import assert_same_results, run_cli, wait_for_generation
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def baseline(tiny_family, tmp_path_factory):
