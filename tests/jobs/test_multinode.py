@@ -5,7 +5,8 @@ the state of a one-process run, and the ablation array with its table.
 
 Skipped, saying why, where that cluster is not up; failed under CQD_REQUIRE_MULTINODE=1 (.ci/run).
 The jobs are submitted together by one fixture so that their minutes overlap; the job that loses
-cqd-n3 is the only one placed there.
+cqd-n3 is the only one placed there. Few ranks and generations: this module runs beside the rest
+of the suite on two cores.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ NODES = ("cqd-n1", "cqd-n2", "cqd-n3")
 # Every job takes one CPU per node (--overcommit); its first start is slowed (tests/jobs/slow_task.py).
 RESOURCES = ["--cpus-per-task=1", "--gpus-per-node=0", "--overcommit", "--time=10", "--signal=B:USR1@60"]
 EVAL_SLEEP_S = "0.3"
+GENERATIONS = 8
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +140,15 @@ def test_ranks_land_on_their_nodes_and_devices_and_talk_over_tcp_between_nodes(c
 
 @pytest.fixture(scope="module")
 def jobs(cluster, tiny_family, tmp_path_factory):
-    """The preempted job (transport mpi, 5 ranks on cqd-n1 and cqd-n2), the job that loses a node
+    """The preempted job (transport mpi, 3 ranks on cqd-n1 and cqd-n2), the job that loses a node
     (transport file, 3 ranks on cqd-n1 and cqd-n3), the ablation array and its table job, all
-    submitted at once; and the one-process run both multi-node jobs must end equal to."""
+    submitted at once so that their waits overlap; and the one-process run both multi-node jobs
+    must end equal to, computed once while they run on."""
     root = tmp_path_factory.mktemp("multinode")
 
     def job_config(name, **overrides):
         config = small_config(tiny_family, root / name, **{
-            "qd.generations": 10, "runtime.threads": 1, "runtime.eval_groups": 2, "runtime.pipeline_depth": 1,
+            "qd.generations": GENERATIONS, "runtime.threads": 1, "runtime.eval_groups": 2, "runtime.pipeline_depth": 1,
             **overrides})
         for task in config["tasks"]:
             task["kind"] = "tests.jobs.slow_task:SlowFirstStartTask"
@@ -166,11 +169,11 @@ def jobs(cluster, tiny_family, tmp_path_factory):
     try:
         jobs = {
             "mpi": {"id": submit("multi-node.sbatch", [job_config("mpi")], root / "mpi.out",
-                                 ["--nodes=2", "--ntasks=5", "--nodelist=cqd-n1,cqd-n2"], env),
+                                 ["--nodes=2", "--ntasks=3", "--nodelist=cqd-n1,cqd-n2"], env),
                     "out": root / "mpi.out", "run": root / "mpi"},
             "lost": {"id": submit("multi-node.sbatch", [job_config("lost", **{
                          "runtime.transport": "file", "runtime.staging_dir": str(staging),
-                         "runtime.eval_deadline": 8})], root / "lost.out",
+                         "runtime.eval_deadline": 8, "runtime.eval_grace": 5})], root / "lost.out",
                          ["--nodes=2", "--ntasks=3", "--nodelist=cqd-n1,cqd-n3"], env),
                      "out": root / "lost.out", "run": root / "lost", "staging": staging},
         }
@@ -217,9 +220,11 @@ def test_a_lost_node_ends_the_job_naming_it_and_the_requeued_job_resumes(jobs, c
     job = jobs["lost"]
     node_shm = cluster / "nodes" / "cqd-n3" / "shm"
     try:
-        lost = wait_for_line(job["out"], r"cqd_mpi: error: eval group 1 \(ranks 2 on cqd-n3\) gave no .* "
-                                         r"within (\d+) s: ranks or their node lost", timeout=240)
-        assert time.time() - job["killed"] <= float(lost.group(1)) + 20
+        # rank 0's watch of the group (a transfer or stop agreement) or of rank 2's scores, whichever was armed
+        lost = wait_for_line(job["out"], r"cqd_mpi: error: (?:eval group 1 \(ranks 2 on cqd-n3\) gave no .* "
+                                         r"within (\d+) s: ranks or their node lost|rank 2 on cqd-n3 \(eval group 1\) "
+                                         r"sent no scores for model \d+ within (\d+) s)", timeout=240)
+        assert time.time() - job["killed"] <= float(lost.group(1) or lost.group(2)) + 20
         wait_for_line(job["out"], rf"ranks were lost .* requeueing job {job['id']}", timeout=180)
         assert run_processes(job["id"]) == []
         stale = sorted(p.name for p in node_shm.glob("mpich_*"))
@@ -245,12 +250,12 @@ def test_a_preempted_multi_node_job_requeues_and_resumes_to_the_one_process_stat
     info = wait_job(job["id"], job["out"], timeout=300)
     log = job["out"].read_text()
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, f"{info}\n{log[-3000:]}"
-    assert "start 1 on 2 node(s), 5 ranks" in log and "received SIGUSR1" in log
+    assert "start 1 on 2 node(s), 3 ranks" in log and "received SIGUSR1" in log
     assert phases(log)[0] == "search" and phases(log)[-1] == "done"
-    assert re.search(r"resuming .*: phase \w+, generation \d+/10", log)
+    assert re.search(rf"resuming .*: phase \w+, generation \d+/{GENERATIONS}", log)
     assert_same_results(jobs["reference"], job["run"])
-    # one eval group per node: ranks 1-2 on cqd-n1, ranks 3-4 on cqd-n2 (see the probe above)
-    for rank, group in ((1, 0), (2, 0), (3, 1), (4, 1)):
+    # one eval group per node: rank 1 beside the conductor on cqd-n1, rank 2 on cqd-n2 (block distribution)
+    for rank, group in ((1, 0), (2, 1)):
         assert f"in eval group {group}" in (job["run"] / "logs" / f"rank-{rank}.log").read_text()
 
 
