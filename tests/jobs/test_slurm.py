@@ -25,9 +25,14 @@ pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 # Two ranks (conductor + one worker) on one CPU of the node; no GPUs.
 RESOURCES = ["--ntasks=2", "--cpus-per-task=1", "--gpus-per-node=0", "--overcommit"]
 # SLURM sends the warning when its 30 s time-limit check finds end - now <= T + 30: with
-# --time=1 and T=25 that is 5 to 35 s after the start, and the limit is enforced 30 s or more later.
-TIME_LIMIT_WARNING = ["--time=1", "--signal=B:USR1@25"]
-EVAL_SLEEP_S = "0.2"   # per chunk in a job's first start: 40 generations take about a minute
+# --time=2 and T=25 that is 65 to 95 s after the start, and the limit is enforced 30 s or more
+# later. Each later start has as long again to finish: with --time=1 a start on a loaded
+# machine spent its minute starting its ranks and the job timed out after four requeues.
+TIME_LIMIT_WARNING = ["--time=2", "--signal=B:USR1@25"]
+# Per chunk in a job's first start (none in later starts): 40 generations take about a minute
+# at 0.2 s, so the preempted job is still running when it is signalled; at 0.5 s, about two
+# and a half, so the time-limit job's first start outlasts its warning.
+EVAL_SLEEP_S = {"time-limit": "0.5", "preempted": "0.2"}
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +60,9 @@ def jobs(cluster, tiny_family, tmp_path_factory):
             task["kind"] = "tests.jobs.slow_task:SlowFirstStartTask"
         return write_config(root / f"{name}.yaml", config)
 
-    env = job_env(CQD_TEST_EVAL_SLEEP=EVAL_SLEEP_S)
     for name, options in (("time-limit", TIME_LIMIT_WARNING), ("preempted", ["--time=10", "--signal=B:USR1@60"])):
         out = root / f"{name}.out"
+        env = job_env(CQD_TEST_EVAL_SLEEP=EVAL_SLEEP_S[name])
         submitted[name] = {"id": submit(job_config(name), out, options, env), "out": out, "run": root / name}
     try:
         assert conduct(config_mod.load(job_config("uninterrupted")), echo=lambda _line: None) == "done"
@@ -95,7 +100,7 @@ def test_preemption_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes_to_the_uninterrupted_state(jobs):
     job = jobs["time-limit"]
-    info = wait_job(job["id"], job["out"])
+    info = wait_job(job["id"], job["out"], timeout=420)
     log = job["out"].read_text()
     assert "time limit near: asking all ranks to checkpoint" in log and "received SIGUSR1" in log
     assert_resumed_to_the_uninterrupted_state(job, info, jobs["uninterrupted"])
