@@ -104,12 +104,11 @@ def _task_fingerprint(task_config, task, limit: int | None) -> str:
 
 
 def _weights(path: Path, entry: dict) -> tuple[str, str]:
-    """(the model's weights digest, its files' names, sizes and mtimes): the digest recorded
-    in `entry` is reused while the files are unchanged, else computed (run/store.py)."""
-    from cqd_mpi.run.store import weights_digest
+    """(the model's weights digest, its files' names and stat keys): the digest recorded
+    in `entry` is reused while the files' stat keys are unchanged, else computed (run/integrity.py)."""
+    from cqd_mpi.run.integrity import FileKeys, weights_digest
 
-    files = json.dumps(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                              for p in path.iterdir() if p.is_file()))
+    files = json.dumps(FileKeys.of(path))
     if entry.get("files") == files and entry.get("weights"):
         return entry["weights"], files
     return weights_digest(path), files

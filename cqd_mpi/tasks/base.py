@@ -128,18 +128,17 @@ class Task(abc.ABC):
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's files (relative names and bytes, in name
-    order); "missing:<path>" when there is none."""
+    """The digest of a task's data: a file's (run/integrity.file_digest), or a folder's files'
+    (their relative names and digests, in name order); "missing:<path>" when there is none."""
     import hashlib
 
+    from cqd_mpi.run import integrity
+
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+    if path.is_file():
+        return integrity.file_digest(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
     if not files:
         return f"missing:{path}"
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.relative_to(path) if file != path else ''}\0".encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    listing = "".join(f"{file.relative_to(path)}\0{integrity.file_digest(file)}\0" for file in files)
+    return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
