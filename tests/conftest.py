@@ -107,7 +107,11 @@ def subprocess_env(**extra) -> dict:
 
 
 # Tests that share a machine-wide resource run in one xdist group, one at a time, on one worker:
-# processes found by scanning /proc (OS environments, evalplus harnesses), the SLURM cluster,
+# processes found by scanning /proc (evalplus harnesses in "code-judges", which also holds the
+# whole-run test of the code, DB and OS tasks; OS environments, containers and MariaDB users in
+# "sandboxes": a scan in a module of one group for processes another group starts must be
+# scoped to its own, as test_agentbench_run scopes OS environments by its runs' environment),
+# the SLURM cluster,
 # the multi-node cluster (env/slurm-multinode.sh, apart from the one-node cluster of "slurm":
 # its tests mostly wait for their jobs, beside the other groups), vLLM's share of host memory.
 # Every other module is a group of its own, so its module-scoped set-ups (runs, models) are
@@ -117,10 +121,10 @@ def subprocess_env(**extra) -> dict:
 # tests/test_groups.py.
 SHARED_RESOURCES = {
     "multinode": ("jobs/test_multinode.py",),
-    "sandboxes": ("sandboxes/", "tasks/test_agentbench_run.py", "tasks/test_dbbench.py",
-                  "tasks/test_mbpp.py", "tasks/test_mbpp_authors.py", "tasks/test_os_interaction.py",
-                  "tasks/test_protocols.py", "tasks/test_os_tamper.py", "commands/test_check_tasks.py", "commands/test_doctor.py",
-                  "env/"),
+    "code-judges": ("tasks/test_agentbench_run.py", "tasks/test_mbpp.py", "tasks/test_mbpp_authors.py",
+                    "tasks/test_protocols.py", "sandboxes/test_evalplus_harness.py", "commands/test_check_tasks.py"),
+    "sandboxes": ("sandboxes/", "tasks/test_dbbench.py", "tasks/test_os_interaction.py", "tasks/test_os_tamper.py",
+                  "commands/test_doctor.py", "env/"),
     "slurm": ("jobs/",),
     "vllm": ("engines/test_vllm.py",),
 }

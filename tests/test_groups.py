@@ -34,6 +34,7 @@ def test_groups_name_existing_modules():
             assert (Path(REPO / "tests" / prefix)).exists(), prefix
     assert xdist_group_of("qd/test_archive.py") == "qd/test_archive.py"
     assert xdist_group_of("jobs/test_slurm.py") == "slurm"
+    assert xdist_group_of("tasks/test_mbpp.py") == "code-judges" and xdist_group_of("sandboxes/test_osenv.py") == "sandboxes"
     assert xdist_group_of("jobs/test_multinode.py", ("slow", "mpi")) == "multinode"
     assert xdist_group_of("tasks/test_other.py", ("slow", "mpi")) == "tasks/test_other.py"
     assert xdist_group_of("runtime/test_mpi.py", ("mpi",)) == "runtime/test_mpi.py"
@@ -47,3 +48,19 @@ def test_every_module_starting_mpi_jobs_is_marked_mpi():
                 if path != Path(__file__).resolve() and starts_jobs.search(path.read_text())
                 and "pytest.mark.mpi" not in path.read_text()]
     assert not unmarked, unmarked
+
+
+def test_scans_for_another_groups_processes_are_scoped():
+    """A /proc scan for evalplus harnesses belongs to "code-judges", which starts them all; a scan
+    for OS environments outside "sandboxes" must name its own runs' scope (CQD_TEST_SCOPE)."""
+    wrong = []
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        if path == Path(__file__).resolve():
+            continue
+        relative, source = path.relative_to(REPO / "tests").as_posix(), path.read_text()
+        group = xdist_group_of(relative)
+        if 'b"evalplus_harness"' in source and group != "code-judges":
+            wrong.append(f"{relative} scans for evalplus harnesses in group {group}")
+        if 'b"cqd-outer"' in source and group != "sandboxes" and "CQD_TEST_SCOPE" not in source:
+            wrong.append(f"{relative} scans for OS environments in group {group} without CQD_TEST_SCOPE")
+    assert not wrong, wrong

@@ -34,6 +34,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="where the demo models are cached (default ~/.cache/cqd_mpi)")
     parser.add_argument("--force", action="store_true", help="resume even if the run dir holds another config")
+    parser.add_argument("--test-every", type=int, default=None, metavar="N",
+                        help="runtime.test_every: score the would-be final model on the test split every N models")
+    parser.add_argument("--write-config", default=None, metavar="PATH",
+                        help="build or reuse the models, write the demo's run config to PATH and exit without "
+                             "running (a config for `trials`, `run` or a job script)")
 
 
 def run(args) -> int:
@@ -48,6 +53,8 @@ def run(args) -> int:
     run_dir = Path(args.run_dir or default_dir)
     started = time.perf_counter()
     rank = 0
+    if args.write_config is not None:
+        return write_config(demo, args, run_dir)
 
     def load(comm):
         nonlocal rank
@@ -61,9 +68,7 @@ def run(args) -> int:
         if comm is not None:
             models = comm.bcast(models, root=0)
         options = {"run_dir": run_dir.resolve(), "seed": args.seed}
-        if args.generations is not None:
-            options["generations"] = args.generations
-        config = config_mod.from_dict(demo.demo_config(models, **options), root=Path.cwd())
+        config = config_mod.from_dict(demo_settings(demo, models, args, options), root=Path.cwd())
         if rank == 0:
             print(f"{name}: CycleQD, {config.qd.generations} generations, into "
                   f"{config.runtime.run_dir}", flush=True)
@@ -89,3 +94,29 @@ def run(args) -> int:
         print(f"{name}: total {time.perf_counter() - started:.0f} s. Next: "
               f"python -m cqd_mpi analyze {run_dir}")
     return status
+
+
+def demo_settings(demo, models, args, options: dict) -> dict:
+    """The demo's run config with the command line's generations and test_every."""
+    if args.generations is not None:
+        options["generations"] = args.generations
+    settings = demo.demo_config(models, **options)
+    if args.test_every is not None:
+        settings["runtime"]["test_every"] = args.test_every
+    return settings
+
+
+def write_config(demo, args, run_dir: Path) -> int:
+    """--write-config: the models built or reused, the config checked and written, no run."""
+    import yaml
+
+    from cqd_mpi.run import config as config_mod
+
+    models = demo.build(cache_dir=args.cache_dir)
+    settings = demo_settings(demo, models, args, {"run_dir": str(run_dir.resolve()), "seed": args.seed})
+    config_mod.from_dict(settings, root=Path.cwd())
+    out = Path(args.write_config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(settings, sort_keys=False))
+    print(out)
+    return 0

@@ -74,6 +74,7 @@ def world():
         return None
     mpi4py = require("mpi4py", extra="mpi", feature="running under mpiexec/srun")
     mpi4py.rc.threads = True
+    yield_when_oversubscribed(os.environ)
     from mpi4py import MPI
 
     from cqd_mpi.runtime.signals import catch_early
@@ -87,6 +88,28 @@ def world():
                           f"CQD_SRUN_MPI=pmi2 for the sbatch scripts) or your site's plugin "
                           f"(srun --mpi=list; env/README.md)")
     return MPI.COMM_WORLD
+
+
+def ranks_on_this_node(environ) -> int | None:
+    """How many ranks the launcher started on this node: hydra's MPI_LOCALNRANKS, or the most
+    per node in SLURM's SLURM_STEP_TASKS_PER_NODE ("2(x3),1"); None when neither says."""
+    if environ.get("MPI_LOCALNRANKS", "").isdigit():
+        return int(environ["MPI_LOCALNRANKS"])
+    counts = [int(part.split("(")[0]) for part in environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(",")
+              if part.split("(")[0].isdigit()]
+    return max(counts) if counts else None
+
+
+def yield_when_oversubscribed(environ) -> bool:
+    """More ranks on the node than CPUs this process may run on (a laptop, a CI machine): MPICH's
+    waiting ranks busy-poll at full speed and take the cores from the ranks with work, so ask
+    it to sleep in its wait loops (MPIR_CVAR_ENABLE_HEAVY_YIELD, read at MPI_Init) unless the
+    user set it. A cluster node with a core per rank keeps MPICH's default."""
+    ranks = ranks_on_this_node(environ)
+    if ranks is None or ranks <= len(os.sched_getaffinity(0)) or "MPIR_CVAR_ENABLE_HEAVY_YIELD" in environ:
+        return False
+    environ["MPIR_CVAR_ENABLE_HEAVY_YIELD"] = "1"
+    return True
 
 
 def guarded(comm, job):

@@ -151,3 +151,18 @@ def test_demo_config_is_a_valid_run_config(small, tmp_path):
     assert config.qd.generations == 7 and config.runtime.seed == 3
     settings = run_config.task_settings(config.tasks[1])
     assert settings == skills.Settings(skill="sort", n_items=24, min_length=3, max_length=6, seed=0)
+
+
+def test_write_config_writes_the_demo_config_with_the_command_line_and_runs_nothing(small, tmp_path, monkeypatch):
+    """`demo --write-config PATH --generations N --test-every M --seed S`: the config `trials` and
+    `run` take (docs/comparisons.md's experiment), with no run dir made."""
+    from cqd_mpi.cli import main
+
+    monkeypatch.setattr(demo, "build", lambda cache_dir=None: small)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--write-config", "exp/config.yaml", "--generations", "9", "--test-every", "3",
+                 "--seed", "2", "--run-dir", "exp/run"]) == 0
+    config = run_config.load(tmp_path / "exp" / "config.yaml")
+    assert (config.qd.generations, config.runtime.test_every, config.runtime.seed) == (9, 3, 2)
+    assert config.runtime.run_dir == str(tmp_path / "exp" / "run") and config.task_names == list(SMALL.skills)
+    assert not (tmp_path / "exp" / "run").exists()

@@ -35,6 +35,20 @@ def one_rank(tiny_family, tmp_path_factory):
     return root / "run"
 
 
+def test_mpich_yields_while_waiting_only_where_the_node_has_more_ranks_than_cpus():
+    from cqd_mpi.runtime.mpi import ranks_on_this_node, yield_when_oversubscribed
+
+    cpus = len(os.sched_getaffinity(0))
+    assert ranks_on_this_node({"MPI_LOCALNRANKS": "3"}) == 3
+    assert ranks_on_this_node({"SLURM_STEP_TASKS_PER_NODE": "2(x3),5"}) == 5 and ranks_on_this_node({}) is None
+    crowded = {"MPI_LOCALNRANKS": str(cpus + 1)}
+    assert yield_when_oversubscribed(crowded) and crowded["MPIR_CVAR_ENABLE_HEAVY_YIELD"] == "1"
+    for environ in ({"MPI_LOCALNRANKS": str(cpus)}, {},
+                    {"MPI_LOCALNRANKS": str(cpus + 1), "MPIR_CVAR_ENABLE_HEAVY_YIELD": "0"}):
+        before = dict(environ)
+        assert not yield_when_oversubscribed(environ) and environ == before
+
+
 def mpi_config(tiny_family, tmp_path, **overrides):
     return write_config(tmp_path / "config.yaml", small_config(tiny_family, tmp_path / "run", **overrides))
 

@@ -54,13 +54,16 @@ def os_data(tmp_path_factory):
     return write_items(tmp_path_factory.mktemp("os-items"))
 
 
-def environments_alive() -> list[int]:
-    """Host pids of OS environments (their outer sandbox runs `sh -c ... cqd-outer`)."""
+def environments_alive(scope: Path) -> list[int]:
+    """Host pids of OS environments (their outer sandbox runs `sh -c ... cqd-outer`) started by
+    this test's runs: they inherit the runs' CQD_TEST_SCOPE, so environments of other modules'
+    tests, running at the same time, are not counted."""
+    token = f"CQD_TEST_SCOPE={scope}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"cqd-outer" in (entry / "cmdline").read_bytes():
+                if b"cqd-outer" in (entry / "cmdline").read_bytes() and token in (entry / "environ").read_bytes().split(b"\0"):
                     found.append(int(entry.name))
             except OSError:
                 continue
@@ -70,7 +73,22 @@ def environments_alive() -> list[int]:
 def run(family, root: Path, os_data: Path, ranks: int, **env):
     root.mkdir(exist_ok=True)
     config = write_config(root / "config.yaml", three_task_config(family, root / "run", os_data))
-    return run_cli("run", config, mpi_ranks=ranks, timeout=900, env=subprocess_env(**env))
+    return run_cli("run", config, mpi_ranks=ranks, timeout=900,
+                   env=subprocess_env(CQD_TEST_SCOPE=root.parent, **env))
+
+
+def test_the_environment_scan_sees_its_own_scope_only(os_data, tmp_path, monkeypatch):
+    """What makes the leftover check below able to fail: a live environment started under the
+    scope is found, one of another scope is not, and none after it closes."""
+    from tests.sandboxes.osenv_helpers import make_env
+
+    monkeypatch.setenv("CQD_TEST_SCOPE", str(tmp_path))
+    environment = make_env("bwrap")
+    try:
+        assert environments_alive(tmp_path) and environments_alive(tmp_path / "other") == []
+    finally:
+        environment.close()
+    assert environments_alive(tmp_path) == []
 
 
 def test_mbpp_dbbench_and_os_run_resume_and_agree_on_one_or_two_workers(tiny_family, os_data, tmp_path):
@@ -88,9 +106,9 @@ def test_mbpp_dbbench_and_os_run_resume_and_agree_on_one_or_two_workers(tiny_fam
     assert killed.returncode != 0
     assert read_state(tmp_path / "killed" / "run" / "state.h5")["attrs"]["phase"] != "done"
     deadline = time.monotonic() + 20
-    while environments_alive() and time.monotonic() < deadline:
+    while environments_alive(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert environments_alive() == []
+    assert environments_alive(tmp_path) == []
     resumed = run(tiny_family, tmp_path / "killed", os_data, 3)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming" in resumed.stdout
