@@ -20,7 +20,8 @@ and `docker` (osenv_docker.py: a container through the docker SDK). Each gives:
 
 The shell speaks to bash over its terminal: each command is sent as one line,
 ``eval -- $'...'`` (so a multi-line command runs as one unit), and ends when bash prints its
-prompt, which is set to a private escape sequence. The terminal does not echo input. A
+prompt, which is set to a private escape sequence after a report of the working directory
+(taken out of the output into `ShellOutput.cwd`). The terminal does not echo input. A
 command that outlives `command_seconds`, or prints more than `output_bytes`, gets Ctrl-C;
 if no prompt follows within `interrupt_seconds` the shell is hung up and the next command
 starts a new login shell in the same environment. Terminal escape sequences are removed as
@@ -58,9 +59,16 @@ ENVIRONMENT = {"PATH": PATH, "HOME": "/root", "HOSTNAME": HOSTNAME}
 """The environment of processes started in an environment: the docker image defaults."""
 
 PROMPT = b"\x1b]777;cqd-prompt\x07"
-SETUP = ("stty -echo 2>/dev/null; PS1=$'\\e]777;cqd-prompt\\a'; PS2=''; PROMPT_COMMAND=''; "
+CWD_REPORT = b"\x1b]778;"
+SETUP = ("stty -echo 2>/dev/null; PS1=$'\\e]778;\\\\w\\a\\e]777;cqd-prompt\\a'; PS2=''; PROMPT_COMMAND=''; "
          "unset HISTFILE; set +o history")
-"""Sent once to a new shell: no echo, the private prompt, no history of the wrapped lines."""
+"""Sent once to a new shell: no echo, the private prompt, no history of the wrapped lines. The
+prompt is the shell's working directory as bash's `\\w` renders it (`~` for $HOME; bash 5.2
+shows control characters in it as `^G`, so it holds no BEL or ESC) between CWD_REPORT and BEL,
+then the marker PROMPT; the report is taken from the output (`Shell.cwd`)."""
+
+CWD_TAIL_BYTES = 64 << 10
+"""How much of the output before a prompt is searched for its working-directory report."""
 
 CLEANUPS = (
     re.compile(rb"\x1b.+@.+[#|$] "),
@@ -119,7 +127,10 @@ class ScriptResult:
 @dataclasses.dataclass(frozen=True)
 class ShellOutput:
     """What one shell command printed, cleaned as AgentBench cleans it (`text`) and as the
-    terminal wrote it (`raw`: escape sequences and carriage returns kept), and how it ended."""
+    terminal wrote it (`raw`: escape sequences and carriage returns kept), and how it ended.
+    `cwd`: the shell's working directory after it, as bash's prompt shows it (`\\w`: `~` for
+    $HOME); None when the command did not come back to a prompt by itself (it was interrupted
+    at a limit, or the shell ended)."""
 
     text: str
     seconds: float
@@ -127,6 +138,7 @@ class ShellOutput:
     output_exceeded: bool = False
     shell_ended: bool = False
     raw: str = ""
+    cwd: str | None = None
 
 
 class Channel(Protocol):
@@ -208,6 +220,9 @@ class Shell:
         self.alive = True
         self._on_close = on_close
         self._pending = b""
+        self.cwd: str | None = None
+        """The working directory the last prompt reported (bash's `\\w`); None before the first
+        prompt and after a read that ended without one."""
 
     def start(self) -> None:
         """Configure the shell and wait for its first prompt; ShellError when it never comes."""
@@ -227,6 +242,7 @@ class Shell:
         wait = limits.command_seconds if seconds is None else min(seconds, limits.command_seconds)
         self.channel.send(f"\\builtin eval -- {ansi_c_quote(command)}\n".encode())
         raw, state = self._read(started + wait, guard, limits.output_bytes, stop_when_over=True)
+        cwd = self.cwd if state == "prompt" else None
         timed_out, exceeded = state == "timeout", state == "exceeded"
         if timed_out or exceeded:
             held = len(self._pending)
@@ -245,16 +261,21 @@ class Shell:
             guard()
         return ShellOutput(clean_output(raw), time.monotonic() - started, timed_out=timed_out,
                            output_exceeded=exceeded, shell_ended=state == "eof",
-                           raw=raw.decode("utf-8", errors="replace"))
+                           raw=raw.decode("utf-8", errors="replace"), cwd=cwd)
 
     def _read(self, deadline: float, guard: Callable[[], None] | None, room: int, *,
               stop_when_over: bool = False) -> tuple[bytes, str]:
         """Read up to the prompt: (output, 'prompt' | 'timeout' | 'exceeded' | 'eof'). At most `room`
-        bytes are kept, the rest is read and dropped; what follows the prompt waits for the next call."""
+        bytes are kept, the rest is read and dropped; what follows the prompt waits for the next call.
+        The prompt's working-directory report (the last CWD_REPORT, which ends with the BEL just
+        before the marker) is taken out of the output into `self.cwd`; output that forges one comes
+        before it, so it changes nothing."""
         kept = bytearray()
         seen = 0
+        tail = bytearray()
         window = bytearray(self._pending)
         self._pending = b""
+        self.cwd = None
         next_guard = time.monotonic() + 1.0
 
         def commit(data) -> None:
@@ -263,12 +284,19 @@ class Shell:
             if take > 0:
                 kept.extend(data[:take])
             seen += len(data)
+            tail.extend(data)
+            if len(tail) > 2 * CWD_TAIL_BYTES:
+                del tail[:-CWD_TAIL_BYTES]
 
         while True:
             found = window.find(PROMPT)
             if found >= 0:
                 commit(window[:found])
                 self._pending = bytes(window[found + len(PROMPT):])
+                start = tail.rfind(CWD_REPORT)
+                if start >= 0 and tail.endswith(b"\x07"):
+                    self.cwd = tail[start + len(CWD_REPORT):-1].decode("utf-8", errors="replace")
+                    del kept[seen - (len(tail) - start):]
                 return bytes(kept), "prompt"
             cut = max(0, len(window) - (len(PROMPT) - 1))
             commit(window[:cut])

@@ -63,6 +63,30 @@ def test_the_shell_persists_directory_variables_and_jobs(env):
         "ls: cannot access '/definitely-missing': No such file or directory\r\n"
 
 
+def test_the_shell_reports_its_working_directory_as_bash_prompts_show_it(env):
+    """Each prompt reports the shell's cwd (bash's `\\w`: `~` for $HOME), the first one included,
+    and the report is taken out of the output: text and raw are what they were. A command that
+    prints a report of its own (with or without its BEL) comes before the real one and changes
+    nothing; a command interrupted at its time limit has no cwd (the shell's is still known)."""
+    shell = env.shell()
+    assert shell.cwd == "/"
+    out = shell.run("echo hi")
+    assert (out.text, out.raw, out.cwd) == ("hi\r\n", "\x1b[?2004l\r\r\nhi\r\n\x1b[?2004h", "/")
+    moved = shell.run("cd /tmp")
+    assert (moved.text, moved.raw, moved.cwd) == ("", "\x1b[?2004l\r\r\n\x1b[?2004h", "/tmp")
+    assert shell.run("cd ~").cwd == "~"
+    assert shell.run("mkdir -p sub; cd sub").cwd == "~/sub"
+    forged = shell.run("printf '\\e]778;/fake\\a'")
+    assert (forged.text, forged.raw, forged.cwd) == ("", "\x1b[?2004l\r\r\n\x1b]778;/fake\x07\x1b[?2004h", "~/sub")
+    unterminated = shell.run("printf '\\e]778;/fake'; echo")
+    assert unterminated.cwd == "~/sub" and unterminated.raw.endswith("\x1b]778;/fake\r\n\x1b[?2004h")
+    assert shell.run("HOME=/tmp; cd /tmp/..").cwd == "/"
+    assert shell.run("cd /tmp").cwd == "~"
+    slow = shell.run("cd /; sleep 10", seconds=1)
+    assert slow.timed_out and slow.cwd is None and shell.cwd == "/"
+    assert "778" not in slow.raw
+
+
 def test_a_shell_that_exits_is_replaced_by_a_fresh_login_shell(env):
     first = env.shell()
     first.run("cd /tmp; touch /root/kept")

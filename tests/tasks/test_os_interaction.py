@@ -26,6 +26,7 @@ from cqd_mpi.tasks.os_interaction import (
     load_items,
     observation,
     opening,
+    terminal_prompt,
 )
 from tests.sandboxes.osenv_helpers import BACKENDS, DOCKER_HOST, DOCKER_IMAGE, ROOTFS
 from tests.tasks.os_items import GREET_EXAMPLE, INTEGER_MATCH, ITEMS, write_items
@@ -305,31 +306,52 @@ def test_a_slow_command_ends_the_turn_per_protocol(data, protocol):
 RED_795 = "printf '\\e[1;31m%s\\e[0m\\n' $(printf 'y%.0s' $(seq 795))"
 """795 characters in red: 797 once AgentBench's clean-up removed the colour codes, more raw."""
 
+Y_768 = "printf 'y%.0s' $(seq 768); echo"
+"""770 characters: 789 raw, 829 with the authors' prompt in /root (`~`)."""
+
+READLINE_END, READLINE_START = "\x1b[?2004l\r\r\n", "\x1b[?2004h"
+"""What readline writes around a command's output: bracketed paste off, the accepted line, on."""
+
 
 @pytest.mark.parametrize("protocol", ["paper", "reference"])
 def test_the_observation_is_cleaned_or_raw_before_the_cut_per_protocol(data, protocol):
     """AgentBench v0.2 removes escape sequences and BELs before the 800-character cut (src/server/
     tasks/os_interaction/task.py:90-102, cut at :505-508: `reference`, 797 characters shown whole);
-    the authors' Container.execute returns the terminal's text as read (SakanaAI/CycleQD
-    evaluation/fishfarm/fishfarm/tasks/os_interaction.py:286-293, no clean-up) and cuts that
-    (:366-368: `paper`), so the colour codes count and the output is truncated at 780."""
+    the authors' Container.execute returns the terminal's text as read, up to and including bash's
+    prompt (SakanaAI/CycleQD evaluation/fishfarm/fishfarm/tasks/os_interaction.py:278-293: it reads
+    until a chunk matches `\\x1b.+@.+[#|$] `, :286-287, and cleans nothing) and cuts that
+    (:366-368: `paper`), so the colour codes count and the output is truncated at 780. Their prompt
+    is Ubuntu's root .bashrc's for TERM=xterm (protocol.terminal_prompt): the xterm title, then
+    `root@<host>:<cwd># `, with the cwd after the command (`~` for /root); with it, 770
+    characters of output (789 raw) pass the cut as well."""
     from cqd_mpi.tasks import protocols
 
     shown = protocols.OS[protocol]["observation"]
-    replies = {0: [bash(RED_795), answer("world")]}
+    replies = {0: [bash("echo hi"), bash("cd ~"), bash(RED_795), bash(Y_768), answer("world")]}
     policy = Policy(replies)
     with make_task(data / "data" / "dev.json", observation=shown) as task:
         (result,) = task.evaluate(policy, [IDS[0]])
     assert result.score == 1.0
-    text = policy.conversations[0][8]["content"]
+    texts = [policy.conversations[0][n]["content"] for n in (8, 10, 12, 14)]
     if protocol == "reference":
-        assert text == "The output of the OS:\n\n" + "y" * 795 + "\r\n"
-    else:
+        assert texts[0] == "The output of the OS:\n\nhi\r\n"
+        assert texts[1] == EMPTY
+        assert texts[2] == "The output of the OS:\n\n" + "y" * 795 + "\r\n"
+        assert texts[3] == "The output of the OS:\n\n" + "y" * 768 + "\r\n"
+        return
+    assert terminal_prompt("/") == "\x1b]0;root@cqd-os: /\x07root@cqd-os:/# "
+    assert texts[0] == "The output of the OS:\n\n" + READLINE_END + "hi\r\n" + READLINE_START + terminal_prompt("/")
+    assert texts[1] == "The output of the OS:\n\n" + READLINE_END + READLINE_START + \
+        "\x1b]0;root@cqd-os: ~\x07root@cqd-os:~# "
+    for text in texts[2:]:
         body = text.removeprefix("The output of the OS:\n\n")
         assert body.endswith("\n[truncated because the output is too long]")
         assert len(body) == 780 + len("\n[truncated because the output is too long]")
-        assert body.startswith("\x1b[?2004l\r")  # readline's bracketed-paste end, task.py:99 removes it
-        assert "\x1b[1;31m" + "y" * 10 in body and body.count("y") < 780
+        assert body.startswith(READLINE_END)  # readline's bracketed-paste end, task.py:99 removes it
+        assert "root@cqd-os" not in body
+    assert "\x1b[1;31m" + "y" * 10 in texts[2] and texts[2].count("y") < 780
+    assert texts[3] == "The output of the OS:\n\n" + READLINE_END + "y" * 768 + "\r" + \
+        "\n[truncated because the output is too long]"  # 789 raw characters alone would be shown whole
 
 
 TAMPERING = {

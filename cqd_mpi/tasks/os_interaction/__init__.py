@@ -68,6 +68,7 @@ from cqd_mpi.tasks.os_interaction.protocol import (
     extract_action,
     observation,
     opening,
+    terminal_prompt,
 )
 from cqd_mpi.tasks.os_interaction.settings import EnvironmentSettings, Settings, default_images
 from cqd_mpi.tasks.os_interaction.tamper import IMMUTABLE, OPEN, PATH_DIRS, STARTUP, tampering
@@ -78,5 +79,5 @@ __all__ = [
     "ONE_SHOT", "OPEN", "OUTPUT_CHARS", "OUTPUT_KEPT", "PATH_DIRS", "STARTUP", "STATUS_ERRORS", "TRUNCATED",
     "EnvironmentSettings", "Item", "OSEpisode", "OSInteractionTask", "Script", "Settings", "default_images",
     "environment_status", "extract_action", "from_agentbench_id", "load_file", "load_items", "observation",
-    "opening", "parse_item", "reference_reply", "script_argv", "shell_command", "tampering",
+    "opening", "parse_item", "reference_reply", "script_argv", "shell_command", "tampering", "terminal_prompt",
 ]

@@ -21,6 +21,7 @@ from cqd_mpi.tasks.os_interaction.protocol import (
     extract_action,
     observation,
     opening,
+    terminal_prompt,
 )
 from cqd_mpi.tasks.os_interaction.settings import Settings
 from cqd_mpi.tasks.os_interaction.tamper import tampering
@@ -116,7 +117,11 @@ class OSEpisode(multiturn.Episode):
             self.status = "turn-limit"  # the authors' wait: judged with an empty answer
             self.message = f"the command was still running after turn_seconds ({turn:g} s)"
             return ""
-        return observation(output.raw if self.settings.observation == "raw" else output.text)
+        if self.settings.observation == "cleaned":
+            return observation(output.text)
+        if output.cwd is None:
+            return observation(output.raw)
+        return observation(output.raw + terminal_prompt(output.cwd))  # the authors' terminal shows bash's prompt
 
     def take_observation(self, text: str) -> None:
         if self.status is not None:

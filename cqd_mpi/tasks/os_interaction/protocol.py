@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from cqd_mpi.sandboxes.osenv import HOSTNAME
+
 INSTRUCTION = (
     "You are an assistant that will act like a person, I'will play the role of linux(ubuntu) operating system. "
     "Your goal is to implement the operations required by me or answer to the question proposed by me. For each "
@@ -66,6 +68,20 @@ def observation(output: str) -> str:
     if len(output) > OUTPUT_CHARS:
         output = output[:OUTPUT_KEPT] + TRUNCATED
     return OBSERVATION + output if output else EMPTY
+
+
+def terminal_prompt(cwd: str, host: str = HOSTNAME) -> str:
+    """The bash prompt that ends each output of the CycleQD authors' terminal, after a command
+    that left the shell in `cwd` (as bash's `\\w` shows it: `~` for $HOME). Their shell is
+    `bash --login` on a docker exec TTY (SakanaAI/CycleQD evaluation/fishfarm/fishfarm/tasks/
+    os_interaction.py:247-249; docker gives it TERM=xterm), read until a chunk holds the prompt
+    (`\\x1b.+@.+[#|$] `, :286-287) and returned with it (:292-293, shown uncleaned at :366-368).
+    Their images are Ubuntu's, whose /root/.bashrc (the /etc/skel/.bashrc of Debian's bash
+    package; Debian's own /root/.bashrc leaves the title out) sets, for TERM=xterm (no colour),
+    PS1='\\[\\e]0;\\u@\\h: \\w\\a\\]\\u@\\h:\\w\\$ ': the window title, then
+    `root@<host>:<cwd># `. Their host name is the container's (the first 12 hex digits of its id);
+    ours is `cqd-os` (osenv.HOSTNAME), 6 characters shorter."""
+    return f"\x1b]0;root@{host}: {cwd}\x07root@{host}:{cwd}# "
 
 
 def opening(description: str) -> list[dict[str, str]]:

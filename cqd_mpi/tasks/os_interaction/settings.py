@@ -91,7 +91,8 @@ class Settings:
     command runs up to `environment.command_seconds` and the episode goes on.
     observation: what the agent reads of a command's output, before the 800-character cut:
     'cleaned' (AgentBench: escape sequences and BELs removed) or 'raw' (the authors' code: the
-    terminal's text as read, escape sequences and carriage returns included).
+    terminal's text as read, escape sequences and carriage returns included, then bash's prompt
+    as their terminal renders it: protocol.terminal_prompt).
     """
 
     environment: EnvironmentSettings = dataclasses.field(default_factory=EnvironmentSettings)
