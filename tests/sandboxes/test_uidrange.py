@@ -16,18 +16,20 @@ from tests.sandboxes.osenv_helpers import make_env, rootfs_dir
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="uid ranges need a root worker (CI runs as root)")
 
 
-def host_mounts() -> list[str]:
+def host_mounts(lowers: list[str]) -> list[str]:
+    """The host's mounts of these slots' rootfs (other tests' environments, in other xdist
+    groups, mount and detach their own slots meanwhile)."""
     with open("/proc/self/mountinfo") as handle:
-        return [line for line in handle if str(uidrange.SLOT_DIR) in line]
+        return [line for line in handle if any(f" {lower} " in line for lower in lowers)]
 
 
 def test_items_chown_to_users_they_create_and_no_two_share_a_uid():
     assert uidrange.usable() == (True, "")
     rootfs_dir()
-    before = host_mounts()  # a worker killed mid-item elsewhere may have left its slot's mount
     first, second = make_env("bwrap"), make_env("bwrap")
+    lowers = [first.ids.lower, second.ids.lower]
     try:
-        assert host_mounts() == before
+        assert host_mounts(lowers) == []
         out = first.shell().run("useradd -m jack && touch /t && chown jack:jack /t && stat -c '%U %G' /t; "
                                 "su jack -c 'id -un; touch ~/mine' && ls -l /home/jack/mine | cut -d' ' -f3").text
         assert out.split() == ["jack", "jack", "jack", "jack"], out
@@ -39,7 +41,7 @@ def test_items_chown_to_users_they_create_and_no_two_share_a_uid():
     finally:
         first.close()
         second.close()
-    assert host_mounts() == before
+    assert host_mounts(lowers) == []
 
 
 def test_the_mount_a_killed_worker_left_is_swept_and_a_live_environments_kept(tmp_path, monkeypatch):
