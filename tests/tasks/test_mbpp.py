@@ -364,8 +364,10 @@ stdin and stderr) instead of running: the host must treat whatever comes as host
 def test_costly_outputs_cost_their_own_item_only():
     """#18.4: a forged output that is a set of 100,000 integers with equal hashes (hash(k * (2**61 - 1))
     is 0 for every k: building it takes about a minute) times out its own item; the host never
-    builds it, and the correct solutions judged with it still pass."""
-    task = make_task(judge_seconds=0.5)
+    builds it, and the correct solutions judged with it still pass. Each input has 5 s to run (the
+    solution's own time limit is not what this test is about: on a loaded machine printing the
+    forged line once took longer than the preset's 0.2 s), so the judge's limit is the one hit."""
+    task = make_task(judge_seconds=0.5, min_time_limit=5.0)
     collide = '{"t": "set", "v": [k * (2 ** 61 - 1) for k in range(1, 100_000)]}'
     crafted = FORGE_RESULT_LINES.format(entry_point="square_perimeter", values=f"[{collide}, 20, 16]")
     ids = ["Mbpp/3", "Mbpp/17", "Mbpp/8"]
