@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
+from cqd_mpi.digests import file_digest
 from cqd_mpi.errors import StateError
 from cqd_mpi.merging.checkpoint import INDEX_FILE
 from cqd_mpi.merging.weights import ModelDir
 
 INPUTS_ATTR = "inputs"
 """state.h5's root attribute: JSON {file: "sha256:..."} of the base's and the experts' files."""
-_BLOCK = 16 << 20
 
 
 def weights_digest(model_dir: Path) -> str:
@@ -40,15 +40,6 @@ def weights_digest(model_dir: Path) -> str:
         tensor = tensors[name]
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-    return "sha256:" + digest.hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(_BLOCK):
-            digest.update(block)
     return "sha256:" + digest.hexdigest()
 
 

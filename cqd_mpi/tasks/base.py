@@ -103,7 +103,7 @@ class Task(abc.ABC):
         """A digest of the data the task scores beyond its settings (here the bytes of `data`,
         a file or a folder; "" without one), so that `evaluate` re-scores when it changes. A
         kind whose items come from elsewhere digests those."""
-        return file_digest(Path(self.data).expanduser()) if self.data else ""
+        return path_digest(Path(self.data).expanduser()) if self.data else ""
 
     def item_seconds(self, item_id: str) -> float:
         """The most time one item may spend outside the model (its sandboxes, servers,
@@ -127,18 +127,18 @@ class Task(abc.ABC):
         self.close()
 
 
-def file_digest(path: Path) -> str:
-    """The digest of a task's data: a file's (run/integrity.file_digest), or a folder's files'
+def path_digest(path: Path) -> str:
+    """The digest of a task's data: a file's (cqd_mpi.digests.file_digest), or a folder's files'
     (their relative names and digests, in name order); "missing:<path>" when there is none."""
     import hashlib
 
-    from cqd_mpi.run import integrity
+    from cqd_mpi.digests import file_digest as digest_of
 
     path = Path(path)
     if path.is_file():
-        return integrity.file_digest(path)
+        return digest_of(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
     if not files:
         return f"missing:{path}"
-    listing = "".join(f"{file.relative_to(path)}\0{integrity.file_digest(file)}\0" for file in files)
+    listing = "".join(f"{file.relative_to(path)}\0{digest_of(file)}\0" for file in files)
     return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()

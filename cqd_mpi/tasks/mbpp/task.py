@@ -66,9 +66,9 @@ class MbppPlusTask(Task):
 
     def data_digest(self) -> str:
         """The digest of the problems file scored (the user's `data`, else evalplus's release)."""
-        from cqd_mpi.tasks.base import file_digest
+        from cqd_mpi.tasks.base import path_digest
 
-        return file_digest(self.data_path())
+        return path_digest(self.data_path())
 
     def _release(self) -> tuple[str, str]:
         """The evalplus release settings name, and its dataset."""
