@@ -90,3 +90,13 @@ def storage_error(exc: BaseException, *, stdout: bool = False) -> StorageError |
     target = f"{os.fspath(path)}" + (f" -> {os.fspath(exc.filename2)}" if exc.filename2 else "")
     hint = "redirect it elsewhere" if stdout and exc.filename is None else _STORAGE_HINTS[name]
     return StorageError(f"cannot use {target}: {os.strerror(code)} ({name}); {hint}")
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A PyYAML error in one line: where (line and column, from 1) and what, for messages that
+    must stay one line (PyYAML's own str() spans several, with a caret drawing)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")

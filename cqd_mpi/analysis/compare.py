@@ -24,7 +24,7 @@ import yaml
 
 from cqd_mpi.analysis.budget_curve import Curve, read_curve
 from cqd_mpi.analysis.uncertainty import ONE_SEED, Interval, Paired, interval, paired
-from cqd_mpi.errors import StateError
+from cqd_mpi.errors import StateError, yaml_problem
 from cqd_mpi.qd.coefficients import CoefficientSearch
 from cqd_mpi.qd.records import ModelKind, Phase
 from cqd_mpi.run.rundir import RunDir
@@ -113,7 +113,7 @@ def read_run(path: str | Path) -> RunResult:
     try:
         config = yaml.safe_load(str(tree["attrs"].get("config", ""))) or {}
     except yaml.YAMLError as exc:
-        raise StateError(f"{source}: the frozen config is not valid YAML: {exc}") from None
+        raise StateError(f"{source}: the frozen config is not valid YAML: {yaml_problem(exc)}") from None
     kinds = [r.kind for r in core.models]
 
     def last(kind: str) -> np.ndarray:

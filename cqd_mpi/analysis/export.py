@@ -23,7 +23,7 @@ import yaml
 
 from cqd_mpi import schema
 from cqd_mpi.analysis.runstate import RunState
-from cqd_mpi.errors import ConfigError, StateError
+from cqd_mpi.errors import ConfigError, StateError, yaml_problem
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
 from cqd_mpi.qd.coefficients import CoefficientSearch
@@ -47,7 +47,7 @@ class Exporter:
         try:
             data = yaml.safe_load(text) if text else {}
         except yaml.YAMLError as exc:
-            raise StateError(f"{self.run.source}: the frozen config is not valid YAML: {exc}") from None
+            raise StateError(f"{self.run.source}: the frozen config is not valid YAML: {yaml_problem(exc)}") from None
         return data if isinstance(data, dict) else {}
 
     # where weights are ------------------------------------------------------------------------

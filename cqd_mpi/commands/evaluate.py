@@ -41,14 +41,14 @@ def add_arguments(parser) -> None:
 def _suite(path: Path, run_config: dict) -> tuple[str, dict, list[str]]:
     import yaml
 
-    from cqd_mpi.errors import ConfigError
+    from cqd_mpi.errors import ConfigError, yaml_problem
 
     if not path.is_file():
         raise ConfigError(f"--suite: file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), list) or not data["tasks"]:
         raise ConfigError(f"{path}: expected a mapping with a non-empty list under 'tasks'")
     unknown = sorted(set(data) - {"name", "tasks", "models"})

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from cqd_mpi import schema
-from cqd_mpi.errors import ConfigError
+from cqd_mpi.errors import ConfigError, yaml_problem
 from cqd_mpi.merging.mutation import MutationSpec
 from cqd_mpi.qd.params import SearchParams
 from cqd_mpi.qd.policy_gradient import PolicyGradientSettings
@@ -417,7 +417,7 @@ def load(path: str | Path, *, check_files: bool = True, tasks_only: bool = False
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     try:
         return from_dict(data, root=path.resolve().parent, check_files=check_files, tasks_only=tasks_only)
     except ConfigError as exc:

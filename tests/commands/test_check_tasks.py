@@ -2,14 +2,13 @@
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cqd_mpi.tasks.base import ItemResult
-from tests.conftest import subprocess_env, write_config
+from tests.conftest import write_config
+from tests.runtime.helpers import run_cli
 from tests.runtime.probe_task import ProbeTask
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -44,8 +43,7 @@ def config_with(tiny_family, tmp_path, protocol):
 @pytest.mark.parametrize("protocol", ["paper", "reference"])
 def test_check_tasks_replays_the_reference_solutions_under_each_protocol(tiny_family, tmp_path, protocol):
     path = write_config(tmp_path / "config.yaml", config_with(tiny_family, tmp_path, protocol))
-    result = subprocess.run([sys.executable, "-m", "cqd_mpi", "check-tasks", str(path), "--limit", "4"],
-                            capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    result = run_cli("check-tasks", path, "--limit", "4")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert re.search(rf"^code\s+mbpp\s+{protocol}\s+4\s+1\.000\s+0\s", result.stdout, re.M), result.stdout
     assert re.search(rf"^db\s+dbbench\s+{protocol}\s+4\s+1\.000\s+0\s", result.stdout, re.M), result.stdout
@@ -74,8 +72,7 @@ def test_an_item_whose_reference_raises_is_its_error_not_the_commands_end(tiny_f
         "runtime": {"run_dir": str(tmp_path / "run")},
         "engine": {"device": "cpu"},
     })
-    result = subprocess.run([sys.executable, "-m", "cqd_mpi", "check-tasks", str(path)],
-                            capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    result = run_cli("check-tasks", path, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
     for name in ("a", "b"):
         assert re.search(rf"^{name}\s+\S+\s+-\s+5\s+0\.800\s+1\s", result.stdout, re.M), result.stdout

@@ -1,19 +1,17 @@
 """`python -m cqd_mpi doctor`: what a job will use, including whether this CPU has bf16 dot products."""
 
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 
 from cqd_mpi import cpu
 from cqd_mpi.commands import doctor
-from tests.conftest import probe_config, subprocess_env, write_config
+from tests.conftest import probe_config, write_config
+from tests.runtime.helpers import run_cli
 
 
 def test_doctor_names_each_rank_and_its_cpu_bf16_support():
-    result = subprocess.run([sys.executable, "-m", "cqd_mpi", "doctor"], capture_output=True,
-                            text=True, env=subprocess_env(), timeout=120)
+    result = run_cli("doctor", timeout=120)
     assert result.returncode == 0, result.stderr
     assert "== software" in result.stdout and "== ranks" in result.stdout
     assert "rank   0 on " in result.stdout

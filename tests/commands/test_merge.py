@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from cqd_mpi.merging.operators import (
 )
 from cqd_mpi.merging.weights import ModelDir, write_hf_dir
 from cqd_mpi.qd.sampling import sample_crossover_weights, softmax
-from tests.conftest import subprocess_env
+from tests.runtime.helpers import run_cli
 from tests.tiny_llama import logits, save_tiny_llama, state_dict
 
 
@@ -335,33 +333,8 @@ def test_incompatible_or_missing_models_are_named(bf16, tmp_path, capsys):
 
 def test_entry_point_writes_shards_that_transformers_loads(bf16, tmp_path):
     out = tmp_path / "child"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cqd_mpi",
-            "merge",
-            "--base",
-            str(bf16["base"]),
-            "--parents",
-            str(bf16["p1"]),
-            str(bf16["p2"]),
-            "--seed",
-            "5",
-            "--mutation",
-            "svd",
-            "--rank",
-            "full",
-            "--max-shard-size",
-            "20KB",
-            "--out",
-            str(out),
-        ],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli("merge", "--base", bf16["base"], "--parents", bf16["p1"], bf16["p2"], "--seed", 5,
+                     "--mutation", "svd", "--rank", "full", "--max-shard-size", "20KB", "--out", out, timeout=120)
     assert result.returncode == 0, result.stderr
     assert re.search(r"^w1 [\d.]+ w2 [\d.]+$", result.stdout, flags=re.MULTILINE)
     index = json.loads((out / "model.safetensors.index.json").read_text())

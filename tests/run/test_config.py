@@ -100,8 +100,11 @@ def test_one_task_loads_with_cma_es(good, tmp_path):
 def test_errors_name_the_file(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("qd: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML") as raised:
         config_mod.load(path)
+    # one line, where and what (PyYAML's own message spans five, with a caret drawing)
+    assert str(raised.value).endswith("not valid YAML: line 2, column 1: expected ',' or ']', but got "
+                                      "'<stream end>' (while parsing a flow sequence)"), str(raised.value)
     with pytest.raises(ConfigError, match="does not exist"):
         config_mod.load(tmp_path / "nope.yaml")
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from cqd_mpi.run.state import read_state
 from tests.conftest import subprocess_env
+from tests.forkserver import run_cqd
 from tests.qd.helpers import assert_trees_equal
 
 TIMING_COLUMNS = ("merge_s", "transfer_s", "eval_s", "total_s")
@@ -33,12 +33,9 @@ def assert_same_results(run_a: Path, run_b: Path) -> None:
 
 
 def run_cli(*args, env=None, timeout=300, mpi_ranks: int | None = None) -> subprocess.CompletedProcess:
-    """`python -m cqd_mpi ARGS`, under `mpiexec -n RANKS` when mpi_ranks is given."""
-    command = [sys.executable, "-m", "cqd_mpi", *map(str, args)]
-    if mpi_ranks is not None:
-        command = ["mpiexec", "-n", str(mpi_ranks), *command]
-    return subprocess.run(command, env=env or subprocess_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    """`python -m cqd_mpi ARGS`, under `mpiexec -n RANKS` when mpi_ranks is given; its processes
+    forked from the worker's fork server (tests/forkserver.py), which has torch imported already."""
+    return run_cqd(list(map(str, args)), env=env or subprocess_env(), mpi_ranks=mpi_ranks, timeout=timeout)
 
 
 def run_command(command: list[str], *, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
