@@ -35,6 +35,11 @@ PRELOAD = ("torch", "numpy", "yaml", "h5py", "safetensors.torch", "transformers"
 
 
 def _import_time_env(env: dict) -> dict:
+    """What the preloaded modules would read at import in a process started with `env`: its
+    import-time variables, with cqd_mpi.cli's defaults (which `main` sets before any import)."""
+    from cqd_mpi.cli import ENVIRONMENT_DEFAULTS
+
+    env = {**ENVIRONMENT_DEFAULTS, **env}
     return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_PREFIXES)}
 
 
@@ -92,6 +97,10 @@ def serve(path: str) -> None:
     """Preload, then fork a child per request. The status goes back on the request's connection
     (its pid first); a connection closed before its child ended (its client was killed) kills the
     child, as a killed rank's launcher would."""
+    from cqd_mpi.cli import ENVIRONMENT_DEFAULTS
+
+    for key, value in ENVIRONMENT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     for name in PRELOAD:
         __import__(name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -177,7 +186,11 @@ class ForkServer:
         atexit.register(self.close)
 
     def serves(self, env: dict) -> bool:
-        return _import_time_env(env) == _import_time_env(self.env)
+        return self.serves_env(self.env, env)
+
+    @staticmethod
+    def serves_env(server_env: dict, env: dict) -> bool:
+        return _import_time_env(env) == _import_time_env(server_env)
 
     def wait_ready(self, timeout: float = 120) -> None:
         """Until the server listens (it imports torch and transformers first)."""
@@ -263,16 +276,25 @@ _server: ForkServer | None = None
 
 
 def server_for(env: dict) -> ForkServer | None:
-    """This worker's fork server where it serves `env` (started on first use), else None; None
-    always under CQD_TEST_FORKSERVER=0, which runs every command as a plain subprocess."""
+    """This worker's fork server where it serves `env`, else None; None always under
+    CQD_TEST_FORKSERVER=0, which runs every command as a plain subprocess. The server starts on
+    first use, and starts again when this worker's own environment has changed what a command
+    would read at import (a test's session fixture sets HF_DATASETS_OFFLINE; cqd_mpi.cli.main,
+    called in-process, sets its defaults)."""
     global _server
     if os.environ.get("CQD_TEST_FORKSERVER", "1") == "0":
         return None
-    if _server is None:
-        from tests.conftest import subprocess_env
+    from tests.conftest import subprocess_env
 
-        _server = ForkServer(subprocess_env())
-    return _server if _server.serves(env) else None
+    if _server is not None and _server.serves(env):
+        return _server
+    baseline = subprocess_env()
+    if not ForkServer.serves_env(baseline, env):
+        return None  # this command's own variables: a plain process
+    if _server is not None:
+        _server.close()
+    _server = ForkServer(baseline)
+    return _server
 
 
 def run_cqd(args: list[str], *, env: dict, mpi_ranks: int | None = None, timeout: float | None = None
@@ -281,6 +303,9 @@ def run_cqd(args: list[str], *, env: dict, mpi_ranks: int | None = None, timeout
     is given: its processes forked from this worker's fork server where it serves `env`, else
     plain processes."""
     server = server_for(env)
+    if os.environ.get("CQD_TEST_FORKSERVER_LOG"):  # which commands were forked: a line each
+        with open(os.environ["CQD_TEST_FORKSERVER_LOG"], "a") as log:
+            log.write(f"{'forked' if server else 'plain'} {mpi_ranks} {' '.join(args[:1])}\n")
     command = [sys.executable, "-m", "cqd_mpi", *args]
     if mpi_ranks is not None:
         if server is not None:

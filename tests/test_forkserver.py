@@ -16,7 +16,9 @@ from tests.forkserver import run_cqd, server_for
 
 PROBE = """
 import os, sys
-print(os.getpid(), os.getppid(), os.environ.get("PROBE"), os.getcwd(), repr(sys.stdin.read()), sys.argv[1:])
+from huggingface_hub import constants
+print(os.getpid(), os.getppid(), os.environ.get("PROBE"), constants.HF_HUB_OFFLINE, os.getcwd(),
+      repr(sys.stdin.read()), sys.argv[1:])
 sys.stdout.flush()
 sys.stderr.write("to stderr\\r\\n")
 if sys.argv[1] == "kill":
@@ -30,7 +32,7 @@ sys.exit(3)
 """.replace("import os, sys", "import os, signal, sys")
 
 
-def test_a_forked_command_is_its_own_process_and_ends_like_a_subprocess(tmp_path):
+def test_a_forked_command_is_its_own_process_and_ends_like_a_subprocess(tmp_path, monkeypatch):
     env = subprocess_env(PROBE="seen")
     server = server_for(env)
     assert server is not None, "an environment that differs in no import-time variable is served"
@@ -41,9 +43,10 @@ def test_a_forked_command_is_its_own_process_and_ends_like_a_subprocess(tmp_path
                           module="forkprobe")
 
     done = probe("exit")
-    pid, ppid, seen, cwd, stdin, argv = done.stdout.split(maxsplit=5)
+    pid, ppid, seen, offline, cwd, stdin, argv = done.stdout.split(maxsplit=6)
     assert int(pid) != server.process.pid and int(ppid) == server.process.pid
     assert (seen, cwd, stdin, argv.strip()) == ("seen", str(tmp_path), "''", "['exit']")
+    assert offline == "True", "huggingface_hub was imported under cqd_mpi.cli's HF_HUB_OFFLINE=1, as in a run"
     assert done.returncode == 3 and done.stderr == "to stderr\n"  # text=True's universal newlines
 
     assert probe("kill").returncode == -signal.SIGKILL
@@ -66,8 +69,13 @@ def test_a_forked_command_is_its_own_process_and_ends_like_a_subprocess(tmp_path
     assert (forked.returncode, forked.stdout, forked.stderr) == (plain.returncode, plain.stdout, plain.stderr)
     assert forked.returncode == 2 and len(forked.stderr.splitlines()) == 1, forked.stderr
 
-    # What the preloaded modules read when imported cannot change in a child: such an
-    # environment runs as a plain process.
+    # What the preloaded modules read when imported cannot change in a child: a command with
+    # such a variable of its own runs as a plain process, and the server lives on ...
     assert server_for(subprocess_env(HF_HOME=str(tmp_path / "hf"))) is None
     assert server_for({**env, "OMP_NUM_THREADS": "2"}) is None
-    os.kill(server.process.pid, 0)  # and the server lives on
+    assert server_for(env) is server and server.process.poll() is None
+    # ... while a change of this worker's own environment starts a server that has it.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    moved = server_for(subprocess_env())
+    assert moved is not None and moved is not server and server.process.poll() is not None
+    assert moved.env["HF_DATASETS_OFFLINE"] == "1"
