@@ -75,7 +75,7 @@ def test_a_forked_command_is_its_own_process_and_ends_like_a_subprocess(tmp_path
     assert server_for({**env, "OMP_NUM_THREADS": "2"}) is None
     assert server_for(env) is server and server.process.poll() is None
     # ... while a change of this worker's own environment starts a server that has it.
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", f"{os.getpid()}")
     moved = server_for(subprocess_env())
     assert moved is not None and moved is not server and server.process.poll() is not None
-    assert moved.env["HF_DATASETS_OFFLINE"] == "1"
+    assert moved.env["HF_HUB_ETAG_TIMEOUT"] == f"{os.getpid()}"
