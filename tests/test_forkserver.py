@@ -33,6 +33,7 @@ sys.exit(3)
 
 
 def test_a_forked_command_is_its_own_process_and_ends_like_a_subprocess(tmp_path, monkeypatch):
+    monkeypatch.delenv("CQD_TEST_FORKSERVER", raising=False)  # this test is of the server, whatever the suite uses
     env = subprocess_env(PROBE="seen")
     server = server_for(env)
     assert server is not None, "an environment that differs in no import-time variable is served"
